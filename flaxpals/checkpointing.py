@@ -1,0 +1,126 @@
+"""Orbax checkpoints of a run: the latest few, and the best by a dev score.
+
+    <workdir>/checkpoints/<step>/{params,train,sampler}   latest, every N steps and each epoch
+    <workdir>/best/<step>/{params,train,sampler}          the best so far (kept alone)
+
+`params` is the model's param tree (all that eval and predict restore);
+`train` the rest of the TrainState (optimiser state, step, dropout key);
+`sampler` the task sampler's JSON state (RNG, step, epoch, positions).
+Restoring the latest falls back to older steps when the newest is truncated
+or corrupt, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+ITEMS = ("params", "train", "sampler")
+
+
+def _train_part(state) -> dict[str, Any]:
+    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpoints:
+    def __init__(self, workdir: str | Path, keep: int):
+        workdir = Path(workdir).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options,
+                                            item_names=ITEMS)
+        self.best = ocp.CheckpointManager(
+            workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+            item_names=ITEMS)
+        self._best_file = workdir / "best.json"
+
+    @staticmethod
+    def _args(state, sampler_state):
+        return ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train=ocp.args.StandardSave(_train_part(state)),
+            sampler=ocp.args.JsonSave(_jsonable(sampler_state)))
+
+    def save(self, step: int, state, sampler_state: dict, force: bool = False) -> None:
+        self.latest.save(step, args=self._args(state, sampler_state), force=force)
+
+    def best_score(self) -> float | None:
+        if self._best_file.exists():
+            return json.loads(self._best_file.read_text())["score"]
+        return None
+
+    def save_best(self, step: int, state, sampler_state: dict, score: float,
+                  metric: str) -> None:
+        self.best.save(step, args=self._args(state, sampler_state), force=True)
+        self.best.wait_until_finished()
+        self._best_file.write_text(json.dumps({"step": step, "metric": metric, "score": score}))
+
+    def _restore(self, manager: ocp.CheckpointManager, step: int, target):
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(target.params)),
+            train=ocp.args.StandardRestore(_abstract(_train_part(target))),
+            sampler=ocp.args.JsonRestore()))
+        state = target.replace(params=restored["params"], **restored["train"])
+        return state, restored["sampler"]
+
+    def restore_latest(self, target) -> tuple[int, Any, dict] | None:
+        """(step, state, sampler state) of the newest readable checkpoint, or None."""
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                state, sampler = self._restore(self.latest, step, target)
+            except Exception as e:  # noqa: BLE001 - orbax raises many kinds on bad files.
+                fallback = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else (
+                    "no older checkpoint: starting from scratch")
+                log.error("checkpoint %s/%d is unreadable (%s: %s); %s", self.latest.directory,
+                          step, type(e).__name__, str(e).splitlines()[0][:200], fallback)
+                print(f"WARNING: checkpoint step {step} is unreadable ({type(e).__name__}); "
+                      f"{fallback}")
+                continue
+            return step, state, sampler
+        return None
+
+    def restore_params(self, target_params, which: str = "best", step: int | None = None):
+        """(step, params) of the best checkpoint, or of `step` among the latest ones."""
+        manager = self.best if which == "best" else self.latest
+        if step is None:
+            step = manager.latest_step()
+        if step is None or step not in manager.all_steps():
+            raise FileNotFoundError(
+                f"no {which} checkpoint{'' if step is None else f' at step {step}'} in "
+                f"{manager.directory} (steps there: {sorted(manager.all_steps())})")
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(target_params))))
+        return step, restored["params"]
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()

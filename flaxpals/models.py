@@ -1,0 +1,163 @@
+"""The multi-task model: one shared BERT encoder, task-specific adapters, task heads.
+
+Param tree:
+
+    encoder/...            the shared BERT (names map onto a Hugging Face checkpoint)
+    adapters/<task>/...    PALs or low-rank layers of <task> (absent for the plain encoder)
+    heads/<task>/...       the head of <task>
+
+`MultiTaskModel.__call__(batch, task)` runs one task; `task` is a Python string
+(a static argument under `jax.jit`). `init_all` touches every task so that
+`init` creates every task's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxpals.bert import PLACEMENTS, BertConfig, BertModel
+from flaxpals.heads import PAIR_ENCODINGS, SIMILARITY_HEADS, BiEncoderHead, ClassifierHead
+
+Array = jax.Array
+POOLINGS = ("cls", "mean")
+ADAPTERS = ("none", "pal", "lowrank")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How the encoder is adapted and how tasks read it (see configs/base.py)."""
+
+    adapter: str = "none"  # none | pal | lowrank
+    adapter_size: int | None = None  # None: the paper's size scaled to the hidden size
+    adapter_heads: int = 6  # PAL attention heads
+    placement: str = "output"  # output (reference code) | parallel (paper's equation)
+    zero_init_decoder: bool = False  # start from the plain encoder's function
+    pooling: str = "cls"  # cls: tanh pooler over [CLS] | mean: mean over real tokens
+    pair_encoding: str = "bi"  # bi: sentences encoded apart | cross: [CLS] a [SEP] b [SEP]
+    similarity: str = "dot"  # bi-encoder regression head: dot | cosine
+    head_dropout: float = 0.1
+    dtype: str = "float32"  # compute dtype; params stay float32
+
+    def __post_init__(self):
+        checks = {"adapter": (self.adapter, ADAPTERS),
+                  "placement": (self.placement, PLACEMENTS),
+                  "pooling": (self.pooling, POOLINGS),
+                  "pair_encoding": (self.pair_encoding, PAIR_ENCODINGS),
+                  "similarity": (self.similarity, SIMILARITY_HEADS),
+                  "dtype": (self.dtype, tuple(DTYPES))}
+        for key, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"model.head_dropout={self.head_dropout} is not in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """What the model needs of a task: its name, kind and number of outputs."""
+
+    name: str
+    kind: str  # classification | pair_classification | pair_regression
+    num_labels: int = 1
+
+
+def mean_pool(seq: Array, mask: Array) -> Array:
+    """seq: [batch, length, hidden], mask: [batch, length] -> [batch, hidden]."""
+    m = mask[..., None].astype(seq.dtype)
+    return (seq * m).sum(1) / jnp.maximum(m.sum(1), 1).astype(seq.dtype)
+
+
+class TaskHeads(nn.Module):
+    """One head per task, named by the task."""
+
+    tasks: tuple[TaskSpec, ...]
+    options: ModelOptions
+
+    @nn.compact
+    def __call__(self, task: TaskSpec, a: Array, b: Array | None, deterministic: bool) -> Array:
+        o, dtype = self.options, DTYPES[self.options.dtype]
+        if task.kind == "classification":
+            return ClassifierHead(task.num_labels, o.head_dropout, dtype, name=task.name)(
+                a, deterministic)
+        if b is None:  # cross-encoded pair: one logit or score from the joint encoding
+            return ClassifierHead(1, o.head_dropout, dtype, name=task.name)(a, deterministic)
+        similarity = o.similarity if task.kind == "pair_regression" else "dot"
+        return BiEncoderHead(similarity, o.head_dropout, dtype, name=task.name)(
+            a, b, deterministic)
+
+
+class MultiTaskModel(nn.Module):
+    config: BertConfig
+    tasks: tuple[TaskSpec, ...]
+    options: ModelOptions = ModelOptions()
+
+    def setup(self):
+        dtype = DTYPES[self.options.dtype]
+        self.encoder = BertModel(self.config, dtype)
+        o = self.options
+        self.adapters = None
+        if o.adapter != "none":
+            from flaxpals.adapters import TaskAdapters
+
+            self.adapters = TaskAdapters(
+                self.config, tuple(t.name for t in self.tasks), o.adapter, o.adapter_size,
+                o.adapter_heads, o.zero_init_decoder, dtype)
+        self.heads = TaskHeads(self.tasks, self.options)
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown task {name!r}; this model has {[t.name for t in self.tasks]}")
+
+    def encode(self, input_ids: Array, attention_mask: Array, token_type_ids: Array,
+               task: str, deterministic: bool) -> Array:
+        """One sentence (or cross-encoded pair) per row -> its vector [batch, hidden]."""
+        branches = (None if self.adapters is None
+                    else self.adapters.branches(task, attention_mask, deterministic))
+        seq, pooled = self.encoder(input_ids, attention_mask, token_type_ids, deterministic,
+                                   branches=branches, placement=self.options.placement)
+        return pooled if self.options.pooling == "cls" else mean_pool(seq, attention_mask)
+
+    def __call__(self, batch: Mapping[str, Array], task: str,
+                 deterministic: bool = True) -> Array:
+        """The task's outputs: logits [batch, classes] or logits/scores [batch]."""
+        spec = self.task(task)
+        if "input_ids_2" not in batch:
+            a = self.encode(batch["input_ids"], batch["attention_mask"],
+                            batch["token_type_ids"], task, deterministic)
+            return self.heads(spec, a, None, deterministic)
+        # Bi-encoder: both sentences through the encoder in one call (bigger matmuls),
+        # padded to a common length.
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        length = max(batch["input_ids"].shape[1], batch["input_ids_2"].shape[1])
+        both = [jnp.concatenate([_pad_to(batch[k], length), _pad_to(batch[k + "_2"], length)])
+                for k in keys]
+        emb = self.encode(*both, task, deterministic)
+        a, b = jnp.split(emb, 2)
+        return self.heads(spec, a, b, deterministic)
+
+    def init_all(self, batches: Mapping[str, Mapping[str, Array]]) -> dict[str, Array]:
+        """Runs every task once (for `init`): batches maps task name -> a batch."""
+        return {t.name: self(batches[t.name], t.name) for t in self.tasks}
+
+
+def _pad_to(x: Array, length: int) -> Array:
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1]))) if x.shape[1] < length else x
+
+
+def dummy_batch(task: TaskSpec, pair_encoding: str, batch_size: int = 2,
+                length: int = 8) -> dict[str, Any]:
+    """A batch of the right structure for `init` and shape inference."""
+    ids = jnp.ones((batch_size, length), jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": ids, "token_type_ids": jnp.zeros_like(ids)}
+    if task.kind != "classification" and pair_encoding == "bi":
+        batch.update(input_ids_2=ids, attention_mask_2=ids, token_type_ids_2=jnp.zeros_like(ids))
+    return batch
