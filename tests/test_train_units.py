@@ -1,0 +1,155 @@
+"""Metrics, configs, the optimiser's masks and task isolation (no data files needed)."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxpals import config_lib, metrics, optim
+from flaxpals.bert import tiny_config
+from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
+from flaxpals.steps import Steps, TrainState
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(name: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_pearson_and_accuracy_against_numpy():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=200), rng.normal(size=200)
+    y = 0.6 * x + 0.4 * y
+    assert metrics.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    assert metrics.pearson(np.ones(5), np.arange(5.0)) == 0.0
+    assert metrics.accuracy(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == 0.75
+
+
+def test_summary_formulas():
+    s = metrics.summary({"sst": 0.5, "quora": 0.8, "sts": 0.6},
+                        {"sst": "accuracy", "quora": "accuracy", "sts": "pearson"})
+    assert s["average"] == pytest.approx((0.5 + 0.8 + 0.6) / 3)
+    assert s["overall"] == pytest.approx((0.5 + 0.8 + (0.6 + 1) / 2) / 3)
+
+
+@pytest.mark.parametrize("name", ["baseline", "pal", "lowrank", "classifier"])
+def test_configs_load_and_validate(name):
+    config_lib.validate(load_config(name))
+    config_lib.validate(load_config(name, "tiny"))
+
+
+def test_config_arguments():
+    c = load_config("pal", "method=pcgrad,tiny")
+    assert (c.train.method, c.train.combiner, c.model.adapter) == ("additive", "pcgrad", "pal")
+    assert c.model.checkpoint == "tiny"
+    c = load_config("classifier", "task=cfimdb,option=pretrain")
+    assert c.tasks == ("cfimdb",) and c.train.mode == "head_only"
+    with pytest.raises(ValueError, match="method='bogus'"):
+        load_config("baseline", "method=bogus")
+    with pytest.raises(ValueError, match="unknown config argument"):
+        load_config("baseline", "mehtod=sqrt")
+
+
+def test_bad_keys_and_values_are_named():
+    c = load_config("baseline")
+    c.train.unknown_knob = 3
+    with pytest.raises(ValueError, match=r"config\.train\.unknown_knob: unknown key"):
+        config_lib.validate(c)
+    c = load_config("baseline")
+    c.train.learning_rate = -1.0
+    with pytest.raises(ValueError, match=r"config\.train\.learning_rate: must be positive"):
+        config_lib.validate(c)
+    c = load_config("baseline")
+    c.data.max_length = 512
+    with pytest.raises(ValueError, match=r"config\.data\.max_length"):
+        config_lib.validate(c)
+    with pytest.raises(ValueError, match=r"model\.pooling='max'"):
+        ModelOptions(pooling="max")
+
+
+TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classification"),
+         TaskSpec("sts", "pair_regression"))
+
+
+def _setup(options=ModelOptions(similarity="dot"), mode="finetune"):
+    model = MultiTaskModel(tiny_config(), TASKS, options)
+    batches = {t.name: dummy_batch(t, options.pair_encoding, 4, 8) for t in TASKS}
+    for t, b in zip(TASKS, batches.values(), strict=True):
+        b["labels"] = jnp.arange(4) % 2 if t.kind != "pair_regression" else jnp.linspace(0, 5, 4)
+        b["mask"] = jnp.ones(4)
+    params = jax.jit(lambda k: model.init(k, batches, method=MultiTaskModel.init_all))(
+        jax.random.key(0))["params"]
+    cfg = config_lib.base().train
+    cfg.mode = mode
+    tx = optim.make_optimizer(cfg, params, 100)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                       jax.random.key_data(jax.random.key(1)))
+    return Steps(model, tx), state, batches
+
+
+def test_decay_mask_skips_biases_and_layernorms():
+    steps, state, _ = _setup()
+    mask = optim.decay_mask(state.params)
+    flat = {optim.path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat["encoder/layer_0/attention/query/kernel"]
+    assert not flat["encoder/layer_0/attention/query/bias"]
+    assert not flat["encoder/layer_0/attention_LayerNorm/scale"]
+    assert not flat["encoder/embeddings/LayerNorm/bias"]
+    assert flat["heads/sst/dense/kernel"]
+
+
+def _leaves(tree, prefix):
+    return {optim.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if optim.path_str(p).startswith(prefix)}
+
+
+def test_step_on_one_task_leaves_other_tasks_bit_identical():
+    steps, state, batches = _setup()
+    train_step = jax.jit(steps.train_step, static_argnames="task")
+    # Warm Adam's moments and weight decay on every task first.
+    for task in ("sst", "quora", "sts", "quora"):
+        state, _ = train_step(state, batches[task], task)
+    before = jax.device_get(state.params)
+    state, _ = train_step(state, batches["sst"], "sst")
+    after = jax.device_get(state.params)
+    for other in ("quora", "sts"):
+        b, a = _leaves(before, f"heads/{other}"), _leaves(after, f"heads/{other}")
+        assert b, f"no head params for {other}"
+        for k in b:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    moved = _leaves(after, "heads/sst")
+    assert any(not np.array_equal(moved[k], _leaves(before, "heads/sst")[k]) for k in moved)
+    enc_b, enc_a = _leaves(before, "encoder"), _leaves(after, "encoder")
+    assert any(not np.array_equal(enc_a[k], enc_b[k]) for k in enc_a)
+
+
+def test_head_only_mode_freezes_the_encoder():
+    steps, state, batches = _setup(mode="head_only")
+    before = jax.device_get(state.params)
+    for _ in range(2):
+        state, _ = jax.jit(steps.train_step, static_argnames="task")(state, batches["sst"], "sst")
+    after = jax.device_get(state.params)
+    for k, v in _leaves(before, "encoder").items():
+        np.testing.assert_array_equal(_leaves(after, "encoder")[k], v, err_msg=k)
+    assert any(not np.array_equal(_leaves(after, "heads/sst")[k], v)
+               for k, v in _leaves(before, "heads/sst").items())
+
+
+def test_additive_step_moves_every_head():
+    steps, state, batches = _setup()
+    before = jax.device_get(state.params)
+    additive_step = jax.jit(steps.additive_step)
+    for _ in range(2):  # the warm-up schedule's first learning rate is 0
+        state, m = additive_step(state, batches)
+    assert set(m) == {"loss/sst", "loss/quora", "loss/sts", "grad_norm"}
+    after = jax.device_get(state.params)
+    for task in ("sst", "quora", "sts"):
+        assert any(not np.array_equal(_leaves(after, f"heads/{task}")[k], v)
+                   for k, v in _leaves(before, f"heads/{task}").items()), task
