@@ -6,10 +6,21 @@ skipping it, so a green CI never hides a parity check that did not run.
 
 import csv
 import os
+import tempfile
 
+import jax
 import pytest
 
 from flaxpals import paths
+
+
+# Tests build the same small steps many times (every training method compiles
+# the same per-task step): a persistent compilation cache compiles each once.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("FLAXPALS_TEST_JAX_CACHE")
+                  or tempfile.mkdtemp(prefix="flaxpals-jax-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def require(module: str):
