@@ -146,6 +146,8 @@ class MultiTaskModel(nn.Module):
 
     def init_all(self, batches: Mapping[str, Mapping[str, Array]]) -> dict[str, Array]:
         """Runs every task once (for `init`): batches maps task name -> a batch."""
+        if self.adapters is not None:
+            self.adapters.init_all()  # every task's adapter in every layer
         return {t.name: self(batches[t.name], t.name) for t in self.tasks}
 
 

@@ -9,16 +9,13 @@ wrapped in `optax.multi_transform` so that frozen parts (the encoder in
 updates and no optimiser state. `combiner` (PCGrad or a sum) is given for
 the additive method, whose gradients carry a leading task axis.
 
-`select_task` keeps a step for task t from moving any other task's adapter or
-head: their params *and* their optimiser state stay as they were, so neither
-weight decay nor Adam momentum moves them.
+Isolating tasks (a step on task t moves no other task's adapter or head, not
+even through weight decay or Adam momentum) is `task_params.keep_other_tasks`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import optax
@@ -81,39 +78,3 @@ def make_optimizer(cfg, params, num_steps: int,
     if all(label == "train" for label in jax.tree_util.tree_leaves(labels)):
         return tx
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-
-
-def task_mask(params, task: str, tasks: tuple[str, ...]):
-    """True for the leaves a step on `task` may change: shared ones and `task`'s own.
-
-    A leaf belongs to task t when its path is adapters/t/... or heads/t/...
-    """
-    del tasks
-
-    def owner(path):
-        keys = [getattr(k, "key", None) for k in path]
-        return keys[1] if keys[0] in ("adapters", "heads") and len(keys) > 1 else None
-
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: owner(p) in (None, task), params)
-
-
-def shared_mask(params):
-    """True for the shared encoder's leaves (what PCGrad projects)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: getattr(p[0], "key", None) == "encoder", params)
-
-
-def select_task(tx: optax.GradientTransformation, mask, new_params, old_params,
-                new_state, old_state) -> tuple[Any, Any]:
-    """Keeps old params and old optimiser state wherever `mask` is False.
-
-    The optimiser's non-param fields (step counts, PCGrad's key) take the new value.
-    """
-    pick: Callable = lambda m, new, old: new if m else old
-    params = jax.tree.map(pick, mask, new_params, old_params)
-    state_mask = optax.tree_utils.tree_map_params(
-        tx, lambda _, m: m, new_state, mask, transform_non_params=lambda _: True,
-        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    state = jax.tree.map(pick, state_mask, new_state, old_state)
-    return params, state

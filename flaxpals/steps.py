@@ -2,7 +2,7 @@
 
 - `train_step(state, batch, task)`: one task's batch; `task` is static, so XLA
   compiles one function per task and bucket length. Only the shared encoder and
-  this task's adapter and head move (`optim.select_task`).
+  this task's adapter and head move (`task_params.keep_other_tasks`).
 - `additive_step(state, batches)`: one batch of every task; the per-task
   gradients go through the combiner (a sum, or PCGrad), then the optimiser.
   With the plain sum the gradient of the summed loss is taken directly (one
@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxpals import heads, optim
+from flaxpals import heads
 from flaxpals.models import MultiTaskModel
+from flaxpals.task_params import keep_other_tasks
 
 # Batch keys the model reads; the rest (example ids, labels, mask) stay outside.
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "input_ids_2",
@@ -70,8 +71,7 @@ class Steps:
     def train_step(self, state: TrainState, batch, task: str):
         loss, grads = jax.value_and_grad(self.loss)(state.params, batch, task,
                                                     self._dropout_key(state, task))
-        return self._apply(state, grads, optim.task_mask(state.params, task, self.task_names),
-                           {f"loss/{task}": loss})
+        return self._apply(state, grads, {f"loss/{task}": loss}, task)
 
     def additive_step(self, state: TrainState, batches: Mapping[str, Any]):
         names = self.task_names
@@ -88,15 +88,17 @@ class Steps:
             losses, per_task = zip(*[jax.value_and_grad(task_loss)(state.params, t)
                                      for t in names], strict=True)
             grads = jax.tree.map(lambda *g: jnp.stack(g), *per_task)
-        every = jax.tree.map(lambda _: True, state.params)
-        return self._apply(state, grads, every,
+        return self._apply(state, grads,
                            {f"loss/{t}": loss for t, loss in zip(names, losses, strict=True)})
 
-    def _apply(self, state: TrainState, grads, mask, metrics):
+    def _apply(self, state: TrainState, grads, metrics, task: str | None = None):
+        """The optimiser update; with `task`, other tasks' params and moments stay put."""
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        params, opt_state = optim.select_task(self.tx, mask, params, state.params,
-                                              opt_state, state.opt_state)
+        if task is not None:
+            params, opt_state = keep_other_tasks((params, opt_state),
+                                                 (state.params, state.opt_state),
+                                                 task, self.task_names)
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

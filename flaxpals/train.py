@@ -28,7 +28,7 @@ import numpy as np
 from clu import metric_writers
 from tqdm import tqdm
 
-from flaxpals import bert, config_lib, input_pipeline, optim, weights
+from flaxpals import bert, config_lib, input_pipeline, optim, task_params, weights
 from flaxpals import metrics as metrics_lib
 from flaxpals import sampler as sampler_lib
 from flaxpals import tasks as tasks_lib
@@ -96,18 +96,6 @@ def build_model(config) -> tuple[MultiTaskModel, dict, Tokenizer, list[tasks_lib
     if pretrained is not None:
         params = {**params, "encoder": pretrained}
     return model, params, tokenizer, tasks
-
-
-def param_accounting(params, task_names) -> dict[str, Any]:
-    """Total, shared and per-task parameter counts, and the ratio to the plain encoder."""
-    encoder = bert.count_params(params["encoder"])
-    per_task = {t: bert.count_params([params.get(part, {}).get(t, {})
-                                      for part in ("adapters", "heads")]) for t in task_names}
-    adapters = {t: bert.count_params(params.get("adapters", {}).get(t, {})) for t in task_names}
-    total = bert.count_params(params)
-    return {"total": total, "shared_encoder": encoder, "per_task": per_task,
-            "per_task_adapters": adapters, "ratio_to_encoder": total / encoder,
-            "adapter_ratio_to_encoder": (encoder + sum(adapters.values())) / encoder}
 
 
 def load_data(config, tasks, tokenizer, splits=("train", "dev")) -> dict[str, dict[str, Any]]:
@@ -190,13 +178,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
 
     model, params, tokenizer, tasks = build_model(config)
     names = tuple(t.name for t in tasks)
-    accounting = param_accounting(params, names)
+    accounting = task_params.param_accounting(params, names)
     _write_json(workdir / "params.json", accounting)
-    print(f"parameters: total {accounting['total']:,}; shared encoder "
-          f"{accounting['shared_encoder']:,}; per task "
-          + ", ".join(f"{t} {n:,}" for t, n in accounting["per_task"].items())
-          + f"; {accounting['ratio_to_encoder']:.4f}x the plain encoder "
-          f"({accounting['adapter_ratio_to_encoder']:.4f}x without heads)")
+    print(task_params.format_accounting(accounting))
 
     data = load_data(config, tasks, tokenizer)
     batch_size = config.train.batch_size
@@ -216,7 +200,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     if config.train.combiner == "pcgrad":
         from flaxpals import pcgrad
 
-        combiner = pcgrad.pcgrad(optim.shared_mask(params), seed=config.seed,
+        combiner = pcgrad.pcgrad(task_params.shared_param_mask(params, names), seed=config.seed,
                                  reduction=config.train.pcgrad_reduction)
     tx = optim.make_optimizer(config.train, params, sampler.total_steps, combiner)
     steps = Steps(model, tx, config.train.combiner)

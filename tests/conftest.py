@@ -13,7 +13,6 @@ import pytest
 
 from flaxpals import paths
 
-
 # Tests build the same small steps many times (every training method compiles
 # the same per-task step): a persistent compilation cache compiles each once.
 jax.config.update("jax_compilation_cache_dir",

@@ -78,7 +78,8 @@ TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classific
          TaskSpec("sts", "pair_regression"))
 
 
-def _setup(options=ModelOptions(similarity="dot"), mode="finetune"):
+def _setup(options=None, mode="finetune"):
+    options = options or ModelOptions(similarity="dot")
     model = MultiTaskModel(tiny_config(), TASKS, options)
     batches = {t.name: dummy_batch(t, options.pair_encoding, 4, 8) for t in TASKS}
     for t, b in zip(TASKS, batches.values(), strict=True):
@@ -106,12 +107,14 @@ def test_decay_mask_skips_biases_and_layernorms():
 
 
 def _leaves(tree, prefix):
-    return {optim.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {optim.path_str(p): np.asarray(v) for p, v in flat
             if optim.path_str(p).startswith(prefix)}
 
 
-def test_step_on_one_task_leaves_other_tasks_bit_identical():
-    steps, state, batches = _setup()
+@pytest.mark.parametrize("adapter", ["none", "pal"])
+def test_step_on_one_task_leaves_other_tasks_bit_identical(adapter):
+    steps, state, batches = _setup(ModelOptions(similarity="dot", adapter=adapter))
     train_step = jax.jit(steps.train_step, static_argnames="task")
     # Warm Adam's moments and weight decay on every task first.
     for task in ("sst", "quora", "sts", "quora"):
@@ -119,9 +122,10 @@ def test_step_on_one_task_leaves_other_tasks_bit_identical():
     before = jax.device_get(state.params)
     state, _ = train_step(state, batches["sst"], "sst")
     after = jax.device_get(state.params)
-    for other in ("quora", "sts"):
-        b, a = _leaves(before, f"heads/{other}"), _leaves(after, f"heads/{other}")
-        assert b, f"no head params for {other}"
+    parts = ("heads", "adapters") if adapter != "none" else ("heads",)
+    for other in [f"{part}/{t}" for part in parts for t in ("quora", "sts")]:
+        b, a = _leaves(before, other), _leaves(after, other)
+        assert b, f"no params under {other}"
         for k in b:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     moved = _leaves(after, "heads/sst")
