@@ -195,7 +195,8 @@ class _Checker:
     def finish(self) -> ParsedSplit:
         self.out.skip_counts = {r: self._skips[r] for r in SKIP_REASONS if self._skips[r]}
         self.out.notes = {n: self._notes[n] for n in NOTES if self._notes[n]}
-        _log_summary(self.out)
+        o = self.out
+        log_summary(o.source, o.num_rows, len(o), o.skip_counts, o.notes, o.skipped)
         return self.out
 
 
@@ -205,19 +206,18 @@ def _str(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _log_summary(p: ParsedSplit) -> None:
-    counts = ", ".join(f"{k}: {v}" for k, v in p.skip_counts.items())
-    notes = ", ".join(f"{k}: {v}" for k, v in p.notes.items())
-    msg = (f"{p.source}: {p.num_rows} rows, kept {len(p)}, skipped {p.num_skipped}"
-           + (f" ({counts})" if counts else "") + (f"; notes: {notes}" if notes else ""))
-    if p.num_skipped:
-        log.warning(msg)
-    else:
-        log.info(msg)
-    bad = [line for line, reasons, _ in p.skipped if "label_out_of_range" in reasons]
+def log_summary(source: str, num_rows: int, kept: int, skip_counts: dict[str, int],
+                notes: dict[str, int], skipped: list[tuple[int, tuple[str, ...], str]]) -> None:
+    """Logs what a split's reading kept and skipped: once per file, a warning if any skip."""
+    counts = ", ".join(f"{k}: {v}" for k, v in skip_counts.items())
+    note = ", ".join(f"{k}: {v}" for k, v in notes.items())
+    msg = (f"{source}: {num_rows} rows, kept {kept}, skipped {len(skipped)}"
+           + (f" ({counts})" if counts else "") + (f"; notes: {note}" if note else ""))
+    log.log(logging.WARNING if skipped else logging.INFO, msg)
+    bad = [line for line, reasons, _ in skipped if "label_out_of_range" in reasons]
     if bad:  # never clipped: make the skip loud
         log.warning("%s: %d rows skipped for a label out of range (not clipped), lines %s%s",
-                    p.source, len(bad), bad[:20], " ..." if len(bad) > 20 else "")
+                    source, len(bad), bad[:20], " ..." if len(bad) > 20 else "")
 
 
 def _parse_line(text: str, delimiter: str) -> list[str]:
