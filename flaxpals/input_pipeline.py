@@ -394,10 +394,10 @@ def eval_batches(split: Split, batch_size: int, *, buckets: Sequence[int] = DEFA
     bucket is padded to batch_size with rows whose `mask` is 0; every process
     yields the same number of batches.
     """
-    lengths = split.lengths()
-    return _batches(split, lambda: batching.eval_plan(
-        lengths, buckets, batch_size, process_index=process_index,
-        process_count=process_count), batch_size, prefetch)
+    # Planned now (cheap): bad arguments raise here, not inside tf.data.
+    plan = list(batching.eval_plan(split.lengths(), buckets, batch_size,
+                                   process_index=process_index, process_count=process_count))
+    return _batches(split, lambda: iter(plan), batch_size, prefetch)
 
 
 def batches_per_epoch(split: Split, batch_size: int, *, process_count: int = 1) -> int:

@@ -184,10 +184,12 @@ _FIELD_KEYS = {"id": "id_field", "text": "text_field", "text_pair": "text_pair_f
 def _normalise(values: dict[str, Any]) -> dict[str, Any]:
     """Turns config-friendly values (dicts, lists) into Task's hashable ones."""
     out = dict(values)
-    if isinstance(out.get("splits"), Mapping):
-        out["splits"] = tuple((str(k), str(v)) for k, v in out["splits"].items())
-    elif out.get("splits") is not None:
-        out["splits"] = tuple((str(k), str(v)) for k, v in out["splits"])
+    if out.get("splits") is not None:
+        pairs = out["splits"].items() if isinstance(out["splits"], Mapping) else out["splits"]
+        # Canonical order train, dev, test (a ConfigDict sorts its keys).
+        rank = {s: i for i, s in enumerate(SPLITS)}
+        out["splits"] = tuple(sorted(((str(k), str(v)) for k, v in pairs),
+                                     key=lambda kv: rank.get(kv[0], len(rank))))
     if out.get("label_range") is not None:
         lo, hi = out["label_range"]
         out["label_range"] = (float(lo), float(hi))
