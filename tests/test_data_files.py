@@ -119,7 +119,7 @@ DEFECTS = (
 
 def _defects_file(tmp_path):
     path = tmp_path / "defects.tsv"
-    path.write_bytes(DEFECTS.encode("utf-8").replace("\xff".encode("utf-8"), b"\xff"))
+    path.write_bytes(DEFECTS.encode("utf-8").replace("\xff".encode(), b"\xff"))
     return path
 
 
