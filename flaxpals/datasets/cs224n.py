@@ -18,7 +18,7 @@ the manual directory when they are there (the data directory, see
 checked by `flaxpals.datasets.reader.read_file` (skipped rows are logged).
 `prepare(name)` builds it under the cache directory (never the data directory):
 
-    builder = cs224n.prepare("sst")             # or: python -m flaxpals.datasets.cs224n sst
+    builder = cs224n.prepare("sst")             # or: python -m flaxpals.datasets sst
     ds = builder.as_dataset(split="dev")        # {"id", "sentence", "label", "line"}
 """
 
@@ -304,11 +304,3 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None,
         builder.download_and_prepare(download_config=config)
     return builder
 
-
-if __name__ == "__main__":
-    import sys
-
-    logging.basicConfig(level=logging.INFO)
-    for arg in sys.argv[1:] or list(tasks.BUILTIN):
-        b = prepare(arg)
-        print(arg, {s: b.info.splits[s].num_examples for s in b.info.splits}, b.data_dir)
