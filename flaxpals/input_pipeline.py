@@ -239,6 +239,7 @@ def load_split(task: Task, split: str, tokenizer, *, data_dir=None, cache_dir=No
     cache = paths.cache_dir(cache_dir)
     if task.source == "tfds":
         path, sha = None, None
+        # A versioned name ("glue/qqp:2.0.0") keys the cache to that version.
         source_key = f"tfds:{task.tfds_name}:{task.split_source(split)}"
     else:
         path = cs224n.locate(task, split, data_dir)
@@ -252,6 +253,8 @@ def load_split(task: Task, split: str, tokenizer, *, data_dir=None, cache_dir=No
 
     if use_cache and cache_file.exists():
         out = _load(cache_file, task)
+        if path is not None:  # the same bytes may have been cached from another place
+            out.source = str(path)
         if strict and out.skipped:
             line, reasons, detail = out.skipped[0]
             raise reader.DataFormatError(out.source, line, reasons[0], detail)
@@ -332,7 +335,10 @@ def _batches(split: Split, plan: Callable[[], Iterator[tuple[np.ndarray, int]]],
     ds = tf.data.Dataset.from_generator(plan, output_signature=(
         tf.TensorSpec([batch_size], tf.int64), tf.TensorSpec([], tf.int32)))
     ds = ds.map(_gather_fn(split), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.prefetch(prefetch)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1  # leave the cores to the model
+    ds = ds.prefetch(prefetch).with_options(options)
     for index, arrays in ds.as_numpy_iterator():
         batch = dict(arrays)
         padding = index < 0

@@ -202,7 +202,7 @@ def test_test_split_batches_have_no_labels_and_long_rows_are_truncated(tok, cach
 
 
 def test_a_tfds_task_declared_by_config(tok, cache):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    tfds = require("tensorflow_datasets")
     task = tasks.task_from_config(tasks.GLUE_CONFIGS["glue/qqp"])
     with tfds.testing.mock_data(num_examples=40):  # offline: random examples, real features
         split = ip.load_split(task, "train", tok, cache_dir=cache, use_cache=False,

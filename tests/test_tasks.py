@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from flaxpals import tasks
+from tests.conftest import require
 
 
 def test_builtin_tasks_are_declared_as_the_issue_says():
@@ -55,7 +56,7 @@ def test_tfds_task_by_config():
 
 
 def test_csv_task_by_config_from_a_configdict():
-    ml_collections = pytest.importorskip("ml_collections")
+    ml_collections = require("ml_collections")
     cfg = ml_collections.ConfigDict({
         "name": "reviews", "kind": "classification", "num_labels": 3,
         "files": {"train": "/data/r-train.tsv", "dev": "r-dev.tsv"},

@@ -1,12 +1,12 @@
 """The TFDS builders: prepared from the manual (data) directory or downloaded."""
 
 import numpy as np
-import pytest
 
 from flaxpals import paths, tasks
 from flaxpals.datasets import cs224n, reader
+from tests.conftest import require
 
-tfds = pytest.importorskip("tensorflow_datasets")
+tfds = require("tensorflow_datasets")
 
 
 def _examples(builder, split):

@@ -287,9 +287,9 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None,
     is found the builder downloads them. tfds_dir: where TFDS writes the prepared
     dataset, default <cache>/tfds.
     """
+    cls = builder_class()  # first: hides the GPUs from TensorFlow
     import tensorflow_datasets as tfds
 
-    cls = builder_class()
     tfds_dir = Path(tfds_dir) if tfds_dir else paths.cache_dir() / "tfds"
     try:
         manual = paths.data_dir(data_dir)
