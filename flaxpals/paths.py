@@ -42,3 +42,24 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     raise FileNotFoundError(
         f"no CS224N data directory found: set {ENV_VAR} or pass data_dir; looked for "
         f"{_RELATIVE} above {Path.cwd()} and above the flaxpals package")
+
+
+CACHE_ENV_VAR = "FLAXPALS_CACHE_DIR"
+
+
+def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """A writable directory for derived data (token-id caches, prepared TFDS datasets).
+
+    In order: an explicit argument, the environment variable FLAXPALS_CACHE_DIR,
+    then `$XDG_CACHE_HOME/flaxpals` (default `~/.cache/flaxpals`). Never the data
+    directory, which may be read-only. Created if missing.
+    """
+    if explicit:
+        path = Path(explicit).expanduser()
+    elif os.environ.get(CACHE_ENV_VAR):
+        path = Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path = Path(base).expanduser() / "flaxpals"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,411 @@
+"""Tokenized splits and their batches: load_split, train_batches, eval_batches.
+
+    split = load_split(get_task("quora"), "train", tokenizer, pair_encoding="bi")
+    for batch in train_batches(split, 32, seed=0):        # infinite
+        batch["input_ids"], batch["input_ids_2"], batch["labels"], ...
+
+load_split parses a split (flaxpals.datasets.reader: defective rows skipped
+and counted, or raised in strict mode) and tokenizes it once; the token ids
+are cached under the cache directory (`flaxpals.paths.cache_dir`, default
+~/.cache/flaxpals/tokens), keyed by the file's SHA256, the task's fields, the
+tokenizer's vocabulary and normalisation, max_length and the encoding.
+
+Encodings of a pair task: "bi" tokenizes the two sentences separately
+(`[CLS] a [SEP]`, `[CLS] b [SEP]`, each truncated to max_length; a
+bi-encoder), "cross" as one sequence `[CLS] a [SEP] b [SEP]` with token
+types 0/1, truncated longest-first (a cross-encoder).
+
+Batches (batching.py decides which examples, tf.data gathers and pads them on
+a background thread and prefetches) are dicts of NumPy arrays:
+
+  input_ids, attention_mask, token_type_ids   int32 [B, L]; L a bucket length
+  input_ids_2, attention_mask_2, token_type_ids_2
+                                              int32 [B, L] (pair, "bi" only); the
+                                              second sentence, padded to the same L
+                                              (the bucket of the longer sentence)
+  labels      int32 [B] (classes) or float32 [B] (regression); absent for an
+              unlabelled (test) split; 0 on padding rows
+  mask        float32 [B]: 1 real example, 0 padding row (eval_batches only pads)
+  ids         object [B] of str: example ids; "" on padding rows
+  index       int64 [B]: row of the example in the Split; -1 on padding rows
+
+A padding row holds `[CLS] [SEP]` (attention on those two tokens), so a model
+computes finite values on it; use `mask` to leave it out. Sequences longer
+than the largest bucket are truncated to it (keep max(buckets) >= max_length to
+avoid that; load_split's max_length already caps the lengths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flaxpals import batching, paths
+from flaxpals.datasets import cs224n, reader
+from flaxpals.tasks import Task
+from flaxpals.tf_util import import_tf
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when what is cached changes
+DEFAULT_BUCKETS = (32, 64, 128)
+
+
+@dataclasses.dataclass
+class Ragged:
+    """Variable-length int32 rows: row i is values[offsets[i]:offsets[i + 1]]."""
+
+    values: np.ndarray  # int32 [total]
+    offsets: np.ndarray  # int64 [N + 1]
+
+    @classmethod
+    def from_lists(cls, rows: Sequence[Sequence[int]]) -> Ragged:
+        lengths = np.fromiter(map(len, rows), np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter(itertools.chain.from_iterable(rows), np.int32,
+                             count=int(offsets[-1]))
+        return cls(values, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclasses.dataclass
+class Split:
+    """One tokenized split of a task.
+
+    ids: [N] example ids (object array of str). labels: [N] int32 / float32, or
+    None for an unlabelled split. input_ids / token_type_ids: the sentence, or
+    the cross-encoded pair; input_ids_2 / token_type_ids_2: the second sentence
+    ("bi" pairs only). lines: [N] 1-based source line of each example.
+    skip_counts: {reason: rows with that defect}; skipped: [(line, reasons, detail)];
+    notes: {note: rows} (kept rows); num_rows: data rows read (kept + skipped).
+    stats: parse_s, tokenize_s (0 when cached), load_s, from_cache.
+    """
+
+    task: Task
+    name: str
+    encoding: str  # "single", "bi" or "cross"
+    max_length: int
+    ids: np.ndarray
+    labels: np.ndarray | None
+    input_ids: Ragged
+    token_type_ids: Ragged
+    input_ids_2: Ragged | None
+    token_type_ids_2: Ragged | None
+    lines: np.ndarray
+    num_rows: int
+    skip_counts: dict[str, int]
+    skipped: list[tuple[int, tuple[str, ...], str]]
+    notes: dict[str, int]
+    source: str
+    sha256: str | None
+    pad_id: int
+    cls_id: int
+    sep_id: int
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+    def lengths(self) -> np.ndarray:
+        """[N] token counts used for bucketing: the longer sentence of a "bi" pair."""
+        n = self.input_ids.lengths()
+        return n if self.input_ids_2 is None else np.maximum(n, self.input_ids_2.lengths())
+
+
+# ---------------------------------------------------------------- load_split
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides the ids: vocabulary and normaliser (not truncation)."""
+    fp = getattr(tokenizer, "fingerprint", None)
+    if fp is not None:
+        return fp() if callable(fp) else str(fp)
+    inner = getattr(tokenizer, "_tok", None)
+    if inner is None or not hasattr(inner, "to_str"):
+        raise TypeError(f"cannot fingerprint a {type(tokenizer).__name__} for the token "
+                        "cache: give it a `fingerprint` attribute")
+    spec = json.loads(inner.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _task_key(task: Task) -> dict[str, Any]:
+    fields = dataclasses.asdict(task)
+    fields.pop("description")
+    return fields
+
+
+def _tokenize(tokenizer, parsed: reader.ParsedSplit, encoding: str, max_length: int):
+    if encoding == "cross":
+        ids, types = tokenizer.encode(parsed.texts, parsed.text_pairs, max_length=max_length)
+        return Ragged.from_lists(ids), Ragged.from_lists(types), None, None
+    ids, types = tokenizer.encode(parsed.texts, max_length=max_length)
+    out = [Ragged.from_lists(ids), Ragged.from_lists(types), None, None]
+    if encoding == "bi":
+        ids2, types2 = tokenizer.encode(parsed.text_pairs, max_length=max_length)
+        out[2:] = Ragged.from_lists(ids2), Ragged.from_lists(types2)
+    return tuple(out)
+
+
+_RAGGED = ("input_ids", "token_type_ids", "input_ids_2", "token_type_ids_2")
+_META = ("task", "name", "encoding", "max_length", "num_rows", "skip_counts", "skipped",
+         "notes", "source", "sha256", "pad_id", "cls_id", "sep_id")
+
+
+def _save(split: Split, path: Path) -> None:
+    arrays = {"ids": np.asarray(split.ids, dtype=str), "lines": split.lines}
+    if split.labels is not None:
+        arrays["labels"] = split.labels
+    for name in _RAGGED:
+        r = getattr(split, name)
+        if r is not None:
+            arrays[f"{name}.values"], arrays[f"{name}.offsets"] = r.values, r.offsets
+    meta = {k: getattr(split, k) for k in _META}
+    meta["task"] = dataclasses.asdict(split.task)
+    arrays["meta"] = np.asarray(json.dumps(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename: concurrent processes never read a half-written cache.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path, task: Task) -> Split:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        ragged = {name: Ragged(z[f"{name}.values"], z[f"{name}.offsets"])
+                  if f"{name}.values" in z else None for name in _RAGGED}
+        labels = z["labels"] if "labels" in z else None
+        ids, lines = z["ids"].astype(object), z["lines"]
+    meta["task"] = task
+    meta["skipped"] = [(line, tuple(reasons), detail)
+                       for line, reasons, detail in meta["skipped"]]
+    return Split(ids=ids, labels=labels, lines=lines, **ragged, **meta)
+
+
+def load_split(task: Task, split: str, tokenizer, *, data_dir=None, cache_dir=None,
+               strict: bool = False, max_length: int = 128, pair_encoding: str = "bi",
+               tfds_data_dir=None, use_cache: bool = True) -> Split:
+    """Reads, checks and tokenizes one split ("train", "dev" or "test") of `task`.
+
+    data_dir: the files of "cs224n"/"csv" tasks (see flaxpals.paths.data_dir;
+    CS224N files are downloaded into the cache when no data directory exists).
+    cache_dir: token cache root (flaxpals.paths.cache_dir). strict: raise
+    reader.DataFormatError (file, line, reason) on the first defective row.
+    pair_encoding: "bi" or "cross" (ignored for single-sentence tasks).
+    tfds_data_dir: where TFDS tasks are prepared (default <cache>/tfds).
+    """
+    if pair_encoding not in ("bi", "cross"):
+        raise ValueError(f"pair_encoding must be 'bi' or 'cross', got {pair_encoding!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    task.split_source(split)  # raises for an unknown split
+    encoding = pair_encoding if task.is_pair else "single"
+    start = time.perf_counter()
+    cache = paths.cache_dir(cache_dir)
+    if task.source == "tfds":
+        path, sha = None, None
+        # A versioned name ("glue/qqp:2.0.0") keys the cache to that version.
+        source_key = f"tfds:{task.tfds_name}:{task.split_source(split)}"
+    else:
+        path = cs224n.locate(task, split, data_dir)
+        sha = reader.sha256_file(path)
+        source_key = sha
+    key = hashlib.sha1(json.dumps({
+        "version": CACHE_VERSION, "task": _task_key(task), "split": split,
+        "source": source_key, "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": max_length, "encoding": encoding}, sort_keys=True).encode()).hexdigest()
+    cache_file = cache / "tokens" / f"{task.name}-{split}-{encoding}-{key[:20]}.npz"
+
+    if use_cache and cache_file.exists():
+        out = _load(cache_file, task)
+        if path is not None:  # the same bytes may have been cached from another place
+            out.source = str(path)
+        if strict and out.skipped:
+            line, reasons, detail = out.skipped[0]
+            raise reader.DataFormatError(out.source, line, reasons[0], detail)
+        reader.log_summary(out.source, out.num_rows, len(out), out.skip_counts, out.notes,
+                           out.skipped)
+        out.stats = {"parse_s": 0.0, "tokenize_s": 0.0, "from_cache": True,
+                     "load_s": time.perf_counter() - start}
+        return out
+
+    t0 = time.perf_counter()
+    if task.source == "tfds":
+        parsed = reader.read_tfds(task, split, strict=strict,
+                                  data_dir=tfds_data_dir or cache / "tfds")
+    else:
+        if task.source == "cs224n":
+            cs224n.verify(path, name=task.split_source(split))
+        parsed = reader.read_file(path, task, split, strict=strict)
+    t1 = time.perf_counter()
+    if not len(parsed):
+        raise ValueError(f"{parsed.source}: no usable example (skipped {parsed.skip_counts})")
+    ids, types, ids2, types2 = _tokenize(tokenizer, parsed, encoding, max_length)
+    t2 = time.perf_counter()
+    labels = None
+    if parsed.labels is not None:
+        labels = np.asarray(parsed.labels, np.float32 if task.is_regression else np.int32)
+    out = Split(
+        task=task, name=split, encoding=encoding, max_length=max_length,
+        ids=np.asarray(parsed.ids, dtype=object), labels=labels, input_ids=ids,
+        token_type_ids=types, input_ids_2=ids2, token_type_ids_2=types2,
+        lines=np.asarray(parsed.lines, np.int32), num_rows=parsed.num_rows,
+        skip_counts=parsed.skip_counts, skipped=parsed.skipped, notes=parsed.notes,
+        source=parsed.source, sha256=sha, pad_id=tokenizer.pad_id,
+        cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id)
+    if use_cache:
+        _save(out, cache_file)
+    out.stats = {"parse_s": t1 - t0, "tokenize_s": t2 - t1, "from_cache": False,
+                 "load_s": time.perf_counter() - start}
+    return out
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _gather_fn(split: Split) -> Callable:
+    """A tf.function body: (indices [B], length) -> padded int32 arrays [B, length]."""
+    tf = import_tf()
+
+    def ragged(r: Ragged):
+        return tf.RaggedTensor.from_row_splits(tf.constant(r.values), tf.constant(r.offsets),
+                                               validate=False)
+
+    seqs = [("", ragged(split.input_ids), ragged(split.token_type_ids))]
+    if split.input_ids_2 is not None:
+        seqs.append(("_2", ragged(split.input_ids_2), ragged(split.token_type_ids_2)))
+    pad_id = split.pad_id
+
+    @tf.autograph.experimental.do_not_convert
+    def gather(index, length):
+        rows = tf.maximum(index, 0)  # padding rows (-1) gather row 0, overwritten later
+        length64 = tf.cast(length, tf.int64)
+        shape = tf.stack([tf.size(index, out_type=tf.int64), length64])
+        out = {}
+        for suffix, ids, types in seqs:
+            picked = tf.gather(ids, rows)
+            out["input_ids" + suffix] = picked.to_tensor(default_value=pad_id, shape=shape)
+            out["token_type_ids" + suffix] = tf.gather(types, rows).to_tensor(
+                default_value=0, shape=shape)
+            out["attention_mask" + suffix] = tf.sequence_mask(
+                tf.minimum(picked.row_lengths(), length64), length, dtype=tf.int32)
+        return index, out
+
+    return gather
+
+
+def _batches(split: Split, plan: Callable[[], Iterator[tuple[np.ndarray, int]]],
+             batch_size: int, prefetch: int) -> Iterator[dict[str, np.ndarray]]:
+    tf = import_tf()
+    ds = tf.data.Dataset.from_generator(plan, output_signature=(
+        tf.TensorSpec([batch_size], tf.int64), tf.TensorSpec([], tf.int32)))
+    ds = ds.map(_gather_fn(split), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1  # leave the cores to the model
+    ds = ds.prefetch(prefetch).with_options(options)
+    for index, arrays in ds.as_numpy_iterator():
+        batch = dict(arrays)
+        padding = index < 0
+        rows = np.maximum(index, 0)
+        batch["index"] = index
+        batch["mask"] = (~padding).astype(np.float32)
+        ids = split.ids[rows]
+        if split.labels is not None:
+            labels = split.labels[rows]
+            labels[padding] = 0
+            batch["labels"] = labels
+        if padding.any():
+            ids[padding] = ""
+            for suffix in ("", "_2") if split.input_ids_2 is not None else ("",):
+                for name in ("input_ids", "attention_mask", "token_type_ids"):
+                    batch[name + suffix] = batch[name + suffix].copy()  # TF's are read-only
+                batch["input_ids" + suffix][padding] = split.pad_id
+                batch["input_ids" + suffix][padding, :2] = (split.cls_id, split.sep_id)
+                batch["attention_mask" + suffix][padding] = 0
+                batch["attention_mask" + suffix][padding, :2] = 1
+                batch["token_type_ids" + suffix][padding] = 0
+        batch["ids"] = ids
+        yield batch
+
+
+def train_batches(split: Split, batch_size: int, *, seed: int,
+                  buckets: Sequence[int] = DEFAULT_BUCKETS, process_index: int = 0,
+                  process_count: int = 1, start_batch: int = 0,
+                  num_epochs: int | None = None,
+                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """Shuffled, length-bucketed, full batches of this process's shard (see batching.py).
+
+    Infinite unless num_epochs is given. Batch k of a run depends only on
+    (split, batch_size, seed, buckets, process), and start_batch=k starts there
+    at the cost of one epoch's plan, so a resumed run sees what an uninterrupted
+    one would have. batch_size is the per-process batch.
+    """
+    plan = batching.TrainPlan(split.lengths(), buckets, batch_size, seed=seed,
+                              process_index=process_index, process_count=process_count)
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    stop = None if num_epochs is None else num_epochs * plan.batches_per_epoch
+
+    def indices():
+        k = start_batch
+        while stop is None or k < stop:
+            yield plan.batch(k)
+            k += 1
+
+    return _batches(split, indices, batch_size, prefetch)
+
+
+def eval_batches(split: Split, batch_size: int, *, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                 process_index: int = 0, process_count: int = 1,
+                 prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over this process's part of the split, every example exactly once.
+
+    Order: bucket by bucket, file order within a bucket. The last batch of each
+    bucket is padded to batch_size with rows whose `mask` is 0; every process
+    yields the same number of batches.
+    """
+    # Planned now (cheap): bad arguments raise here, not inside tf.data.
+    plan = list(batching.eval_plan(split.lengths(), buckets, batch_size,
+                                   process_index=process_index, process_count=process_count))
+    return _batches(split, lambda: iter(plan), batch_size, prefetch)
+
+
+def batches_per_epoch(split: Split, batch_size: int, *, process_count: int = 1) -> int:
+    """Train batches per epoch of one process: (len(split) // process_count) // batch_size."""
+    return (len(split) // process_count) // batch_size

