@@ -119,7 +119,7 @@ def set_method(c: ml_collections.ConfigDict, method: str) -> None:
 def tiny(c: ml_collections.ConfigDict) -> None:
     """The test scale: random-init tiny encoder, little data, a few steps."""
     c.model.checkpoint = "tiny"
-    c.data.buckets = (16, 32)
+    c.data.buckets = (32,)
     c.data.max_length = 32
     c.data.train_limit = 64
     c.data.eval_limit = 48

@@ -87,6 +87,10 @@ class Ragged:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def head(self, n: int) -> Ragged:
+        """The first n rows."""
+        return Ragged(self.values[:self.offsets[n]], self.offsets[:n + 1])
+
 
 @dataclasses.dataclass
 class Split:
@@ -133,6 +137,17 @@ class Split:
     @property
     def labelled(self) -> bool:
         return self.labels is not None
+
+    def take(self, n: int) -> Split:
+        """The first n examples (all when n >= len): smoke runs and train samples."""
+        if n >= len(self):
+            return self
+        head = lambda r: None if r is None else r.head(n)
+        return dataclasses.replace(
+            self, ids=self.ids[:n], labels=None if self.labels is None else self.labels[:n],
+            input_ids=head(self.input_ids), token_type_ids=head(self.token_type_ids),
+            input_ids_2=head(self.input_ids_2), token_type_ids_2=head(self.token_type_ids_2),
+            lines=self.lines[:n])
 
     def lengths(self) -> np.ndarray:
         """[N] token counts used for bucketing: the longer sentence of a "bi" pair."""

@@ -1,0 +1,177 @@
+"""End to end on the tiny random-init config and the real CS224N files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from flaxpals import config_lib, train
+from flaxpals.checkpointing import Checkpoints
+from tests.conftest import read_tsv
+from tests.test_train_units import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny(name="baseline", arg="", **overrides):
+    c = load_config(name, ",".join(filter(None, [arg, "tiny"])))
+    c.data.cache_dir = os.environ.get("FLAXPALS_TEST_CACHE", "")
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def epochs(workdir) -> list[dict]:
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name,method", [(("baseline", m)) for m in config_lib.METHODS]
+                         + [("pal", "sequential"), ("lowrank", "sequential"), ("pal", "pcgrad")])
+def test_every_method_lowers_the_loss_on_a_fixed_batch(tmp_path, name, method):
+    # One batch per task (train_limit = batch size): the loss must go down.
+    c = tiny(name, f"method={method}", **{"data.train_limit": 8, "train.num_epochs": 4,
+                                            "train.steps_per_epoch": 6, "eval.train_sample": 8})
+    train.train_and_evaluate(c, tmp_path)
+    history = epochs(tmp_path)
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    for task in c.tasks:
+        seen = [r[f"loss/{task}"] for r in history if f"loss/{task}" in r]
+        assert len(seen) >= 2, f"{task} trained in fewer than two epochs"
+        assert seen[-1] < seen[0], f"{method}: {task} loss did not go down: {seen}"
+    for key in ("dev/average", "dev/overall", "train/average", "dev/sst", "dev/sts"):
+        assert np.isfinite(history[-1][key])
+    accounting = json.loads((tmp_path / "params.json").read_text())
+    if name == "pal":
+        assert accounting["ratio_by_key"]["adapters"] > 1.0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    c = tiny("pal")
+    train.train_and_evaluate(c, workdir)
+    return c, workdir
+
+
+def test_eval_restores_the_best_checkpoint(trained):
+    c, workdir = trained
+    record = train.evaluate_checkpoint(c, workdir)
+    best = json.loads((workdir / "best.json").read_text())
+    assert record["step"] == best["step"]
+    # The same params on the same dev sample give the score recorded in training.
+    logged = [r for r in epochs(workdir) if r["step"] == best["step"]][0]
+    assert record["dev/average"] == pytest.approx(logged["dev/average"], abs=1e-6)
+
+
+def test_predict_writes_every_id_once(trained):
+    c, workdir = trained
+    written = train.predict(c, workdir)
+    names = sorted(p.name for p in written)
+    assert names == ["para-dev-output.csv", "sst-dev-output.csv", "sst-test-output.csv",
+                     "sts-dev-output.csv", "sts-test-output.csv"]  # no Quora test file here
+    sources = {"sst-dev": "ids-sst-dev.csv", "sst-test": "ids-sst-test-student.csv",
+               "para-dev": "quora-dev.csv", "sts-dev": "sts-dev.csv",
+               "sts-test": "sts-test-student.csv"}
+    headers = {"sst": "Predicted_Sentiment", "para": "Predicted_Is_Paraphrase",
+               "sts": "Predicted_Similiarity"}
+    for path in written:
+        lines = path.read_text().splitlines()
+        prefix = path.name.split("-")[0]
+        assert lines[0] == f"id \t {headers[prefix]} "
+        ids = [line.split(" , ")[0] for line in lines[1:]]
+        expected = [r["id"] for r in read_tsv(sources[path.name.rsplit("-", 1)[0]])]
+        assert len(ids) == len(set(ids)) == len(expected)
+        assert set(ids) == set(expected)
+        values = [float(line.split(" , ")[1]) for line in lines[1:]]
+        if prefix == "sst":
+            assert set(values) <= {0, 1, 2, 3, 4}
+        if prefix == "para":
+            assert set(values) <= {0, 1}
+
+
+def _run_main(workdir, env_extra=None, *extra):
+    env = {**os.environ, **(env_extra or {})}
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir or "")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    cmd = [sys.executable, "-m", "flaxpals.main", "--config=configs/baseline.py:tiny",
+           f"--workdir={workdir}", "--config.checkpoint.every_steps=4",
+           f"--config.data.cache_dir={os.environ.get('FLAXPALS_TEST_CACHE', '')}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _latest_params(workdir, c):
+    model, params, *_ = train.build_model(c)
+    ckpts = Checkpoints(workdir, 2)
+    step, restored = ckpts.restore_params(params, "latest")
+    ckpts.close()
+    return step, jax.device_get(restored)
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
+    killed = _run_main(tmp_path / "a", {train.KILL_AFTER_STEP_ENV: "7"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert "step 7" not in killed.stdout  # SIGKILL: no clean exit, no final message
+    resumed = _run_main(tmp_path / "a")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from checkpoint step 4" in resumed.stdout
+    straight = _run_main(tmp_path / "b")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    c = tiny()
+    step_a, a = _latest_params(tmp_path / "a", c)
+    step_b, b = _latest_params(tmp_path / "b", c)
+    assert step_a == step_b == 12
+    flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
+        np.testing.assert_allclose(leaf, flat_b[path], atol=1e-6, rtol=0, err_msg=str(path))
+
+
+def test_corrupt_latest_checkpoint_falls_back(trained, capsys):
+    c, workdir = trained
+    ckpts = Checkpoints(workdir, c.checkpoint.keep)
+    steps = sorted(ckpts.latest.all_steps())
+    assert len(steps) >= 2
+    for f in (workdir / "checkpoints" / str(steps[-1]) / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    model, params, *_ = train.build_model(c)
+    from flaxpals.optim import make_optimizer
+    from flaxpals.steps import TrainState
+    tx = make_optimizer(c.train, params, 10)
+    target = TrainState(jax.numpy.zeros((), jax.numpy.int32), params, tx.init(params),
+                        jax.random.key_data(jax.random.key(0)))
+    step, state, sampler = ckpts.restore_latest(target)
+    ckpts.close()
+    assert step == steps[-2]
+    assert sampler["step"] == steps[-2]
+    out = capsys.readouterr().out
+    assert f"checkpoint step {steps[-1]} is unreadable" in out
+    assert f"falling back to step {steps[-2]}" in out
+
+
+def test_nan_loss_stops_the_run_naming_task_and_step(tmp_path):
+    c = tiny(**{"train.learning_rate": 1e35, "train.schedule": "constant",
+                "train.grad_clip": 0.0, "checkpoint.every_steps": 1})
+    with pytest.raises(train.TrainingError, match=r"non-finite loss at step \d+ .* task\(s\) \w+"):
+        train.train_and_evaluate(c, tmp_path)
+    ckpts = Checkpoints(tmp_path, 2)
+    assert ckpts.latest.latest_step() is not None  # the last good state is kept
+    ckpts.close()
+
+
+def test_cli_rejects_a_bad_override_naming_the_key(tmp_path):
+    result = _run_main(tmp_path, None, "--config.train.lerning_rate=0.1")
+    assert result.returncode != 0
+    assert "lerning_rate" in result.stderr
+    result = _run_main(tmp_path, None, "--config.train.method=sideways")
+    assert result.returncode != 0
+    assert "config.train.method: 'sideways'" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()  # rejected before any compute
