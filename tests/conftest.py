@@ -14,10 +14,12 @@ import pytest
 from flaxpals import paths
 
 # Tests build the same small steps many times (every training method compiles
-# the same per-task step): a persistent compilation cache compiles each once.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("FLAXPALS_TEST_JAX_CACHE")
-                  or tempfile.mkdtemp(prefix="flaxpals-jax-cache-"))
+# the same per-task step, subprocesses too): a persistent compilation cache,
+# shared through the environment, compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="flaxpals-jax-cache-"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
