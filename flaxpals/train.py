@@ -123,24 +123,43 @@ def load_data(config, tasks, tokenizer, splits=("train", "dev"),
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(predict_step, params, data, tasks, config, split: str,
+class EvalSets:
+    """Evaluation batches, built once per (task, split, limit) and reused every epoch.
+
+    An eval pass is deterministic, so its padded batches need not go through the
+    input pipeline again each epoch.
+    """
+
+    def __init__(self, data, config):
+        self._data, self._config, self._cache = data, config, {}
+
+    def batches(self, task: str, split: str, limit: int = -1) -> list[dict] | None:
+        key = (task, split, limit)
+        if key not in self._cache:
+            s = self._data[task].get(split)
+            if s is None:
+                return None
+            s = s.take(limit) if limit > 0 else s
+            self._cache[key] = list(input_pipeline.eval_batches(
+                s, self._config.eval.batch_size, buckets=tuple(self._config.data.buckets)))
+        return self._cache[key]
+
+
+def evaluate(predict_step, params, eval_sets: EvalSets, tasks, split: str,
              limit: int = -1) -> tuple[dict[str, float], dict[str, dict]]:
     """Metrics of every task on a split, and the predictions by example id."""
     scores, preds = {}, {}
     for task in tasks:
-        s = data[task.name].get(split)
-        if s is None:
+        batches = eval_sets.batches(task.name, split, limit)
+        if batches is None:
             continue
-        if limit > 0:
-            s = s.take(limit)
         ids, out, labels = [], [], []
-        for batch in input_pipeline.eval_batches(s, config.eval.batch_size,
-                                                 buckets=tuple(config.data.buckets)):
+        for batch in batches:
             p = np.asarray(predict_step(params, device_batch(batch), task.name))
             real = batch["mask"] > 0
             ids.extend(batch["ids"][real])
             out.append(p[real])
-            if s.labels is not None:
+            if "labels" in batch:
                 labels.append(batch["labels"][real])
         out = np.concatenate(out)
         preds[task.name] = dict(zip(ids, out.tolist(), strict=True))
@@ -149,10 +168,10 @@ def evaluate(predict_step, params, data, tasks, config, split: str,
     return scores, preds
 
 
-def _eval_record(predict_step, params, data, tasks, config) -> dict[str, float]:
+def _eval_record(predict_step, params, eval_sets, tasks, config) -> dict[str, float]:
     record = {}
     for split, limit, prefix in (("dev", -1, "dev"), ("train", config.eval.train_sample, "train")):
-        scores, _ = evaluate(predict_step, params, data, tasks, config, split, limit)
+        scores, _ = evaluate(predict_step, params, eval_sets, tasks, split, limit)
         record.update({f"{prefix}/{t}": v for t, v in scores.items()})
         metric_of = {t.name: t.metric for t in tasks}
         record.update({f"{prefix}/{k}": v
@@ -188,6 +207,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     print(task_params.format_accounting(accounting))
 
     data = load_data(config, tasks, tokenizer)
+    eval_sets = EvalSets(data, config)
     batch_size = config.train.batch_size
     sizes = {}
     for t in tasks:
@@ -270,7 +290,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
         if epoch_end:
             record = {"epoch": epoch, "step": step,
                       **{k: float(np.mean(v)) for k, v in epoch_losses.items()},
-                      **_eval_record(predict_step, state.params, data, tasks, config)}
+                      **_eval_record(predict_step, state.params, eval_sets, tasks, config)}
             epoch_losses = {}
             history.append(record)
             writer.write_scalars(step, {k: v for k, v in record.items() if "/" in k})
@@ -319,7 +339,7 @@ def evaluate_checkpoint(config, workdir, step: int | None = None) -> dict[str, f
     model, params, tokenizer, tasks, step = restore_for_inference(config, workdir, step)
     data = load_data(config, tasks, tokenizer, splits=("dev",))
     predict_step = Steps(model, None).jitted()[2]
-    scores, _ = evaluate(predict_step, params, data, tasks, config, "dev")
+    scores, _ = evaluate(predict_step, params, EvalSets(data, config), tasks, "dev")
     record = {"step": step, **{f"dev/{t}": v for t, v in scores.items()},
               **{f"dev/{k}": v for k, v in metrics_lib.summary(
                   scores, {t.name: t.metric for t in tasks}).items()}}
@@ -336,8 +356,9 @@ def predict(config, workdir, step: int | None = None) -> list[Path]:
     out_dir = Path(workdir) / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    eval_sets = EvalSets(data, config)
     for split in ("dev", "test"):
-        _, preds = evaluate(predict_step, params, data, tasks, config, split)
+        _, preds = evaluate(predict_step, params, eval_sets, tasks, split)
         for task in tasks:
             if task.name not in preds:
                 print(f"{task.name}: no {split} file; no predictions written")

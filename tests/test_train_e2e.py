@@ -39,7 +39,8 @@ def epochs(workdir) -> list[dict]:
 def test_every_method_lowers_the_loss_on_a_fixed_batch(tmp_path, name, method):
     # One batch per task (train_limit = batch size): the loss must go down.
     c = tiny(name, f"method={method}", **{"data.train_limit": 8, "train.num_epochs": 4,
-                                            "train.steps_per_epoch": 6, "eval.train_sample": 8})
+                                            "train.steps_per_epoch": 6, "eval.train_sample": 8,
+                                            "checkpoint.every_steps": 100})
     train.train_and_evaluate(c, tmp_path)
     history = epochs(tmp_path)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
