@@ -7,7 +7,8 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
-WORKDIR ?= workdirs/encode
+WORKDIR ?= workdirs/pal
+RUN_ARGS ?=
 
 .PHONY: install install-test run test lint
 
@@ -27,9 +28,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 run: install
-	mkdir -p $(WORKDIR)
-	$(BIN)/python -m flaxpals.encode --checkpoint=minilm --file=ids-sst-dev.csv \
-		--out=$(WORKDIR)/sst-dev-embeddings.npy
+	$(BIN)/python -m flaxpals.main --config=configs/pal.py --workdir=$(WORKDIR) $(RUN_ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .
