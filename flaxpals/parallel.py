@@ -119,12 +119,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def process_batch_size(global_size: int, mesh: Mesh, key: str) -> int:
-    """The rows each process feeds for a global batch; raises unless devices divide it.
-
-    key names the config field in the error, e.g. "train.batch_size".
-    """
-    devices, processes = mesh.devices.size, jax.process_count()
+def check_divisible(global_size: int, devices: int, processes: int, key: str) -> int:
+    """global_size // processes (the rows each process feeds); raises a ValueError naming
+    `config.<key>` unless `devices` divides global_size."""
     if global_size % devices:
         near = devices * max(1, round(global_size / devices))
         raise ValueError(
@@ -132,6 +129,12 @@ def process_batch_size(global_size: int, mesh: Mesh, key: str) -> int:
             f"({processes} process(es)): every device needs the same whole number of "
             f"examples; use a multiple of {devices}, e.g. {near}")
     return global_size // processes
+
+
+def process_batch_size(global_size: int, mesh: Mesh, key: str) -> int:
+    """The rows each process feeds for a global batch; raises unless the mesh's devices
+    divide it. key names the config field in the error, e.g. "train.batch_size"."""
+    return check_divisible(global_size, mesh.devices.size, jax.process_count(), key)
 
 
 def leaf_sharding(shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> NamedSharding:
