@@ -137,21 +137,44 @@ def process_batch_size(global_size: int, mesh: Mesh, key: str) -> int:
     return check_divisible(global_size, mesh.devices.size, jax.process_count(), key)
 
 
+def fsdp_axis(shape: tuple[int, ...], num_devices: int) -> int | None:
+    """The axis FSDP splits a leaf of `shape` along: the largest one `num_devices`
+    divides, for leaves of at least FSDP_MIN_SIZE elements; None: keep it whole."""
+    if num_devices < 2 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+        return None
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % num_devices == 0:
+            return axis
+    return None
+
+
 def leaf_sharding(shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> NamedSharding:
-    """Replicated, or (fsdp, big enough) split along the largest axis the devices divide."""
-    n = mesh.shape[DATA]
-    if fsdp and n > 1 and int(np.prod(shape)) >= FSDP_MIN_SIZE:
-        for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
-            if shape[axis] % n == 0:
-                spec = [None] * len(shape)
-                spec[axis] = DATA
-                return NamedSharding(mesh, P(*spec))
-    return replicated(mesh)
+    """Replicated, or with `fsdp` split along `fsdp_axis(shape)` when there is one."""
+    axis = fsdp_axis(shape, mesh.shape[DATA]) if fsdp else None
+    if axis is None:
+        return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[axis] = DATA
+    return NamedSharding(mesh, P(*spec))
 
 
 def state_shardings(tree, mesh: Mesh, fsdp: bool = False):
     """A tree of NamedShardings for params, optimiser state or a whole TrainState."""
     return jax.tree.map(lambda x: leaf_sharding(np.shape(x), mesh, fsdp), tree)
+
+
+def describe(tree, shardings, mesh: Mesh) -> str:
+    """One line: devices, processes, and how much of `tree` is split over 'data'."""
+    leaves = jax.tree.leaves(tree)
+    split = [x for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
+             if not s.is_fully_replicated]
+    total = sum(int(np.prod(np.shape(x))) for x in leaves)
+    part = sum(int(np.prod(np.shape(x))) for x in split)
+    layout = (f"{len(split)} of {len(leaves)} state leaves ({part / max(total, 1):.1%} of the "
+              f"values) split over '{DATA}', the rest replicated" if split
+              else "state replicated on every device")
+    return (f"mesh: {mesh.devices.size} device(s) in {jax.process_count()} process(es); "
+            f"{layout}")
 
 
 # ---------------------------------------------------------------- moving data

@@ -260,6 +260,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
                        rng=jax.random.key_data(jax.random.key(config.seed + 1)))
     state_sharding = parallel.state_shardings(state, mesh, config.parallel.fsdp)
     state = parallel.put(state, state_sharding)
+    print(parallel.describe(state, state_sharding, mesh))
     steps = Steps(model, tx, config.train.combiner)
     train_step, additive_step, predict_step = steps.jitted(mesh, state_sharding)
 

@@ -4,7 +4,9 @@
 
 SPEC: {"devices": 4,                       # CPU devices of this process
        "xla_flags": "...",                 # optional, appended to XLA_FLAGS
-       "distributed": {"port": 12345, "num_processes": 2, "process_id": 0},  # optional
+       # optional: join a job of several processes through flaxpals.parallel.initialize
+       # ("auto", as `python -m flaxpals.main` does) with a loopback coordinator
+       "distributed": {"port": 12345, "num_processes": 2, "process_id": 0},
        "runs": [{"name": "baseline", "arg": "method=sqrt", "overrides": {...},
                  "workdir": "...", "out": "result.json"}, ...]}
 
@@ -31,12 +33,15 @@ def main(spec_path: str) -> None:
     import jax  # only after XLA_FLAGS is set
     import numpy as np
 
+    from flaxpals import parallel
+
     dist = spec.get("distributed")
-    if dist:
+    if dist:  # the environment a launcher sets (launch/gpu.sh), then flaxpals' own rule
+        os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{dist['port']}",
+                          JAX_NUM_PROCESSES=str(dist["num_processes"]),
+                          JAX_PROCESS_ID=str(dist["process_id"]))
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{dist['port']}",
-                                   num_processes=dist["num_processes"],
-                                   process_id=dist["process_id"])
+    assert parallel.initialize("auto") == bool(dist)
     import orbax.checkpoint as ocp
 
     from flaxpals import train

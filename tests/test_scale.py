@@ -12,6 +12,7 @@ runs compiled the same way, so the comparisons are unaffected.
 
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -95,6 +96,8 @@ def jobs(tmp_path_factory):
     one = [_run(tmp, f"1-{m}", arg, o) for m, (arg, o) in RUNS.items()]
     four = [_run(tmp, "indivisible", "method=sqrt", {**SMALL, "train.batch_size": 6})]
     four += [_run(tmp, f"4-{m}", arg, o) for m, (arg, o) in RUNS.items()]
+    four.append(_run(tmp, "4-fsdp", RUNS["sampled"][0], {**RUNS["sampled"][1],
+                                                         "parallel.fsdp": True}))
     out = {"tmp": tmp,
            "one": Job(tmp, "one", {"devices": 1, "runs": [*one, _run(tmp, "bf16", "", BF16)]}),
            "four": Job(tmp, "four", {"devices": 4, "runs": four})}
@@ -130,6 +133,27 @@ def test_batch_division_and_its_error():
         parallel.check_divisible(6, 4, 1, "eval.batch_size")
 
 
+def test_fsdp_axis_rule():
+    assert parallel.fsdp_axis((30522, 64), 4) == 1  # 30522 is not a multiple of 4
+    assert parallel.fsdp_axis((512, 64), 4) == 0  # the largest axis that divides
+    assert parallel.fsdp_axis((64, 128), 4) is None  # 8,192 values: stays whole
+    assert parallel.fsdp_axis((30522, 64), 1) is None
+    assert parallel.fsdp_axis((30522, 63), 4) is None  # no axis divides
+
+
+def test_multiprocess_rule_reads_the_environment():
+    assert parallel.multiprocess_reason({}) is None
+    assert parallel.multiprocess_reason({"SLURM_NTASKS": "1"}) is None
+    assert parallel.multiprocess_reason({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+    assert "JAX_COORDINATOR_ADDRESS" in parallel.multiprocess_reason(
+        {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"})
+    assert parallel.multiprocess_reason({"OMPI_COMM_WORLD_SIZE": "8"}) == "OMPI_COMM_WORLD_SIZE=8"
+    assert "2 hosts" in parallel.multiprocess_reason({"TPU_WORKER_HOSTNAMES": "t-w-0,t-w-1"})
+    assert parallel.initialize("no") is False
+    with pytest.raises(ValueError, match="distributed mode 'maybe'"):
+        parallel.initialize("maybe")
+
+
 def test_indivisible_batch_is_rejected_on_four_devices(jobs):
     rejected = jobs["four"].results()[0]
     assert rejected["devices"] == 4
@@ -157,6 +181,22 @@ def test_four_devices_train_like_one(jobs, method):
     for key in losses:
         assert four["history_last"][key] == pytest.approx(one["history_last"][key],
                                                           rel=TOLERANCE), key
+
+
+def test_fsdp_on_four_devices_trains_like_one(jobs):
+    # The sampled run again, with params and optimiser state split over the devices
+    # (the tiny model's embeddings and their Adam moments; smaller leaves stay whole).
+    one, fsdp = jobs["one"].results()[0], jobs["four"].results()[-1]
+    log = jobs["four"].log.read_text()
+    assert "mesh: 4 device(s) in 1 process(es); state replicated on every device" in log
+    assert re.search(r"mesh: 4 device\(s\) in 1 process\(es\); [1-9]\d* of \d+ state leaves "
+                     r"\(\d+\.\d% of the values\) split over 'data'", log)
+    diff, where = _max_diff(dict(np.load(one["params"])), dict(np.load(fsdp["params"])))
+    print(f"fsdp: max |params(4 devices, FSDP) - params(1 device)| = {diff:.2e} at {where}")
+    assert diff <= TOLERANCE, where
+    for key, value in one["history_last"].items():
+        assert fsdp["history_last"][key] == pytest.approx(value, rel=TOLERANCE,
+                                                          abs=TOLERANCE), key
 
 
 def test_equality_is_not_vacuous(jobs):
