@@ -8,18 +8,23 @@
 `sampler` the task sampler's JSON state (RNG, step, epoch, positions).
 Restoring the latest falls back to older steps when the newest is truncated
 or corrupt, saying so.
+
+In a multi-process job every process calls save and restore (orbax writes each
+array's shards from the processes that hold them, and process 0 the metadata),
+so the workdir must be storage all processes share: a gs:// bucket on a TPU pod.
+`best.json` is written by process 0 only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +49,23 @@ def _train_part(state) -> dict[str, Any]:
 
 
 def _abstract(tree):
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """Restore targets: a jax.Array keeps its sharding; a host (NumPy) value goes to this
+    process's first device, whatever device layout the checkpoint was saved from."""
+    def one(x):
+        if isinstance(x, jax.Array):
+            return ocp.utils.to_shape_dtype_struct(x)
+        x = np.asarray(x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                    sharding=jax.sharding.SingleDeviceSharding(
+                                        jax.local_devices()[0]))
+    return jax.tree.map(one, tree)
 
 
 class Checkpoints:
-    def __init__(self, workdir: str | Path, keep: int):
-        workdir = Path(workdir).absolute()
+    def __init__(self, workdir: str | epath.PathLike, keep: int):
+        workdir = epath.Path(workdir)
+        if not workdir.is_absolute():  # (epath's absolute() mangles gs:// paths)
+            workdir = workdir.absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options,
                                             item_names=ITEMS)
@@ -77,7 +93,9 @@ class Checkpoints:
                   metric: str) -> None:
         self.best.save(step, args=self._args(state, sampler_state), force=True)
         self.best.wait_until_finished()
-        self._best_file.write_text(json.dumps({"step": step, "metric": metric, "score": score}))
+        if jax.process_index() == 0:
+            self._best_file.write_text(json.dumps({"step": step, "metric": metric,
+                                                   "score": score}))
 
     def _restore(self, manager: ocp.CheckpointManager, step: int, target):
         restored = manager.restore(step, args=ocp.args.Composite(

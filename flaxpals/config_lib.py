@@ -74,6 +74,12 @@ def base() -> ml_collections.ConfigDict:
     c.eval.train_sample = 1000  # Train examples per task evaluated each epoch (overfitting).
     c.eval.best_metric = "dev/average"  # Score that selects the best checkpoint.
 
+    c.parallel = ml_collections.ConfigDict()
+    # Data parallelism over every device (flaxpals/parallel.py); batch sizes above are
+    # global and must divide by the device count. fsdp: split params and optimiser
+    # state across devices instead of replicating them (for encoders too big to copy).
+    c.parallel.fsdp = False
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # Save the latest state every N steps (and each epoch).
     c.checkpoint.keep = 2  # Latest checkpoints kept (the best is kept apart).

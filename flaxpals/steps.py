@@ -10,6 +10,12 @@
   leading task axis.
 - `predict_step(params, batch, task)`: model outputs for evaluation.
 
+`jitted(mesh, state_sharding)` compiles them for data parallelism: every batch
+array split over the mesh's 'data' axis, the state as `state_sharding` says
+(replicated, or FSDP-split; see parallel.py), the state donated. The steps
+themselves are written for one global batch: the loss is the mean over all of
+its rows, and XLA inserts the cross-device reductions.
+
 Dropout keys are derived as fold_in(fold_in(state.rng, step), task index), so a
 resumed run draws the same masks as an uninterrupted one.
 """
@@ -24,8 +30,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
-from flaxpals import heads
+from flaxpals import heads, parallel
 from flaxpals.models import MultiTaskModel
 from flaxpals.task_params import keep_other_tasks
 
@@ -106,8 +113,28 @@ class Steps:
         outputs = self.model.apply({"params": params}, batch, task)
         return heads.predictions(self.model.task(task).kind, outputs)
 
-    def jitted(self):
-        """(train_step, additive_step, predict_step) compiled with the state donated."""
-        return (jax.jit(self.train_step, static_argnames="task", donate_argnums=0),
-                jax.jit(self.additive_step, donate_argnums=0),
-                jax.jit(self.predict_step, static_argnames="task"))
+    def jitted(self, mesh: Mesh | None = None, state_sharding=None):
+        """(train_step, additive_step, predict_step) compiled with the state donated.
+
+        With a mesh: batches split over its 'data' axis, the state laid out by
+        `state_sharding` (a TrainState of NamedShardings, `parallel.state_shardings`),
+        metrics replicated, predictions split like the batch.
+        """
+        if mesh is None:
+            return (jax.jit(self.train_step, static_argnames="task", donate_argnums=0),
+                    jax.jit(self.additive_step, donate_argnums=0), self.jitted_predict())
+        data, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+        shardings = {"in_shardings": (state_sharding, data),
+                     "out_shardings": (state_sharding, rep), "donate_argnums": 0}
+        return (jax.jit(self.train_step, static_argnames="task", **shardings),
+                jax.jit(self.additive_step, **shardings),
+                self.jitted_predict(mesh, state_sharding.params))
+
+    def jitted_predict(self, mesh: Mesh | None = None, params_sharding=None):
+        """predict_step compiled; with a mesh, params as `params_sharding`, batch and
+        predictions split over 'data'."""
+        if mesh is None:
+            return jax.jit(self.predict_step, static_argnames="task")
+        data = parallel.batch_sharding(mesh)
+        return jax.jit(self.predict_step, static_argnames="task",
+                       in_shardings=(params_sharding, data), out_shardings=data)

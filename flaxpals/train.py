@@ -10,6 +10,13 @@
    best checkpoint by `config.eval.best_metric`.
 
 `evaluate_checkpoint` and `predict` restore a run for `--mode=eval|predict`.
+
+Every device of every process takes part (parallel.py): the state lives on a
+('data',) mesh, each process reads its own shard of every task at
+batch_size / process_count rows, and the rows of all processes form one global
+batch. Only process 0 writes config, metrics, best.json and prediction files;
+all processes write and restore the orbax checkpoints. The workdir may be a
+local path or, for a multi-host job, shared storage such as gs://bucket/run.
 """
 
 from __future__ import annotations
@@ -19,22 +26,22 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers
+from etils import epath
 from tqdm import tqdm
 
-from flaxpals import bert, config_lib, input_pipeline, optim, task_params, weights
+from flaxpals import bert, config_lib, input_pipeline, optim, parallel, task_params, weights
 from flaxpals import metrics as metrics_lib
 from flaxpals import sampler as sampler_lib
 from flaxpals import tasks as tasks_lib
 from flaxpals.checkpointing import Checkpoints
 from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
-from flaxpals.steps import Steps, TrainState, device_batch
+from flaxpals.steps import MODEL_KEYS, Steps, TrainState, device_batch
 from flaxpals.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -127,44 +134,59 @@ class EvalSets:
     """Evaluation batches, built once per (task, split, limit) and reused every epoch.
 
     An eval pass is deterministic, so its padded batches need not go through the
-    input pipeline again each epoch.
+    input pipeline again each epoch. Each process holds its own part of every
+    split (eval.batch_size / process_count rows per batch).
     """
 
-    def __init__(self, data, config):
-        self._data, self._config, self._cache = data, config, {}
+    def __init__(self, data, config, mesh):
+        self._data, self._config, self._mesh, self._cache = data, config, mesh, {}
+        self._batch_size = parallel.process_batch_size(config.eval.batch_size, mesh,
+                                                       "eval.batch_size")
 
-    def batches(self, task: str, split: str, limit: int = -1) -> list[dict] | None:
+    def get(self, task: str, split: str, limit: int = -1):
+        """(the split, cut to `limit`, and this process's batches of it), or None."""
         key = (task, split, limit)
         if key not in self._cache:
             s = self._data[task].get(split)
             if s is None:
                 return None
             s = s.take(limit) if limit > 0 else s
-            self._cache[key] = list(input_pipeline.eval_batches(
-                s, self._config.eval.batch_size, buckets=tuple(self._config.data.buckets)))
+            self._cache[key] = s, list(input_pipeline.eval_batches(
+                s, self._batch_size, buckets=tuple(self._config.data.buckets),
+                process_index=jax.process_index(), process_count=jax.process_count()))
         return self._cache[key]
+
+    def to_device(self, batch: dict) -> dict[str, jax.Array]:
+        """The model inputs and row indices of a batch as global arrays."""
+        return parallel.global_batch({k: batch[k] for k in (*MODEL_KEYS, "index")
+                                      if k in batch}, self._mesh)
 
 
 def evaluate(predict_step, params, eval_sets: EvalSets, tasks, split: str,
              limit: int = -1) -> tuple[dict[str, float], dict[str, dict]]:
-    """Metrics of every task on a split, and the predictions by example id."""
+    """Metrics of every task on a split, and the predictions by example id.
+
+    Predictions and the split rows they belong to (`index`, -1 on padding) come
+    back from all processes together, so every process scores the whole split.
+    """
     scores, preds = {}, {}
     for task in tasks:
-        batches = eval_sets.batches(task.name, split, limit)
-        if batches is None:
+        found = eval_sets.get(task.name, split, limit)
+        if found is None:
             continue
-        ids, out, labels = [], [], []
+        s, batches = found
+        out, index = [], []
         for batch in batches:
-            p = np.asarray(predict_step(params, device_batch(batch), task.name))
-            real = batch["mask"] > 0
-            ids.extend(batch["ids"][real])
-            out.append(p[real])
-            if "labels" in batch:
-                labels.append(batch["labels"][real])
-        out = np.concatenate(out)
-        preds[task.name] = dict(zip(ids, out.tolist(), strict=True))
-        if labels:
-            scores[task.name] = metrics_lib.task_metric(task.metric, out, np.concatenate(labels))
+            arrays = eval_sets.to_device(batch)
+            rows = arrays.pop("index")
+            out.append(parallel.to_host(predict_step(params, arrays, task.name)))
+            index.append(parallel.to_host(rows))
+        index, out = np.concatenate(index), np.concatenate(out)
+        real = index >= 0
+        rows, out = index[real], out[real]
+        preds[task.name] = dict(zip(s.ids[rows], out.tolist(), strict=True))
+        if s.labels is not None:
+            scores[task.name] = metrics_lib.task_metric(task.metric, out, s.labels[rows])
     return scores, preds
 
 
@@ -186,7 +208,7 @@ def _host0() -> bool:
     return jax.process_index() == 0
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: epath.Path, obj) -> None:
     if _host0():
         path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -194,7 +216,10 @@ def _write_json(path: Path, obj) -> None:
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     """Trains per `config`, writing checkpoints, metrics and logs under `workdir`."""
     config_lib.validate(config)
-    workdir = Path(workdir)
+    mesh = parallel.make_mesh()
+    batch_size = parallel.process_batch_size(config.train.batch_size, mesh, "train.batch_size")
+    parallel.process_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json(workdir / "config.json", config.to_dict())
     writer = metric_writers.create_default_writer(str(workdir / "tensorboard"),
@@ -207,14 +232,16 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     print(task_params.format_accounting(accounting))
 
     data = load_data(config, tasks, tokenizer)
-    eval_sets = EvalSets(data, config)
-    batch_size = config.train.batch_size
+    eval_sets = EvalSets(data, config, mesh)
+    processes = jax.process_count()
     sizes = {}
     for t in tasks:
-        n = len(data[t.name]["train"]) // batch_size
+        n = input_pipeline.batches_per_epoch(data[t.name]["train"], batch_size,
+                                             process_count=processes)
         if n == 0:
             raise ValueError(f"task {t.name}: {len(data[t.name]['train'])} training examples "
-                             f"make no full batch of train.batch_size={batch_size}")
+                             f"make no full batch of train.batch_size={config.train.batch_size}"
+                             f" ({processes} process(es))")
         sizes[t.name] = n
     sampler = sampler_lib.TaskSampler(
         config.train.method, sizes, num_epochs=config.train.num_epochs,
@@ -228,11 +255,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
         combiner = pcgrad.pcgrad(task_params.shared_param_mask(params, names), seed=config.seed,
                                  reduction=config.train.pcgrad_reduction)
     tx = optim.make_optimizer(config.train, params, sampler.total_steps, combiner)
-    steps = Steps(model, tx, config.train.combiner)
-    train_step, additive_step, predict_step = steps.jitted()
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=tx.init(params),
                        rng=jax.random.key_data(jax.random.key(config.seed + 1)))
+    state_sharding = parallel.state_shardings(state, mesh, config.parallel.fsdp)
+    state = parallel.put(state, state_sharding)
+    print(parallel.describe(state, state_sharding, mesh))
+    steps = Steps(model, tx, config.train.combiner)
+    train_step, additive_step, predict_step = steps.jitted(mesh, state_sharding)
 
     ckpts = Checkpoints(workdir, config.checkpoint.keep)
     restored = ckpts.restore_latest(state)
@@ -242,6 +272,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
         print(f"resumed from checkpoint step {step0} (epoch {sampler.epoch})")
     iters = {t: input_pipeline.train_batches(
         data[t]["train"], batch_size, seed=config.seed + i, buckets=tuple(config.data.buckets),
+        process_index=jax.process_index(), process_count=processes,
         start_batch=sampler.positions[t]) for i, t in enumerate(names)}
 
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
@@ -254,7 +285,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     while not sampler.done:
         epoch = sampler.epoch
         chosen = sampler.next()
-        batches = {t: device_batch(next(iters[t])) for t in chosen}
+        batches = {t: parallel.global_batch(device_batch(next(iters[t])), mesh) for t in chosen}
         if config.train.method == "additive":
             state, step_metrics = additive_step(state, batches)
         else:
@@ -295,7 +326,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
             history.append(record)
             writer.write_scalars(step, {k: v for k, v in record.items() if "/" in k})
             if _host0():
-                with open(workdir / "metrics.jsonl", "a") as f:
+                with (workdir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.write(f"epoch {epoch}: " + "  ".join(
                 f"{k} {v:.4f}" for k, v in record.items() if k.startswith("dev/")))
@@ -325,38 +356,44 @@ PREDICTION_FILES = {"sst": ("sst", "Predicted_Sentiment"),
 
 
 def restore_for_inference(config, workdir, step: int | None = None):
-    """(model, params, tokenizer, tasks, step) of the best checkpoint, or `step` of the latest."""
+    """(model, params, tokenizer, tasks, step, mesh, predict_step) of the best checkpoint,
+    or of `step` among the latest; params on the mesh, as in training."""
     config_lib.validate(config)
+    mesh = parallel.make_mesh()
+    parallel.process_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     model, params, tokenizer, tasks = build_model(config)
+    sharding = parallel.state_shardings(params, mesh, config.parallel.fsdp)
     ckpts = Checkpoints(workdir, config.checkpoint.keep)
-    step, params = ckpts.restore_params(params, "best" if step is None else "latest", step)
+    step, params = ckpts.restore_params(parallel.put(params, sharding),
+                                        "best" if step is None else "latest", step)
     ckpts.close()
-    return model, params, tokenizer, tasks, step
+    predict_step = Steps(model, None).jitted_predict(mesh, sharding)
+    return model, params, tokenizer, tasks, step, mesh, predict_step
 
 
 def evaluate_checkpoint(config, workdir, step: int | None = None) -> dict[str, float]:
     """`--mode=eval`: dev metrics of the best checkpoint (or a step), printed and written."""
-    model, params, tokenizer, tasks, step = restore_for_inference(config, workdir, step)
+    _, params, tokenizer, tasks, step, mesh, predict_step = restore_for_inference(
+        config, workdir, step)
     data = load_data(config, tasks, tokenizer, splits=("dev",))
-    predict_step = Steps(model, None).jitted()[2]
-    scores, _ = evaluate(predict_step, params, EvalSets(data, config), tasks, "dev")
+    scores, _ = evaluate(predict_step, params, EvalSets(data, config, mesh), tasks, "dev")
     record = {"step": step, **{f"dev/{t}": v for t, v in scores.items()},
               **{f"dev/{k}": v for k, v in metrics_lib.summary(
                   scores, {t.name: t.metric for t in tasks}).items()}}
-    _write_json(Path(workdir) / f"eval-{step}.json", record)
+    _write_json(epath.Path(workdir) / f"eval-{step}.json", record)
     print(json.dumps(record, indent=2))
     return record
 
 
-def predict(config, workdir, step: int | None = None) -> list[Path]:
+def predict(config, workdir, step: int | None = None) -> list[epath.Path]:
     """`--mode=predict`: CS224N prediction files for dev and test in <workdir>/predictions."""
-    model, params, tokenizer, tasks, step = restore_for_inference(config, workdir, step)
+    _, params, tokenizer, tasks, step, mesh, predict_step = restore_for_inference(
+        config, workdir, step)
     data = load_data(config, tasks, tokenizer, splits=("dev", "test"), limits=False)
-    predict_step = Steps(model, None).jitted()[2]
-    out_dir = Path(workdir) / "predictions"
+    out_dir = epath.Path(workdir) / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    eval_sets = EvalSets(data, config)
+    eval_sets = EvalSets(data, config, mesh)
     for split in ("dev", "test"):
         _, preds = evaluate(predict_step, params, eval_sets, tasks, split)
         for task in tasks:
@@ -366,7 +403,7 @@ def predict(config, workdir, step: int | None = None) -> list[Path]:
             prefix, column = PREDICTION_FILES.get(task.name, (task.name, "Predicted"))
             path = out_dir / f"{prefix}-{split}-output.csv"
             if _host0():
-                with open(path, "w") as f:
+                with path.open("w") as f:
                     f.write(f"id \t {column} \n")
                     for example_id, p in preds[task.name].items():
                         f.write(f"{example_id} , {p} \n")

