@@ -50,27 +50,39 @@ def _tokenization(task, tok, cache):
     return rows
 
 
-def _throughput(split, buckets):
-    it = ip.train_batches(split, FLAGS.batch_size, seed=0, buckets=buckets)
+def train_throughput(split, batch_size: int, num_batches: int, buckets) -> dict:
+    """Examples/s of `train_batches` over `num_batches` batches after a warm-up batch.
+
+    Returns {"first_batch_s", "examples_per_s", "real_over_padded", "lengths"
+    (batches per bucket length)}; a pair counts as one example.
+    """
+    it = ip.train_batches(split, batch_size, seed=0, buckets=buckets)
     start = time.perf_counter()
     next(it)
     first = time.perf_counter() - start
     shapes = collections.Counter()
     real = padded = 0
     start = time.perf_counter()
-    for _ in range(FLAGS.batches):
+    for _ in range(num_batches):
         b = next(it)
         shapes[b["input_ids"].shape[1]] += 1
         for key in ("attention_mask", "attention_mask_2"):  # both sentences of a "bi" pair
             if key in b:
                 real += int(b[key].sum())
                 padded += b[key].size
-    train = FLAGS.batches * FLAGS.batch_size / (time.perf_counter() - start)
+    rate = num_batches * batch_size / (time.perf_counter() - start)
+    return {"first_batch_s": first, "examples_per_s": rate, "real_over_padded": real / padded,
+            "lengths": dict(sorted(shapes.items()))}
+
+
+def _throughput(split, buckets):
+    t = train_throughput(split, FLAGS.batch_size, FLAGS.batches, buckets)
     start = time.perf_counter()
     n = sum(int(b["mask"].sum()) for b in ip.eval_batches(split, FLAGS.batch_size,
                                                           buckets=buckets))
     evals = n / (time.perf_counter() - start)
-    return first, train, evals, real / padded, shapes
+    return (t["first_batch_s"], t["examples_per_s"], evals, t["real_over_padded"],
+            t["lengths"])
 
 
 def main(argv):
