@@ -25,6 +25,7 @@ import pytest
 
 from flaxpals import parallel, train
 from flaxpals.bert import tiny_config
+from flaxpals.checkpointing import Checkpoints
 from flaxpals.models import MultiTaskModel, TaskSpec, dummy_batch
 from tests.test_train_e2e import tiny
 
@@ -195,15 +196,40 @@ def test_four_device_runs_used_both_layouts(jobs):
                      r"\(\d+\.\d% of the values\) split over 'data'", log)
 
 
-def test_equality_is_not_vacuous(jobs):
+@pytest.fixture(scope="module")
+def initial_params():
+    """The initial params of every SMALL-based run (same seed, tasks and model)."""
+    _, params, *_ = train.build_model(tiny("baseline", **SMALL))
+    return params
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_equality_is_not_vacuous(jobs, initial_params):
     # Each run moved its params much further than the tolerance: a gradient of a
     # quarter batch, a missing all-reduce or a wrong dropout key would show.
-    _, initial, *_ = train.build_model(tiny("baseline", **SMALL))
-    initial = {jax.tree_util.keystr(p): np.asarray(x)
-               for p, x in jax.tree_util.tree_flatten_with_path(initial)[0]}
+    initial = _flat(initial_params)
     for method, run in zip(RUNS, jobs["one"].results()[:len(RUNS)], strict=True):
         moved, _ = _max_diff(initial, dict(np.load(run["params"])))
         assert moved > 10 * TOLERANCE, (method, moved)
+
+
+def test_checkpoint_of_four_devices_restores_on_one(jobs, initial_params):
+    # The FSDP run's checkpoint (params split over 4 devices), restored by this
+    # 1-device process, holds exactly what the 4-device process read back.
+    four = jobs["four"].results()[1 + list(FOUR).index("sampled")]
+    ckpts = Checkpoints(jobs["tmp"] / "4-sampled", 2)
+    step, restored = ckpts.restore_params(initial_params, "latest")
+    ckpts.close()
+    assert step == four["step"]
+    saved = np.load(four["params"])
+    restored = _flat(restored)
+    assert sorted(restored) == sorted(saved)
+    for key, value in restored.items():
+        np.testing.assert_array_equal(value, saved[key], err_msg=key)
 
 
 # ---------------------------------------------------------------- two processes
