@@ -25,12 +25,13 @@ import pytest
 
 from flaxpals import parallel, train
 from flaxpals.bert import tiny_config
+from flaxpals.checkpointing import Checkpoints
 from flaxpals.models import MultiTaskModel, TaskSpec, dummy_batch
 from tests.test_train_e2e import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "scale_worker.py"
-XLA_FLAGS = "--xla_backend_optimization_level=0"
+XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 # Two tasks (a single sentence and a bi-encoded pair), K = 4 steps of global batch 8
 # (2 rows per device on 4 devices), one evaluation on 16 dev and 8 train examples.
@@ -42,10 +43,14 @@ SMALL = {"tasks": ("sst", "sts"), "data.train_limit": 16, "data.eval_limit": 16,
 # examples in the global batch as one (in another row order, which would change
 # which dropout mask each example gets). Additive and PCGrad keep dropout on: their
 # masks must not depend on how the batch is split over devices.
-RUNS = {"sampled": ("method=sqrt", {**SMALL, "data.train_limit": 8,
-                                    "model.hidden_dropout": 0.0, "model.head_dropout": 0.0}),
+SAMPLED = {**SMALL, "data.train_limit": 8, "model.hidden_dropout": 0.0,
+           "model.head_dropout": 0.0}
+RUNS = {"sampled": ("method=sqrt", SAMPLED),
         "additive": ("method=additive", SMALL),
         "pcgrad": ("method=pcgrad", SMALL)}
+# On 4 devices the sampled run has its params and optimiser state split over the
+# devices (FSDP); the two processes (2 x 2 devices) run it replicated.
+FOUR = {**RUNS, "sampled": ("method=sqrt", {**SAMPLED, "parallel.fsdp": True})}
 # bf16 compute on one fixed SST batch for three epochs.
 BF16 = {"tasks": ("sst",), "model.dtype": "bfloat16", "data.train_limit": 8,
         "data.eval_limit": 16, "eval.train_sample": 8, "train.num_epochs": 3,
@@ -95,9 +100,7 @@ def jobs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scale")
     one = [_run(tmp, f"1-{m}", arg, o) for m, (arg, o) in RUNS.items()]
     four = [_run(tmp, "indivisible", "method=sqrt", {**SMALL, "train.batch_size": 6})]
-    four += [_run(tmp, f"4-{m}", arg, o) for m, (arg, o) in RUNS.items()]
-    four.append(_run(tmp, "4-fsdp", RUNS["sampled"][0], {**RUNS["sampled"][1],
-                                                         "parallel.fsdp": True}))
+    four += [_run(tmp, f"4-{m}", arg, o) for m, (arg, o) in FOUR.items()]
     out = {"tmp": tmp,
            "one": Job(tmp, "one", {"devices": 1, "runs": [*one, _run(tmp, "bf16", "", BF16)]}),
            "four": Job(tmp, "four", {"devices": 4, "runs": four})}
@@ -172,7 +175,9 @@ def test_four_devices_train_like_one(jobs, method):
     assert one["step"] == four["step"] == 4
     a, b = np.load(one["params"]), np.load(four["params"])
     diff, where = _max_diff(dict(a), dict(b))
-    print(f"{method}: max |params(4 devices) - params(1 device)| = {diff:.2e} at {where}")
+    layout = "FSDP" if FOUR[method][1].get("parallel.fsdp") else "replicated"
+    print(f"{method}: max |params(4 devices, {layout}) - params(1 device)| = {diff:.2e} "
+          f"at {where}")
     assert diff <= TOLERANCE, where
     for key, value in _eval_figures(one["history_last"]).items():
         assert four["history_last"][key] == pytest.approx(value, abs=TOLERANCE), key
@@ -183,27 +188,48 @@ def test_four_devices_train_like_one(jobs, method):
                                                           rel=TOLERANCE), key
 
 
-def test_fsdp_on_four_devices_trains_like_one(jobs):
-    # The sampled run again, with params and optimiser state split over the devices
-    # (the tiny model's embeddings and their Adam moments; smaller leaves stay whole).
-    one, fsdp = jobs["one"].results()[0], jobs["four"].results()[-1]
+def test_four_device_runs_used_both_layouts(jobs):
     log = jobs["four"].log.read_text()
     assert "mesh: 4 device(s) in 1 process(es); state replicated on every device" in log
+    # FSDP splits the tiny model's embeddings and their Adam moments; the rest is small.
     assert re.search(r"mesh: 4 device\(s\) in 1 process\(es\); [1-9]\d* of \d+ state leaves "
                      r"\(\d+\.\d% of the values\) split over 'data'", log)
-    diff, where = _max_diff(dict(np.load(one["params"])), dict(np.load(fsdp["params"])))
-    print(f"fsdp: max |params(4 devices, FSDP) - params(1 device)| = {diff:.2e} at {where}")
-    assert diff <= TOLERANCE, where
-    for key, value in one["history_last"].items():
-        assert fsdp["history_last"][key] == pytest.approx(value, rel=TOLERANCE,
-                                                          abs=TOLERANCE), key
 
 
-def test_equality_is_not_vacuous(jobs):
-    # Each run moved its params by much more than the tolerance: a gradient of a
+@pytest.fixture(scope="module")
+def initial_params():
+    """The initial params of every SMALL-based run (same seed, tasks and model)."""
+    _, params, *_ = train.build_model(tiny("baseline", **SMALL))
+    return params
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_equality_is_not_vacuous(jobs, initial_params):
+    # Each run moved its params much further than the tolerance: a gradient of a
     # quarter batch, a missing all-reduce or a wrong dropout key would show.
+    initial = _flat(initial_params)
     for method, run in zip(RUNS, jobs["one"].results()[:len(RUNS)], strict=True):
-        assert run["max_update"] > 10 * TOLERANCE, (method, run["max_update"])
+        moved, _ = _max_diff(initial, dict(np.load(run["params"])))
+        assert moved > 10 * TOLERANCE, (method, moved)
+
+
+def test_checkpoint_of_four_devices_restores_on_one(jobs, initial_params):
+    # The FSDP run's checkpoint (params split over 4 devices), restored by this
+    # 1-device process, holds exactly what the 4-device process read back.
+    four = jobs["four"].results()[1 + list(FOUR).index("sampled")]
+    ckpts = Checkpoints(jobs["tmp"] / "4-sampled", 2)
+    step, restored = ckpts.restore_params(initial_params, "latest")
+    ckpts.close()
+    assert step == four["step"]
+    saved = np.load(four["params"])
+    restored = _flat(restored)
+    assert sorted(restored) == sorted(saved)
+    for key, value in restored.items():
+        np.testing.assert_array_equal(value, saved[key], err_msg=key)
 
 
 # ---------------------------------------------------------------- two processes
