@@ -29,7 +29,8 @@ apart) and warmed up in both frameworks, then `--reps` repetitions run
 interleaved (flaxpals, PyTorch; the order flips every repetition). Printed:
 median and min-max per framework, the ratio of medians flaxpals/PyTorch, the
 compiled step's memory analysis. Then: the input pipeline's examples/s on the
-real training files against the examples/s a training step consumes; a short
+real training files against the examples/s a training step consumes (the
+pipeline measured alone: in training it shares the CPUs with the step); a short
 real training run (`train.train_and_evaluate`, `--run-steps` steps) with every
 XLA compilation counted (a `jax.monitoring` listener) and timed; the peak
 resident memory of the process.
