@@ -29,7 +29,8 @@ apart) and warmed up in both frameworks, then `--reps` repetitions run
 interleaved (flaxpals, PyTorch; the order flips every repetition). Printed:
 median and min-max per framework, the ratio of medians flaxpals/PyTorch, the
 compiled step's memory analysis. Then: the input pipeline's examples/s on the
-real training files against the examples/s a training step consumes; a short
+real training files against the examples/s a training step consumes (the
+pipeline measured alone: in training it shares the CPUs with the step); a short
 real training run (`train.train_and_evaluate`, `--run-steps` steps) with every
 XLA compilation counted (a `jax.monitoring` listener) and timed; the peak
 resident memory of the process.
@@ -47,10 +48,8 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
@@ -85,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-torch", action="store_true", help="time flaxpals only")
     ap.add_argument("--torch-attn", choices=("sdpa", "eager"), default="sdpa",
                     help="transformers attention implementation")
+    ap.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: cuda when JAX runs on a GPU and torch sees one, else cpu")
     ap.add_argument("--torch-optimizer", choices=("default", "foreach", "fused"),
                     default="default", help="torch AdamW implementation (default: its CPU one)")
     ap.add_argument("--pipeline-batches", type=int, default=200,
@@ -309,11 +310,19 @@ class TorchSide:
         transformers.logging.set_verbosity_error()
         pretrained = weights.resolve_checkpoint(args.checkpoint) if args.checkpoint != "tiny" \
             else None
+        import jax
+        import torch
+
+        device = args.torch_device
+        if device == "auto":
+            device = ("cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available()
+                      else "cpu")
+        self.device = device
         self.model = bench_torch.build_model(flax.model, flax.params, pretrained,
-                                             args.torch_attn)
+                                             args.torch_attn, device)
         self.steps = bench_torch.TorchSteps(self.model, config.train, num_steps, args.dtype,
                                             args.torch_optimizer, seed=config.seed)
-        self.to_torch = bench_torch.to_torch
+        self.to_torch = lambda batch: bench_torch.to_torch(batch, device)
 
     def prepare(self, name: str, batch):
         kind, _, task = name.partition("/")
@@ -353,9 +362,9 @@ def parity(args, flax: FlaxSide, torch_side: TorchSide) -> dict:
         ours = float(heads.loss_fn(spec.kind, outputs, batch["labels"], batch["mask"]))
         model = torch_side.model
         model.eval()
+        tb = torch_side.to_torch(batch)
         with torch.no_grad():
-            theirs = float(bench_torch.loss_fn(spec.kind, model(bench_torch.to_torch(batch), task)
-                                               .float(), bench_torch.to_torch(batch)["labels"]))
+            theirs = float(bench_torch.loss_fn(spec.kind, model(tb, task).float(), tb["labels"]))
         out[task] = {"flaxpals": ours, "pytorch": theirs, "abs_diff": abs(ours - theirs)}
     return out
 
@@ -547,7 +556,9 @@ def closing_note(rows: list[dict], machine: dict) -> str:
         if rs:
             lines.append(f"{kind} flaxpals/PyTorch: {', '.join(f'{x:.2f}' for x in rs)}")
     lines.append(f"machine: {machine['platform']}, {machine['threads']} threads of "
-                 f"{machine['cpus']} CPUs, jax {machine['jax']}, torch {machine.get('torch', '-')}")
+                 f"{machine['cpus']} CPUs ({machine.get('cpu', 'cpu model unknown')}), "
+                 f"JAX {machine['jax']} on {machine['device']}, torch "
+                 f"{machine.get('torch', '-')} on {machine.get('torch_device', '-')}")
     return "\n".join(lines)
 
 
@@ -556,9 +567,11 @@ def main(argv=None) -> dict:
     machine = configure_process(args)
     import jax
 
-    machine.update(platform=platform.platform(), processor=platform.processor(),
-                   jax=jax.__version__, device=str(jax.devices()[0]),
-                   prng_impl=str(jax.config.jax_default_prng_impl), python=sys.version.split()[0])
+    from flaxpals.sweep import machine as host
+
+    machine.update(host())
+    machine.update(jax=jax.__version__, device=str(jax.devices()[0]),
+                   prng_impl=str(jax.config.jax_default_prng_impl))
     counter = CompileCounter()
     config = bench_config(args)
     flax = FlaxSide(config)
@@ -569,6 +582,7 @@ def main(argv=None) -> dict:
         machine["torch"] = torch.__version__
         machine["torch_threads"] = torch.get_num_threads()
         torch_side = TorchSide(flax, config, args)
+        machine["torch_device"] = torch_side.device
     enc = flax.model.config
     print(f"flaxpals bench: {args.checkpoint} (hidden {enc.hidden_size}, {enc.num_hidden_layers} "
           f"layers, {enc.num_attention_heads} heads), tasks {args.tasks}, batch {args.batch} "

@@ -21,8 +21,9 @@
   PyTorch ports do it, but over the encoder only), inference (`predict_step`).
 
 bfloat16: parameters stay float32 and the forward pass runs under
-`torch.autocast("cpu", bfloat16)`, as flaxpals computes in bfloat16 with
-float32 params.
+`torch.autocast(device, bfloat16)`, as flaxpals computes in bfloat16 with
+float32 params. On "cuda" every step ends synchronised (`.item()` or
+`torch.cuda.synchronize()`), so that wall-clock timing is fair.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def predictions(kind: str, out: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(flax_model, flax_params, pretrained_dir=None,
-                attn_implementation: str = "sdpa") -> TorchMultiTask:
+                attn_implementation: str = "sdpa", device: str = "cpu") -> TorchMultiTask:
     """The PyTorch twin of a `MultiTaskModel` and its params.
 
     pretrained_dir: a Hugging Face checkpoint directory holding the same encoder
@@ -143,7 +144,7 @@ def build_model(flax_model, flax_params, pretrained_dir=None,
             add_pooling_layer=flax_model.options.pooling == "cls")
     model = TorchMultiTask(encoder, flax_model.tasks, flax_model.options)
     model.load_flax_heads(flax_params["heads"])
-    return model
+    return model.to(device)
 
 
 def warmup_linear(learning_rate: float, warmup_fraction: float, num_steps: int):
@@ -164,6 +165,7 @@ class TorchSteps:
     def __init__(self, model: TorchMultiTask, train_cfg, num_steps: int, dtype: str = "float32",
                  optimizer_impl: str = "default", seed: int = 0):
         self.model, self.cfg = model, train_cfg
+        self.device = next(model.parameters()).device.type  # cpu | cuda
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             (no_decay if _NO_DECAY.search(name) else decay).append(p)
@@ -185,7 +187,7 @@ class TorchSteps:
         self.shared = [p for p in model.encoder.parameters() if p.requires_grad]
 
     def _loss(self, batch, task: str) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.model(batch, task)
         return loss_fn(self.model.specs[task].kind, out.float(), batch["labels"])
 
@@ -246,15 +248,19 @@ class TorchSteps:
 
     def predict_step(self, batch, task: str) -> torch.Tensor:
         self.model.eval()
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+        with torch.inference_mode(), torch.autocast(self.device, dtype=torch.bfloat16,
                                                     enabled=self.autocast):
-            return predictions(self.model.specs[task].kind, self.model(batch, task))
+            out = predictions(self.model.specs[task].kind, self.model(batch, task))
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return out
 
 
-def to_torch(batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """A NumPy batch -> torch tensors (int64 token ids, as transformers expects)."""
+def to_torch(batch: Mapping[str, np.ndarray], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A NumPy batch -> torch tensors on `device` (int64 token ids, as transformers expects)."""
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
-        out[k] = torch.from_numpy(v.astype(np.int64) if v.dtype.kind in "iu" else v.copy())
+        t = torch.from_numpy(v.astype(np.int64) if v.dtype.kind in "iu" else v.copy())
+        out[k] = t.to(device)
     return out

@@ -34,6 +34,13 @@ cross-encoded pairs, [CLS] head, AdamW 5e-5 with 10% warm-up and linear decay,
 decay 0.01, 3 epochs), so that they calibrate the trainer against it. The
 "best" row is a candidate (PAL + annealed sampling with cross-encoded pairs,
 mean pooling and the warm-up schedule); change `ROWS` when the sweep finds better.
+
+Cost of `--budget=cpu` on 2 quiet cores, estimated (not measured) from the step
+timings in /work/shared/FACTS.md: one epoch of the three tasks is about 15 min
+(SST 2.3, Quora ~9 for its 16k pairs, STS 3.4) plus about 1 min of evaluation,
+so 30-40 min per multi-task row (PAL and PCGrad at the upper end), 10, 30 and
+12 min for the separate SST, Quora and STS models (3 epochs): about 5-6 hours
+for all eleven rows, and about 6 GB of checkpoints (keep=1 plus the best).
 """
 
 from __future__ import annotations
@@ -67,6 +74,11 @@ BEST_RECIPE = {"model.pooling": "mean", "model.pair_encoding": "cross",
                "train.schedule": "warmup_linear", "train.learning_rate": 5e-5,
                "train.weight_decay": 0.01}
 RECIPES = {"table1": SEED_RECIPE, "separate": REFERENCE_RECIPE, "best": BEST_RECIPE}
+
+# Best-epoch dev scores of the same single-task recipe in PyTorch + transformers on
+# these files and this encoder (measured, /work/shared/FACTS.md, "Reference quality"):
+# the separate models' calibration target.
+PYTORCH_REFERENCE = {"sst": 0.489, "quora": 0.856, "sts": 0.855}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +260,9 @@ class RowRecord:
                 "folder, or delete this row's folder to start it again.")
         self.data.update(row=row.name, slug=row.slug, budget=budget_name, command=cmd)
         self.data.setdefault("runs", [])
+        for run in self.data["runs"]:  # the sweep itself was killed during this one
+            if run["status"] == "running":
+                run["status"] = "interrupted (time counted up to the last heartbeat)"
 
     def save(self) -> None:
         self.data["seconds"] = sum(r["seconds"] for r in self.data["runs"])
@@ -327,6 +342,7 @@ def collect(results: Path) -> list[dict]:
                     "param_ratio": (params["ratio_by_key"].get("adapters", 1.0)
                                     if params else None),
                     "seconds": sweep.get("seconds"), "runs": sweep.get("runs", []),
+                    "budget": sweep.get("budget"),
                     "command": sweep.get("command"), "num_epochs": num_epochs,
                     "done": bool(num_epochs) and is_done(workdir, num_epochs)})
     return out
@@ -391,6 +407,27 @@ def table(rows: list[dict]) -> str:
                                    _fmt(b.get("dev/overall") if full else None), ratio,
                                    str(epochs), _hms(r["seconds"])]) + " |")
     return "\n".join(lines)
+
+
+def calibration(rows: list[dict]) -> list[str]:
+    """The separate models against the same recipe in PyTorch (PYTORCH_REFERENCE)."""
+    out = []
+    for r in rows:
+        if r["group"] != "separate" or not r["best"]:
+            continue
+        task = r["slug"].split("-", 1)[1]
+        ours = r["best"].get(f"dev/{task}")
+        if ours is not None and task in PYTORCH_REFERENCE:
+            ref = PYTORCH_REFERENCE[task]
+            out.append(f"| {TASK_LABELS[task]} | {ours:.3f} | {ref:.3f} | "
+                       f"{100 * (ours - ref):+.1f} |")
+    if not out:
+        return []
+    return (["## Calibration: separate models against PyTorch", "",
+             "The same single-task recipe in PyTorch + transformers on these files "
+             "(/work/shared/FACTS.md, best epoch of 3); only meaningful for the `cpu` budget.",
+             "", "| task (dev) | flaxpals | PyTorch | difference (points) |", "|---|---|---|---|"]
+            + out + [""])
 
 
 def plot(rows: list[dict], results: Path) -> list[Path]:
@@ -458,13 +495,18 @@ def report(results: Path, budget_name: str) -> Path:
     plots = plot(rows, results) if any(r["records"] for r in rows) else []
     machines = {json.dumps(run["machine"], sort_keys=True) for r in rows for run in r["runs"]
                 if "machine" in run}
-    budget = BUDGETS[budget_name]
+    used = {r["budget"] for r in rows if r["budget"]}
+    if len(used) == 1:
+        budget_name = used.pop()
+    elif used:
+        budget_name = "mixed: " + ", ".join(sorted(used))
+    about = "; ".join(f"`{b}`: {BUDGETS[b].about}" for b in BUDGETS if b in budget_name)
     lines = [
         "# Results", "",
         f"Written by `python -m flaxpals.sweep --results={results} --budget={budget_name}` on "
         f"{datetime.date.today().isoformat()}; every figure comes from the rows' "
         "`metrics.jsonl` in this folder.", "",
-        f"Budget `{budget_name}`: {budget.about}.", "",
+        f"Budget {about}.", "",
         "Each row: train-sample and dev metrics at the row's best epoch by dev average (the "
         "epoch whose checkpoint `best/` keeps); train = a fixed sample of "
         "`eval.train_sample` training examples. dev average (seed) = mean of SST accuracy, "
@@ -478,6 +520,7 @@ def report(results: Path, budget_name: str) -> Path:
         "duplicates in its own training.", "",
         table(rows), "",
     ]
+    lines += calibration(rows)
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Machines", ""]
     lines += [f"- {', '.join(f'{k} {v}' for k, v in json.loads(m).items())}"

@@ -2,8 +2,9 @@
 
 Same weights and batch, dropout off: the two frameworks must give the same loss
 for every task, pooling and pair head, and the same losses over a few AdamW
-steps (same learning rate, decay mask, clipping). Otherwise the bench would
-compare different computations.
+steps (same gradients, learning rate, Adam moments and decoupled weight decay
+with its mask; a reference that decays biases and LayerNorms fails it).
+Otherwise the bench would compare different computations.
 """
 
 import numpy as np
@@ -34,11 +35,16 @@ def build(pooling, pair_encoding, similarity, **train):
     return args, flax, steps, batches
 
 
+# Between them: mean and [CLS] pooling, the classifier, the bi-encoder dot head (Quora),
+# the cosine head (STS) and the cross-encoder heads (Quora, STS).
 @pytest.mark.parametrize("pooling,pair_encoding,similarity",
-                         [("mean", "bi", "cosine"), ("cls", "bi", "dot"), ("cls", "cross", "dot")])
+                         [("mean", "bi", "cosine"), ("cls", "cross", "dot")])
 def test_same_loss_for_every_head(pooling, pair_encoding, similarity):
+    from flaxpals import bench_torch
+
     args, flax, steps, batches = build(pooling, pair_encoding, similarity)
-    torch_side = type("T", (), {"model": steps.model})()
+    torch_side = type("T", (), {"model": steps.model,
+                                "to_torch": staticmethod(bench_torch.to_torch)})()
     result = bench.parity(args, flax, torch_side)
     assert set(result) == {"sst", "quora", "sts"}
     for task, r in result.items():
