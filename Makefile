@@ -33,5 +33,8 @@ run: install
 lint: install-test
 	$(BIN)/ruff check .
 
+# Two workers; tests marked xdist_group (a shared module fixture) stay together.
+PYTEST_WORKERS ?= 2
+
 test: install-test lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup

@@ -36,7 +36,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.zero_init_decoder = False  # Zero V^D so training starts from the plain encoder.
     # Sentence vector: mean (over real tokens; MiniLM's native one) | cls (tanh pooler, the seed).
     c.model.pooling = "mean"
-    c.model.pair_encoding = "bi"  # Pairs: bi (encoded apart, the seed) | cross (one sequence).
+    c.model.pair_encoding = "cross"  # Pairs: cross ([CLS] a [SEP] b [SEP]) | bi (apart, the seed).
     c.model.similarity = "cosine"  # Bi-encoder STS head: cosine (scaled 0..5) | dot (the seed).
     c.model.head_dropout = 0.1  # Dropout before each head.
     c.model.hidden_dropout = -1.0  # Encoder dropout; -1: the checkpoint's own.
@@ -46,12 +46,12 @@ def base() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # Token-id cache; "": ~/.cache/flaxpals.
     c.data.strict = False  # Raise on a defective row instead of skipping and counting it.
     c.data.max_length = 128  # Truncation length in tokens (specials included).
-    c.data.buckets = (32, 64, 128)  # Padded lengths: one compilation per task and bucket.
+    c.data.buckets = (16, 32, 64, 128)  # Padded lengths: one compilation per task and bucket.
     c.data.train_limit = -1  # Use only the first N training examples per task; -1: all.
     c.data.eval_limit = -1  # Evaluate on the first N dev examples per task; -1: all.
 
     c.train = ml_collections.ConfigDict()
-    c.train.method = "sequential"  # One of config_lib.METHODS (pcgrad = additive + PCGrad).
+    c.train.method = "annealed"  # One of config_lib.METHODS (pcgrad = additive + PCGrad).
     c.train.combiner = "sum"  # Additive method: sum | pcgrad (set by method=pcgrad).
     c.train.pcgrad_reduction = "sum"  # PCGrad: sum (the paper) | mean.
     c.train.batch_size = 32  # Global batch size per task and step.

@@ -205,3 +205,11 @@ def to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable or x.is_fully_replicated:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def host0_decides(flag: bool) -> bool:
+    """Process 0's `flag` on every process (so all take the same collective path,
+    e.g. when only process 0 can read a file)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.bool_)))

@@ -213,6 +213,14 @@ def _write_json(path: epath.Path, obj) -> None:
         path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _logged_steps(workdir: epath.Path) -> set[int]:
+    """Steps that already have a line in the workdir's metrics.jsonl."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return set()
+    return {json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()}
+
+
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     """Trains per `config`, writing checkpoints, metrics and logs under `workdir`."""
     config_lib.validate(config)
@@ -278,6 +286,37 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
     best = ckpts.best_score()
     history = []
+
+    def finish_epoch(epoch: int, step: int, epoch_losses: dict[str, list[float]]) -> None:
+        """Evaluates, writes the epoch's metrics line, and keeps the best checkpoint."""
+        nonlocal best
+        record = {"epoch": epoch, "step": step,
+                  **{k: float(np.mean(v)) for k, v in epoch_losses.items()},
+                  **_eval_record(predict_step, state.params, eval_sets, tasks, config)}
+        history.append(record)
+        writer.write_scalars(step, {k: v for k, v in record.items() if "/" in k})
+        if _host0():
+            with (workdir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        tqdm.write(f"epoch {epoch}: " + "  ".join(
+            f"{k} {v:.4f}" for k, v in record.items() if k.startswith("dev/")))
+        score = record.get(config.eval.best_metric)
+        if score is None:
+            raise ValueError(f"config.eval.best_metric={config.eval.best_metric!r} is not "
+                             f"among the eval metrics {sorted(record)}")
+        if best is None or score > best:
+            best = score
+            ckpts.save_best(step, state, sampler.state_dict(), score, config.eval.best_metric)
+
+    # A run killed between an epoch's last checkpoint and its metrics line
+    # resumes exactly at that epoch's end: evaluate it now so no epoch goes
+    # missing (its mean train losses died with the process and are not logged).
+    at_epoch_end = sampler.step > 0 and sampler.step % sampler.steps_per_epoch == 0
+    if at_epoch_end and parallel.host0_decides(sampler.step not in _logged_steps(workdir)):
+        print(f"epoch {sampler.step // sampler.steps_per_epoch} ended before its evaluation "
+              "was written: evaluating it now")
+        finish_epoch(sampler.step // sampler.steps_per_epoch, sampler.step, {})
+
     bar = tqdm(total=sampler.total_steps, initial=sampler.step, desc="train", unit="step",
                disable=not _host0(), dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
@@ -319,25 +358,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
             ckpts.wait()
             os.kill(os.getpid(), signal.SIGKILL)
         if epoch_end:
-            record = {"epoch": epoch, "step": step,
-                      **{k: float(np.mean(v)) for k, v in epoch_losses.items()},
-                      **_eval_record(predict_step, state.params, eval_sets, tasks, config)}
+            finish_epoch(epoch, step, epoch_losses)
             epoch_losses = {}
-            history.append(record)
-            writer.write_scalars(step, {k: v for k, v in record.items() if "/" in k})
-            if _host0():
-                with (workdir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            bar.write(f"epoch {epoch}: " + "  ".join(
-                f"{k} {v:.4f}" for k, v in record.items() if k.startswith("dev/")))
-            score = record.get(config.eval.best_metric)
-            if score is None:
-                raise ValueError(f"config.eval.best_metric={config.eval.best_metric!r} is not "
-                                 f"among the eval metrics {sorted(record)}")
-            if best is None or score > best:
-                best = score
-                ckpts.save_best(step, state, sampler.state_dict(), score,
-                                config.eval.best_metric)
     bar.close()
     ckpts.wait()
     ckpts.close()

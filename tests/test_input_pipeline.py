@@ -17,6 +17,9 @@ from flaxpals.datasets import reader
 from flaxpals.tokenizer import Tokenizer
 from tests.conftest import read_tsv, require
 
+# The module's token cache is built once: keep the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("input_pipeline")
+
 BUCKETS = (32, 64, 128)
 
 

@@ -29,6 +29,10 @@ from flaxpals.checkpointing import Checkpoints
 from flaxpals.models import MultiTaskModel, TaskSpec, dummy_batch
 from tests.test_train_e2e import tiny
 
+# One module-wide set of subprocess runs (`jobs`): under pytest-xdist
+# (--dist loadgroup) the whole module runs on one worker, so they run once.
+pytestmark = pytest.mark.xdist_group("scale")
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "scale_worker.py"
 XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -37,7 +41,8 @@ XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_pas
 # (2 rows per device on 4 devices), one evaluation on 16 dev and 8 train examples.
 SMALL = {"tasks": ("sst", "sts"), "data.train_limit": 16, "data.eval_limit": 16,
          "eval.train_sample": 8, "train.num_epochs": 1, "train.steps_per_epoch": 4,
-         "checkpoint.every_steps": 100, "train.learning_rate": 1e-4}
+         "checkpoint.every_steps": 100, "train.learning_rate": 1e-4,
+         "model.pair_encoding": "bi"}
 # The sampled run is also the two-process run, so it has dropout off and one fixed
 # batch per task (train_limit = batch size): two processes then put the same 8
 # examples in the global batch as one (in another row order, which would change

@@ -55,6 +55,11 @@ def test_every_method_lowers_the_loss_on_a_fixed_batch(tmp_path, name, method):
         assert accounting["ratio_by_key"]["adapters"] > 1.0
 
 
+# Under pytest-xdist (--dist loadgroup) the tests that share this run stay on
+# one worker, so it is trained once.
+TRAINED = pytest.mark.xdist_group("trained_tiny_pal")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
@@ -63,6 +68,7 @@ def trained(tmp_path_factory):
     return c, workdir
 
 
+@TRAINED
 def test_eval_restores_the_best_checkpoint(trained):
     c, workdir = trained
     record = train.evaluate_checkpoint(c, workdir)
@@ -73,6 +79,7 @@ def test_eval_restores_the_best_checkpoint(trained):
     assert record["dev/average"] == pytest.approx(logged["dev/average"], abs=1e-6)
 
 
+@TRAINED
 def test_predict_writes_every_id_once(trained):
     c, workdir = trained
     written = train.predict(c, workdir)
@@ -116,23 +123,43 @@ def _latest_params(workdir, c):
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
-    killed = _run_main(tmp_path / "a", {train.KILL_AFTER_STEP_ENV: "7"})
+    # Tiny: 6 steps per epoch, 12 in all, a checkpoint every 4 steps and at
+    # each epoch end. Killed at step 5: resumes mid-epoch from step 4.
+    killed = _run_main(tmp_path / "a", {train.KILL_AFTER_STEP_ENV: "5"})
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert "step 7" not in killed.stdout  # SIGKILL: no clean exit, no final message
     resumed = _run_main(tmp_path / "a")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from checkpoint step 6" in resumed.stdout  # the epoch-end save
+    assert "resumed from checkpoint step 4" in resumed.stdout
+    # Killed at step 6, after the epoch-end checkpoint but before that epoch's
+    # evaluation: the resumed run evaluates epoch 1 before it goes on.
+    killed = _run_main(tmp_path / "c", {train.KILL_AFTER_STEP_ENV: "6"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "c" / "metrics.jsonl").exists()
+    resumed = _run_main(tmp_path / "c")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from checkpoint step 6" in resumed.stdout
+    assert "epoch 1 ended before its evaluation was written" in resumed.stdout
     straight = _run_main(tmp_path / "b")
     assert straight.returncode == 0, straight.stderr[-2000:]
     c = tiny()
-    step_a, a = _latest_params(tmp_path / "a", c)
     step_b, b = _latest_params(tmp_path / "b", c)
-    assert step_a == step_b == 12
     flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
-    for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
-        np.testing.assert_allclose(leaf, flat_b[path], atol=1e-6, rtol=0, err_msg=str(path))
+    for run in ("a", "c"):
+        step_a, a = _latest_params(tmp_path / run, c)
+        assert step_a == step_b == 12
+        for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
+            np.testing.assert_allclose(leaf, flat_b[path], atol=1e-6, rtol=0,
+                                       err_msg=f"run {run}: {path}")
+    # Every epoch has its line, with the uninterrupted run's dev figures.
+    for run in ("a", "c"):
+        lines, reference = epochs(tmp_path / run), epochs(tmp_path / "b")
+        assert [r["epoch"] for r in lines] == [1, 2], run
+        for got, want in zip(lines, reference, strict=True):
+            assert got["step"] == want["step"]
+            assert got["dev/average"] == pytest.approx(want["dev/average"], abs=1e-6), run
 
 
+@TRAINED
 def test_corrupt_latest_checkpoint_falls_back(trained, capsys):
     c, workdir = trained
     ckpts = Checkpoints(workdir, c.checkpoint.keep)
