@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 WORKDIR ?= workdirs/pal
 RUN_ARGS ?=
 
-.PHONY: install install-test run test lint
+.PHONY: install install-test run test test-slow lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,12 @@ lint: install-test
 # Two workers; tests marked xdist_group (a shared module fixture) stay together.
 PYTEST_WORKERS ?= 2
 
+PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+
+# The default suite (under 10 minutes on 2 cores).
 test: install-test lint
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+	$(PYTEST) -m "not slow"
+
+# Multi-device, multi-process and kill-and-resume runs (about 8 minutes more).
+test-slow: install-test
+	$(PYTEST) -m slow

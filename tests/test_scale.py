@@ -31,7 +31,9 @@ from tests.test_train_e2e import tiny
 
 # One module-wide set of subprocess runs (`jobs`): under pytest-xdist
 # (--dist loadgroup) the whole module runs on one worker, so they run once.
-pytestmark = pytest.mark.xdist_group("scale")
+# About 6 minutes of subprocess training on 2 cores: `slow`, so outside the
+# default suite (`make test`), run by `make test-slow` and by CI.
+pytestmark = [pytest.mark.xdist_group("scale"), pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "scale_worker.py"

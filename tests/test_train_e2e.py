@@ -122,6 +122,7 @@ def _latest_params(workdir, c):
     return step, jax.device_get(restored)
 
 
+@pytest.mark.slow  # five subprocess runs: `make test-slow` and CI
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     # Tiny: 6 steps per epoch, 12 in all, a checkpoint every 4 steps and at
     # each epoch end. Killed at step 5: resumes mid-epoch from step 4.
