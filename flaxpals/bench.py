@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workloads", default=",".join(KINDS),
                     help="names or kinds: train, train/sst, additive, pcgrad, predict, ...")
     ap.add_argument("--pooling", choices=("mean", "cls"), default="mean")
-    ap.add_argument("--pair-encoding", choices=("bi", "cross"), default="bi")
+    ap.add_argument("--pair-encoding", choices=("bi", "cross"), default="cross",
+                    help="pairs as one sequence (cross, the trainer's default) or two (bi)")
     ap.add_argument("--similarity", choices=("cosine", "dot"), default="cosine",
                     help="bi-encoder STS head")
     ap.add_argument("--rng-impl", choices=RNG_IMPLS, default=None,

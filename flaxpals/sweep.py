@@ -123,7 +123,7 @@ class Budget:
 BUDGETS = {
     "cpu": Budget("", {"train.num_epochs": 2, "checkpoint.keep": 1}, {"train.num_epochs": 3},
                   "embedded all-MiniLM-L6-v2, all training data, 2 epochs (separate models: "
-                  "3, as the PyTorch reference), batch 32, buckets 32/64/128"),
+                  "3, as the PyTorch reference), batch 32, buckets 16/32/64/128"),
     "smoke": Budget("tiny", {"train.num_epochs": 2, "train.steps_per_epoch": 4,
                              "data.train_limit": 32, "data.eval_limit": 32,
                              "eval.train_sample": 16, "checkpoint.every_steps": 1000,
