@@ -78,3 +78,24 @@ def test_same_losses_over_adamw_steps():
                                                     steps.model(tb, "sst"), tb["labels"])))
     assert ours[-1] < ours[0] - 0.01, f"the steps did not train: {ours}"
     np.testing.assert_allclose(ours, theirs, rtol=2e-4)
+
+
+def test_ops_bench_compares_equal_functions():
+    # launch/bench_ops.py times each encoder part against a PyTorch op: the two must
+    # compute the same output (dropout excepted), and both timing modes must run.
+    require("torch")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "launch" / "bench_ops.py"
+    spec = importlib.util.spec_from_file_location("bench_ops", path)
+    bench_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_ops)
+    result = bench_ops.main(["--hidden=16", "--heads=4", "--ffn=32", "--length=8", "--batch=2",
+                             "--eval-batch=3", "--reps=1", "--warmup=0"])
+    assert set(result["parity"]) == set(bench_ops.OPS) - {"dropout"}
+    for op, diff in result["parity"].items():
+        assert diff < 1e-5, (op, diff)
+    modes = {(r["op"], r["mode"]) for r in result["rows"]}
+    assert len(modes) == 2 * len(bench_ops.OPS) - 1  # dropout: forward only
+    assert all(r["ratio"] > 0 for r in result["rows"])
