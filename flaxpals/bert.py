@@ -125,15 +125,20 @@ def multi_head_attention(q: Array, k: Array, v: Array, bias: Array, num_heads: i
     """
     b, n, width = q.shape
     d = width // num_heads
-    q, k, v = (x.reshape(b, n, num_heads, d) for x in (q, k, v))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d).astype(q.dtype)
+    # Scale the [b, n, width] queries, not the [b, h, n, n] scores. Transpose to
+    # heads-first [b, h, n, d] explicitly: XLA:CPU runs the two batched matmuls
+    # 2.8-3.8x faster (forward, MiniLM at L128, launch/bench_ops.py) than when the
+    # einsums take "bqhd" operands and pick the layouts themselves.
+    q = q / jnp.sqrt(d).astype(q.dtype)
+    q, k, v = (x.reshape(b, n, num_heads, d).transpose(0, 2, 1, 3) for x in (q, k, v))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k)
     # Softmax in float32 whatever the compute dtype: bf16 sums lose the tail.
     probs = jax.nn.softmax(scores.astype(jnp.float32) + bias.astype(jnp.float32), axis=-1)
     probs = probs.astype(q.dtype)
     if dropout is not None:
         probs = dropout(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out.reshape(b, n, width)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+    return out.transpose(0, 2, 1, 3).reshape(b, n, width)
 
 
 class BertEmbeddings(nn.Module):

@@ -441,15 +441,26 @@ def plot(rows: list[dict], results: Path) -> list[Path]:
     written = []
     panels = list(TASK_ORDER) + ["average"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    # One color per row in every panel, so that the shared legend names each line.
+    row_color = {r["slug"]: f"C{i % 10}" for i, r in enumerate(ran)}
     for ax, key in zip(axes[0], panels, strict=True):
+        drawn = 0
         for r in ran:
             pts = [(x["epoch"], x[f"dev/{key}"]) for x in r["records"] if f"dev/{key}" in x]
             if pts and not (key == "average" and r["group"] == "separate"):
-                ax.plot(*zip(*pts, strict=True), marker="o", label=r["name"])
+                ax.plot(*zip(*pts, strict=True), marker="o", label=r["name"],
+                        color=row_color[r["slug"]])
+                drawn += 1
+        if not drawn:
+            ax.text(0.5, 0.5, "no row with all three tasks yet" if key == "average"
+                    else "no row yet", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
         ax.set_title(f"dev {TASK_LABELS.get(key, 'average (seed)')}")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
     legend = {}
     for ax in axes[0]:
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -490,6 +501,15 @@ def plot(rows: list[dict], results: Path) -> list[Path]:
     return written
 
 
+def _shown(path: Path | str) -> str:
+    """A path as the report shows it: relative to the working directory when inside it."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def report(results: Path, budget_name: str) -> Path:
     rows = collect(results)
     plots = plot(rows, results) if any(r["records"] for r in rows) else []
@@ -503,7 +523,8 @@ def report(results: Path, budget_name: str) -> Path:
     about = "; ".join(f"`{b}`: {BUDGETS[b].about}" for b in BUDGETS if b in budget_name)
     lines = [
         "# Results", "",
-        f"Written by `python -m flaxpals.sweep --results={results} --budget={budget_name}` on "
+        f"Written by `python -m flaxpals.sweep --results={_shown(results)} "
+        f"--budget={budget_name}` on "
         f"{datetime.date.today().isoformat()}; every figure comes from the rows' "
         "`metrics.jsonl` in this folder.", "",
         f"Budget {about}.", "",
@@ -528,8 +549,9 @@ def report(results: Path, budget_name: str) -> Path:
     lines += ["", "## Commands", "", "Each row alone (the sweep runs exactly these):", ""]
     for r in rows:
         if r["command"]:
-            cmd = ["python"] + [x.replace(str(CONFIGS) + "/", "configs/")
-                                for x in r["command"][1:]]
+            cmd = ["python"] + [
+                f"--workdir={_shown(x.partition('=')[2])}" if x.startswith("--workdir=")
+                else x.replace(str(CONFIGS) + "/", "configs/") for x in r["command"][1:]]
             lines += [f"- {r['name']}: `{shlex.join(cmd)}`"]
     out = results / "RESULTS.md"
     out.write_text("\n".join(lines) + "\n")
