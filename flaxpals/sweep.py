@@ -35,12 +35,11 @@ decay 0.01, 3 epochs), so that they calibrate the trainer against it. The
 "best" row is a candidate (PAL + annealed sampling with cross-encoded pairs,
 mean pooling and the warm-up schedule); change `ROWS` when the sweep finds better.
 
-Cost of `--budget=cpu` on 2 quiet cores, estimated (not measured) from the step
-timings in /work/shared/FACTS.md: one epoch of the three tasks is about 15 min
-(SST 2.3, Quora ~9 for its 16k pairs, STS 3.4) plus about 1 min of evaluation,
-so 30-40 min per multi-task row (PAL and PCGrad at the upper end), 10, 30 and
-12 min for the separate SST, Quora and STS models (3 epochs): about 5-6 hours
-for all eleven rows, and about 6 GB of checkpoints (keep=1 plus the best).
+Cost of `--budget=cpu` on 2 quiet cores. Measured (2026-11-26): the separate
+SST, Quora and STS models (3 epochs) took 17, 36 and 15 min. Estimated from the
+default run's 1.67 s per step: 40-50 min per multi-task row (2 epochs, about
+1,930 steps), so about 7-8 hours for all eleven rows, and about 6 GB of
+checkpoints (keep=1 plus the best).
 """
 
 from __future__ import annotations
