@@ -38,7 +38,7 @@ mean pooling and the warm-up schedule); change `ROWS` when the sweep finds bette
 Cost of `--budget=cpu` on 2 quiet cores. Measured (2026-11-26): the separate
 SST, Quora and STS models (3 epochs) took 17, 36 and 15 min. Estimated from the
 default run's 1.67 s per step: 40-50 min per multi-task row (2 epochs, about
-1,930 steps), so about 7-8 hours for all eleven rows, and about 6 GB of
+1,920 steps), so about 7-8 hours for all eleven rows, and about 6 GB of
 checkpoints (keep=1 plus the best).
 """
 
