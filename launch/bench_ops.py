@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 OPS = ("dense_up", "dense_down", "qkv", "attention", "attention_sdpa", "softmax", "gelu",
        "layernorm", "dropout")
@@ -189,6 +187,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
+    from flaxpals import bench  # its timing and formatting helpers
+
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     print(f"ops bench: hidden {args.hidden}, ffn {args.ffn}, heads {args.heads}, L {args.length}; "
@@ -215,24 +215,18 @@ def main(argv=None) -> dict:
             for r in range(args.reps):
                 pair = [(jcall, jt), (tcall, tt)]
                 for fn, out in (pair if r % 2 == 0 else pair[::-1]):
-                    t0 = time.perf_counter()
-                    fn()
-                    out.append(time.perf_counter() - t0)
-            row = {"op": name, "mode": mode, "batch": batch, "flaxpals_s": jt, "pytorch_s": tt,
-                   "ratio": statistics.median(jt) / statistics.median(tt)}
+                    out.append(bench.timed(fn))
+            row = {"op": name, "mode": mode, "batch": batch, "flaxpals": bench.summary(jt),
+                   "pytorch": bench.summary(tt)}
+            row["ratio"] = row["flaxpals"]["median_s"] / row["pytorch"]["median_s"]
             rows.append(row)
-            print(f"{name:16} {mode:8} {_ms(jt):>26} {_ms(tt):>26} {row['ratio']:6.2f}",
-                  flush=True)
+            print(f"{name:16} {mode:8} {bench._ms(row['flaxpals']):>26} "
+                  f"{bench._ms(row['pytorch']):>26} {row['ratio']:6.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "parity": parity, "rows": rows}, f, indent=2)
         print(f"wrote {args.json}")
     return {"parity": parity, "rows": rows}
-
-
-def _ms(times) -> str:
-    return (f"{1e3 * statistics.median(times):8.2f} [{1e3 * min(times):.2f}-"
-            f"{1e3 * max(times):.2f}]")
 
 
 if __name__ == "__main__":
