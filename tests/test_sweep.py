@@ -77,3 +77,25 @@ def test_smoke_sweep_reports_and_resumes(tmp_path, monkeypatch):
     # 4. Another budget or override in the same folder is refused, naming the row.
     with pytest.raises(SystemExit, match=ROW):
         sweep.main(argv + ["--set", "train.num_epochs=3"])
+
+
+def _row(group, name, dev, done=True):
+    best = {f"dev/{t}": v for t, v in dev.items()}
+    return {"group": group, "name": name, "slug": name, "best": best, "done": done,
+            "param_ratio": 1.0, "seconds": 1.0}
+
+
+def test_references_section_counts_reached_and_close_tasks(monkeypatch):
+    monkeypatch.setattr(sweep, "PYTORCH_REFERENCE", {"sst": 0.489, "quora": 0.856, "sts": 0.855})
+    rows = [_row("separate", "separate-sst", {"sst": 0.480}),
+            _row("separate", "separate-quora", {"quora": 0.854}),
+            _row("separate", "separate-sts", {"sts": 0.851}),
+            # Reaches PyTorch on SST (equal at 3 digits) and STS; Quora .842 is 1.2 pt
+            # under the separate .854, so close on 2 of 3.
+            _row("best", "cand", {"sst": 0.4891, "quora": 0.842, "sts": 0.860}, done=False),
+            _row("table1", "partial", {"sst": 0.5})]  # fewer than three tasks: not listed
+    md = "\n".join(sweep.against_references(rows))
+    cells = table_row(md, "cand (unfinished)")
+    assert cells[1:] == ["0.489, +0.0, +0.9", "0.842, -1.4, -1.2", "0.860, +0.5, +0.9",
+                         "2 of 3", "2 of 3"]
+    assert "partial" not in md and "separate-sst" not in md
