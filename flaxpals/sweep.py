@@ -37,11 +37,12 @@ warm-up schedule; annealed sampling for 2 epochs, and proportional sampling for
 3); change `ROWS` when the sweep finds better. The report's last table sets each
 three-task row against the PyTorch figures and against the separate models.
 
-Cost of `--budget=cpu` on 2 quiet cores. Measured (2026-11-26): the separate
-SST, Quora and STS models (3 epochs) took 17, 36 and 15 min. Estimated from the
-default run's 1.67 s per step: 40-50 min per multi-task row (2 epochs, about
-1,920 steps), so about 7-8 hours for all eleven rows, and about 6 GB of
-checkpoints (keep=1 plus the best).
+Cost of `--budget=cpu` on 2 quiet cores, measured (2026-11-26): the separate
+SST, Quora and STS models (3 epochs) took 17, 36 and 15 min; the best
+candidates 59 min (2 epochs, 1,922 steps) and 1 h 23 min (3 epochs); the
+seed-recipe rows (bi-encoded pairs) ran at about 2 s per step, about 65 min a
+row. About 11 hours for all twelve rows, and about 6 GB of checkpoints (keep=1
+plus the best).
 """
 
 from __future__ import annotations
