@@ -55,6 +55,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -627,6 +628,12 @@ def select(only: str | None) -> list[Row]:
     return [known[w] for w in wanted]
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (`kill`, a job scheduler) exits like Ctrl-C: the running row's record says
+    "interrupted" and its trainer is terminated too, instead of left running orphaned."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flaxpals.sweep",
                                  description=__doc__.split("\n")[0])
@@ -682,4 +689,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # here, not in main(): a caller (a test) keeps its own handler
     sys.exit(main())

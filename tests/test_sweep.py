@@ -99,3 +99,37 @@ def test_references_section_counts_reached_and_close_tasks(monkeypatch):
     assert cells[1:] == ["0.489, +0.0, +0.9", "0.842, -1.4, -1.2", "0.860, +0.5, +0.9",
                          "2 of 3", "2 of 3"]
     assert "partial" not in md and "separate-sst" not in md
+
+
+def test_sigterm_marks_the_row_interrupted_and_stops_its_trainer(tmp_path):
+    """`kill <sweep>` must not orphan the row's trainer nor leave its record "running"."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+             "time.sleep(120)")
+    script = (
+        "import sys; from pathlib import Path; from flaxpals import sweep\n"
+        "sweep.exit_on_sigterm()\n"
+        f"w = Path({str(tmp_path)!r}); row = sweep.ROWS[0]\n"
+        f"cmd = [sys.executable, '-c', {child!r}]\n"
+        "sweep.run_row(row, cmd, sweep.RowRecord(w, row, 'smoke', cmd), w, heartbeat_s=0.2)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, "the row never started"
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    run = json.loads((tmp_path / "sweep.json").read_text())["runs"][-1]
+    assert run["status"] == "interrupted"
+    with pytest.raises(ProcessLookupError):  # the trainer is gone, not orphaned
+        for _ in range(100):
+            os.kill(child_pid, 0)
+            time.sleep(0.1)
