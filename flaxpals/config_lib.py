@@ -72,6 +72,9 @@ def base() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128  # Global eval batch size.
     c.eval.train_sample = 1000  # Train examples per task evaluated each epoch (overfitting).
+    # Which: "random", drawn with `seed`, the same every epoch; or "head", the file's first
+    # rows (before 2026-11-26 the only way; SST's train file is sorted, its head 80% 3s and 4s).
+    c.eval.train_sample_from = "random"
     c.eval.best_metric = "dev/average"  # Score that selects the best checkpoint.
 
     c.parallel = ml_collections.ConfigDict()
@@ -181,6 +184,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("data.max_length", c.data.max_length <= max(c.data.buckets),
            f"{c.data.max_length} exceeds the largest bucket {max(c.data.buckets)}")
     _check("eval.batch_size", c.eval.batch_size > 0, f"must be positive, got {c.eval.batch_size}")
+    _check("eval.train_sample_from", c.eval.train_sample_from in ("random", "head"),
+           f"{c.eval.train_sample_from!r} is not random|head")
     _check("checkpoint.every_steps", c.checkpoint.every_steps > 0, "must be positive")
     _check("checkpoint.keep", c.checkpoint.keep > 0, "must be positive")
     _check("log_every_steps", c.log_every_steps > 0, "must be positive")

@@ -91,6 +91,15 @@ class Ragged:
         """The first n rows."""
         return Ragged(self.values[:self.offsets[n]], self.offsets[:n + 1])
 
+    def select(self, rows: np.ndarray) -> Ragged:
+        """The given rows, in the given order."""
+        lengths = self.lengths()[rows]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(self.offsets.dtype)
+        if not len(rows):
+            return Ragged(self.values[:0], offsets)
+        values = np.concatenate([self[i] for i in rows])
+        return Ragged(values, offsets)
+
 
 @dataclasses.dataclass
 class Split:
@@ -139,7 +148,7 @@ class Split:
         return self.labels is not None
 
     def take(self, n: int) -> Split:
-        """The first n examples (all when n >= len): smoke runs and train samples."""
+        """The first n examples (all when n >= len): data.train_limit / eval_limit."""
         if n >= len(self):
             return self
         head = lambda r: None if r is None else r.head(n)
@@ -148,6 +157,23 @@ class Split:
             input_ids=head(self.input_ids), token_type_ids=head(self.token_type_ids),
             input_ids_2=head(self.input_ids_2), token_type_ids_2=head(self.token_type_ids_2),
             lines=self.lines[:n])
+
+    def sample(self, n: int, seed: int) -> Split:
+        """n examples drawn without replacement by `seed`, in file order (all when n >= len).
+
+        The train sample evaluated each epoch: the first n rows would not do, since
+        files can be ordered by label (SST's first 1,000 train rows are 80% classes
+        3 and 4, against 42% in the whole file).
+        """
+        if n >= len(self):
+            return self
+        rows = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+        pick = lambda r: None if r is None else r.select(rows)
+        return dataclasses.replace(
+            self, ids=self.ids[rows], labels=None if self.labels is None else self.labels[rows],
+            input_ids=pick(self.input_ids), token_type_ids=pick(self.token_type_ids),
+            input_ids_2=pick(self.input_ids_2), token_type_ids_2=pick(self.token_type_ids_2),
+            lines=self.lines[rows])
 
     def lengths(self) -> np.ndarray:
         """[N] token counts used for bucketing: the longer sentence of a "bi" pair."""

@@ -144,13 +144,20 @@ class EvalSets:
                                                        "eval.batch_size")
 
     def get(self, task: str, split: str, limit: int = -1):
-        """(the split, cut to `limit`, and this process's batches of it), or None."""
+        """(the split, cut to `limit` rows, and this process's batches of it), or None.
+
+        The train split's `limit` rows are a seeded random sample (eval.train_sample_from),
+        other splits' the first.
+        """
         key = (task, split, limit)
         if key not in self._cache:
             s = self._data[task].get(split)
             if s is None:
                 return None
-            s = s.take(limit) if limit > 0 else s
+            if limit > 0 and split == "train" and self._config.eval.train_sample_from == "random":
+                s = s.sample(limit, self._config.seed)  # the same rows every epoch
+            elif limit > 0:
+                s = s.take(limit)
             self._cache[key] = s, list(input_pipeline.eval_batches(
                 s, self._batch_size, buckets=tuple(self._config.data.buckets),
                 process_index=jax.process_index(), process_count=jax.process_count()))

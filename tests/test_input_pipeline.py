@@ -228,3 +228,49 @@ def test_bad_arguments_are_refused(tok, cache):
         next(ip.train_batches(split, 1000, seed=0))
     with pytest.raises(ValueError, match="process_index"):
         next(ip.eval_batches(split, 8, process_index=2, process_count=2))
+
+
+def test_train_sample_is_seeded_random_not_the_files_head(tok, cache):
+    # SST's train file is sorted: its first 1,000 rows are 80% classes 3 and 4. The
+    # sample evaluated each epoch must look like the file, not like its head.
+    sst = load("sst", "train", tok, cache)
+    raw = read_tsv("ids-sst-train.csv")
+    whole = np.bincount([int(r["sentiment"]) for r in raw], minlength=5) / len(raw)
+    head = np.bincount(sst.take(1000).labels, minlength=5) / 1000
+    assert head[3] + head[4] > 0.75  # the premise: the head is skewed
+    sample = sst.sample(1000, seed=0)
+    share = np.bincount(sample.labels, minlength=5) / 1000
+    assert np.abs(share - whole).max() < 0.05, (share, whole)
+    # Same seed, same rows; another seed, other rows; file order kept.
+    assert list(sst.sample(1000, seed=0).ids) == list(sample.ids)
+    assert list(sst.sample(1000, seed=1).ids) != list(sample.ids)
+    assert np.all(np.diff(sample.lines) > 0) and len(set(sample.ids)) == 1000
+    # Each sampled row keeps its own tokens and label (the reference: the full split).
+    row_of = {i: k for k, i in enumerate(sst.ids)}
+    for k in (0, 1, 500, 999):
+        j = row_of[sample.ids[k]]
+        np.testing.assert_array_equal(sample.input_ids[k], sst.input_ids[j])
+        np.testing.assert_array_equal(sample.token_type_ids[k], sst.token_type_ids[j])
+        assert sample.labels[k] == sst.labels[j] and sample.lines[k] == sst.lines[j]
+    assert sst.sample(len(sst) + 5, seed=0) is sst
+    # Bi-encoded pairs: both sentences' rows follow the sample.
+    quora = load("quora", "dev", tok, cache, pair_encoding="bi")
+    pairs = quora.sample(50, seed=3)
+    j = {i: k for k, i in enumerate(quora.ids)}[pairs.ids[7]]
+    np.testing.assert_array_equal(pairs.input_ids_2[7], quora.input_ids_2[j])
+    assert len(pairs.input_ids) == len(pairs.input_ids_2) == 50
+
+
+def test_the_trainers_train_sample_is_the_seeded_one(tok, cache):
+    # What the trainer evaluates each epoch (train.EvalSets): the seeded sample for
+    # train, the head for any other split's limit.
+    from flaxpals import config_lib, parallel, train
+
+    c = config_lib.base()
+    c.seed = 5
+    sst, dev = load("sst", "train", tok, cache), load("sst", "dev", tok, cache)
+    sets = train.EvalSets({"sst": {"train": sst, "dev": dev}}, c, parallel.make_mesh())
+    sampled, batches = sets.get("sst", "train", c.eval.train_sample)
+    assert list(sampled.ids) == list(sst.sample(c.eval.train_sample, seed=5).ids)
+    assert sum(int((b["index"] >= 0).sum()) for b in batches) == c.eval.train_sample
+    assert list(sets.get("sst", "dev", 100)[0].ids) == list(dev.ids[:100])

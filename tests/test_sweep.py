@@ -101,6 +101,27 @@ def test_references_section_counts_reached_and_close_tasks(monkeypatch):
     assert "partial" not in md and "separate-sst" not in md
 
 
+def test_train_figures_from_the_files_head_are_marked():
+    # Rows whose config.json predates eval.train_sample_from evaluated the file's head.
+    old = _row("table1", "PAL + annealed", {"sst": 0.430, "quora": 0.453, "sts": 0.492})
+    old["best"].update({"train/sst": 0.703, "train/quora": 0.5, "train/sts": 0.6})
+    old["train_sample_from"] = "head"
+    new = _row("table1", "PAL + PCGrad", {"sst": 0.44, "quora": 0.46, "sts": 0.5})
+    new["best"].update({"train/sst": 0.45, "train/quora": 0.47, "train/sts": 0.51})
+    new["train_sample_from"] = "random"
+    sep = _row("separate", "separate-sst", {"sst": 0.48})
+    sep["best"]["train/sst"] = 0.6
+    sep["train_sample_from"] = "head"
+    md = sweep.table([old, new, sep])
+    assert table_row(md, "PAL + annealed")[1:7] == ["0.703ʰ", "0.430", "0.500ʰ", "0.453",
+                                                     "0.600ʰ", "0.492"]
+    assert table_row(md, "PAL + PCGrad")[1:7] == ["0.450", "0.440", "0.470", "0.460",
+                                                   "0.510", "0.500"]
+    # The combined separate models inherit the mark; absent tasks stay unmarked.
+    combined = table_row(md, "Separate models (1 of 3 tasks, each its best epoch)")
+    assert combined[1:4] == ["0.600ʰ", "0.480", "–"]
+
+
 def test_sigterm_marks_the_row_interrupted_and_stops_its_trainer(tmp_path):
     """`kill <sweep>` must not orphan the row's trainer nor leave its record "running"."""
     import os

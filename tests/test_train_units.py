@@ -67,6 +67,10 @@ def test_bad_keys_and_values_are_named():
     with pytest.raises(ValueError, match=r"config\.train\.learning_rate: must be positive"):
         config_lib.validate(c)
     c = load_config("baseline")
+    c.eval.train_sample_from = "first"
+    with pytest.raises(ValueError, match=r"config\.eval\.train_sample_from: 'first' is not"):
+        config_lib.validate(c)
+    c = load_config("baseline")
     c.data.max_length = 512
     with pytest.raises(ValueError, match=r"config\.data\.max_length"):
         config_lib.validate(c)
