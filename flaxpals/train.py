@@ -401,14 +401,13 @@ def restore_for_inference(config, workdir, step: int | None = None):
 
 
 def evaluate_checkpoint(config, workdir, step: int | None = None) -> dict[str, float]:
-    """`--mode=eval`: dev metrics of the best checkpoint (or a step), printed and written."""
+    """`--mode=eval`: the best checkpoint's (or a step's) record as training writes it each
+    epoch: dev metrics and the train sample's (eval.train_sample), printed and written."""
     _, params, tokenizer, tasks, step, mesh, predict_step = restore_for_inference(
         config, workdir, step)
-    data = load_data(config, tasks, tokenizer, splits=("dev",))
-    scores, _ = evaluate(predict_step, params, EvalSets(data, config, mesh), tasks, "dev")
-    record = {"step": step, **{f"dev/{t}": v for t, v in scores.items()},
-              **{f"dev/{k}": v for k, v in metrics_lib.summary(
-                  scores, {t.name: t.metric for t in tasks}).items()}}
+    data = load_data(config, tasks, tokenizer, splits=("train", "dev"))
+    record = {"step": step, **_eval_record(predict_step, params, EvalSets(data, config, mesh),
+                                           tasks, config)}
     _write_json(epath.Path(workdir) / f"eval-{step}.json", record)
     print(json.dumps(record, indent=2))
     return record

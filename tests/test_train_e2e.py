@@ -85,6 +85,8 @@ def test_eval_restores_the_best_checkpoint(trained):
     # The same params on the same dev sample give the score recorded in training.
     logged = [r for r in epochs(workdir) if r["step"] == best["step"]][0]
     assert record["dev/average"] == pytest.approx(logged["dev/average"], abs=1e-6)
+    # And the same train sample: eval.train_sample_from=random draws the same rows.
+    assert record["train/average"] == pytest.approx(logged["train/average"], abs=1e-6)
 
 
 @TRAINED
