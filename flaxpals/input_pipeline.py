@@ -151,12 +151,7 @@ class Split:
         """The first n examples (all when n >= len): data.train_limit / eval_limit."""
         if n >= len(self):
             return self
-        head = lambda r: None if r is None else r.head(n)
-        return dataclasses.replace(
-            self, ids=self.ids[:n], labels=None if self.labels is None else self.labels[:n],
-            input_ids=head(self.input_ids), token_type_ids=head(self.token_type_ids),
-            input_ids_2=head(self.input_ids_2), token_type_ids_2=head(self.token_type_ids_2),
-            lines=self.lines[:n])
+        return self._rows(slice(0, n), lambda r: r.head(n))
 
     def sample(self, n: int, seed: int) -> Split:
         """n examples drawn without replacement by `seed`, in file order (all when n >= len).
@@ -168,12 +163,17 @@ class Split:
         if n >= len(self):
             return self
         rows = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
-        pick = lambda r: None if r is None else r.select(rows)
+        return self._rows(rows, lambda r: r.select(rows))
+
+    def _rows(self, index, ragged) -> Split:
+        """A copy with every per-example field cut by `index` (arrays) or `ragged` (Ragged)."""
+        cut = lambda r: None if r is None else ragged(r)
         return dataclasses.replace(
-            self, ids=self.ids[rows], labels=None if self.labels is None else self.labels[rows],
-            input_ids=pick(self.input_ids), token_type_ids=pick(self.token_type_ids),
-            input_ids_2=pick(self.input_ids_2), token_type_ids_2=pick(self.token_type_ids_2),
-            lines=self.lines[rows])
+            self, ids=self.ids[index],
+            labels=None if self.labels is None else self.labels[index],
+            input_ids=cut(self.input_ids), token_type_ids=cut(self.token_type_ids),
+            input_ids_2=cut(self.input_ids_2), token_type_ids_2=cut(self.token_type_ids_2),
+            lines=self.lines[index])
 
     def lengths(self) -> np.ndarray:
         """[N] token counts used for bucketing: the longer sentence of a "bi" pair."""

@@ -25,9 +25,9 @@ import numpy as np
 from flaxpals import parallel, sweep, train
 
 
-def raw_outputs(model, params, eval_sets, task: str, split: str, limit: int):
-    """(outputs [n], labels [n]) of a split's first `limit` rows (-1: all)."""
-    forward = jax.jit(lambda p, b: model.apply({"params": p}, b, task))
+def raw_outputs(forward, params, eval_sets, task: str, split: str, limit: int):
+    """(outputs [n], labels [n]) of a split's `limit` rows (-1: all; train: the seeded
+    sample); forward(params, batch) -> outputs [batch]."""
     s, batches = eval_sets.get(task, split, limit)
     out, index = [], []
     for batch in batches:
@@ -72,9 +72,11 @@ def main(argv=None) -> int:
         ap.error(f"--task={args.task!r}: not a paraphrase task of row {args.row}")
     data = train.load_data(config, task, tokenizer, splits=("train", "dev"), limits=False)
     eval_sets = train.EvalSets(data, config, mesh)
-    train_x, train_y = raw_outputs(model, params, eval_sets, args.task, "train",
+    # One jitted forward for both splits: a lambda per call would compile every shape twice.
+    forward = jax.jit(lambda p, b: model.apply({"params": p}, b, args.task))
+    train_x, train_y = raw_outputs(forward, params, eval_sets, args.task, "train",
                                    args.train_pairs)
-    dev_x, dev_y = raw_outputs(model, params, eval_sets, args.task, "dev", -1)
+    dev_x, dev_y = raw_outputs(forward, params, eval_sets, args.task, "dev", -1)
     threshold, train_acc = best_threshold(train_x, train_y)
     print(f"{args.row}, best checkpoint (step {step}), {args.task} dev: {len(dev_y)} pairs, "
           f"{dev_y.mean():.3f} positive")
