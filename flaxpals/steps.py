@@ -3,14 +3,18 @@
 - `train_step(state, batch, task)`: one task's batch; `task` is static, so XLA
   compiles one function per task and bucket length. Only the shared encoder and
   this task's adapter and head move (`task_params.keep_other_tasks`).
-- `additive_step(state, batches)`: one batch of every task; the per-task
-  gradients go through the combiner (a sum, or PCGrad), then the optimiser.
-  With the plain sum the gradient of the summed loss is taken directly (one
-  backward pass over all tasks' graphs); PCGrad needs them apart, stacked on a
-  leading task axis.
+- `additive_step(state, batches)`: one batch of every task; each task's
+  gradient (`task_grads`), then the combiner over them (a sum, or PCGrad on
+  the gradients stacked on a leading task axis) and the optimiser
+  (`apply_combined`).
 - `predict_step(params, batch, task)`: model outputs for evaluation.
 
-`jitted(mesh, state_sharding)` compiles them for data parallelism: every batch
+`jitted(mesh, state_sharding)` compiles them for data parallelism. The additive
+step is compiled in parts, `task_grads` per task and bucket length and one
+`apply_combined`: each task's batch has its own bucket length, so one jitted
+function over all tasks' batches would compile once per combination of
+lengths (4 buckets, 3 tasks: up to 64 programs of ~20-60 s on a CPU) where
+the parts compile tasks x buckets + 1 times. Every batch
 array split over the mesh's 'data' axis, the state as `state_sharding` says
 (replicated, or FSDP-split; see parallel.py), the state donated. The steps
 themselves are written for one global batch: the loss is the mean over all of
@@ -80,23 +84,31 @@ class Steps:
                                                     self._dropout_key(state, task))
         return self._apply(state, grads, {f"loss/{task}": loss}, task)
 
-    def additive_step(self, state: TrainState, batches: Mapping[str, Any]):
+    def task_grads(self, state: TrainState, batch, task: str):
+        """(loss [], gradient with params' tree) of one task's batch at state.params.
+
+        `state` as `for_gradients` gives it (no optimiser moments)."""
+        return jax.value_and_grad(self.loss)(state.params, batch, task,
+                                             self._dropout_key(state, task))
+
+    def apply_combined(self, state: TrainState, losses: Mapping[str, jax.Array],
+                       grads: Mapping[str, Any]):
+        """The combiner over every task's gradient (task order), then the optimiser.
+
+        The sum combiner gets the summed gradient (that of the summed loss);
+        PCGrad gets them stacked on a leading task axis: leaves [tasks, ...].
+        """
         names = self.task_names
-
-        def task_loss(params, task):
-            return self.loss(params, batches[task], task, self._dropout_key(state, task))
-
+        per_task = [grads[t] for t in names]
         if self.combiner == "sum":
-            def total(params):
-                losses = [task_loss(params, t) for t in names]
-                return sum(losses), losses
-            (_, losses), grads = jax.value_and_grad(total, has_aux=True)(state.params)
+            combined = jax.tree.map(lambda *g: sum(g[1:], g[0]), *per_task)
         else:
-            losses, per_task = zip(*[jax.value_and_grad(task_loss)(state.params, t)
-                                     for t in names], strict=True)
-            grads = jax.tree.map(lambda *g: jnp.stack(g), *per_task)
-        return self._apply(state, grads,
-                           {f"loss/{t}": loss for t, loss in zip(names, losses, strict=True)})
+            combined = jax.tree.map(lambda *g: jnp.stack(g), *per_task)
+        return self._apply(state, combined, {f"loss/{t}": losses[t] for t in names})
+
+    def additive_step(self, state: TrainState, batches: Mapping[str, Any]):
+        """One batch of every task (task -> batch), as one pure function."""
+        return _additive(self.task_grads, self.apply_combined, self.task_names, state, batches)
 
     def _apply(self, state: TrainState, grads, metrics, task: str | None = None):
         """The optimiser update; with `task`, other tasks' params and moments stay put."""
@@ -116,19 +128,39 @@ class Steps:
     def jitted(self, mesh: Mesh | None = None, state_sharding=None):
         """(train_step, additive_step, predict_step) compiled with the state donated.
 
+        additive_step is a Python function over two jitted parts (module
+        docstring); its `parts` attribute holds them: (task_grads, apply_combined).
         With a mesh: batches split over its 'data' axis, the state laid out by
         `state_sharding` (a TrainState of NamedShardings, `parallel.state_shardings`),
-        metrics replicated, predictions split like the batch.
+        gradients laid out like the params, metrics replicated, predictions split
+        like the batch.
         """
         if mesh is None:
-            return (jax.jit(self.train_step, static_argnames="task", donate_argnums=0),
-                    jax.jit(self.additive_step, donate_argnums=0), self.jitted_predict())
+            train = jax.jit(self.train_step, static_argnames="task", donate_argnums=0)
+            grads = jax.jit(self.task_grads, static_argnames="task")
+            apply = jax.jit(self.apply_combined, donate_argnums=0)
+            return train, self._composed(grads, apply), self.jitted_predict()
         data, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-        shardings = {"in_shardings": (state_sharding, data),
-                     "out_shardings": (state_sharding, rep), "donate_argnums": 0}
-        return (jax.jit(self.train_step, static_argnames="task", **shardings),
-                jax.jit(self.additive_step, **shardings),
+        train = jax.jit(self.train_step, static_argnames="task", donate_argnums=0,
+                        in_shardings=(state_sharding, data), out_shardings=(state_sharding, rep))
+        grads = jax.jit(self.task_grads, static_argnames="task",
+                        in_shardings=(for_gradients(state_sharding), data),
+                        out_shardings=(rep, state_sharding.params))
+        per_task = {t: state_sharding.params for t in self.task_names}
+        apply = jax.jit(self.apply_combined, donate_argnums=0,
+                        in_shardings=(state_sharding, rep, per_task),
+                        out_shardings=(state_sharding, rep))
+        return (train, self._composed(grads, apply),
                 self.jitted_predict(mesh, state_sharding.params))
+
+    def _composed(self, grads, apply):
+        names = self.task_names
+
+        def additive_step(state: TrainState, batches: Mapping[str, Any]):
+            return _additive(grads, apply, names, state, batches)
+
+        additive_step.parts = (grads, apply)
+        return additive_step
 
     def jitted_predict(self, mesh: Mesh | None = None, params_sharding=None):
         """predict_step compiled; with a mesh, params as `params_sharding`, batch and
@@ -138,3 +170,16 @@ class Steps:
         data = parallel.batch_sharding(mesh)
         return jax.jit(self.predict_step, static_argnames="task",
                        in_shardings=(params_sharding, data), out_shardings=data)
+
+
+def _additive(task_grads, apply_combined, names, state, batches):
+    """additive_step from its parts: the gradients of every task, then one update."""
+    # `task` positionally: jit takes no keyword arguments once in_shardings is given.
+    out = {t: task_grads(for_gradients(state), batches[t], t) for t in names}
+    return apply_combined(state, {t: out[t][0] for t in names}, {t: out[t][1] for t in names})
+
+
+def for_gradients(state: TrainState) -> TrainState:
+    """What task_grads reads: the state less its optimiser moments, so its compiled
+    programs do not depend on the optimiser (the sum and PCGrad share them)."""
+    return state.replace(opt_state=None)

@@ -1,14 +1,16 @@
 """Metrics, configs, the optimiser's masks and task isolation (no data files needed)."""
 
 import importlib.util
+import itertools
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from flaxpals import config_lib, metrics, optim
+from flaxpals import config_lib, metrics, optim, parallel, pcgrad, task_params
 from flaxpals.bert import tiny_config
 from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
 from flaxpals.steps import Steps, TrainState
@@ -148,6 +150,87 @@ def test_head_only_mode_freezes_the_encoder():
         np.testing.assert_array_equal(_leaves(after, "encoder")[k], v, err_msg=k)
     assert any(not np.array_equal(_leaves(after, "heads/sst")[k], v)
                for k, v in _leaves(before, "heads/sst").items())
+
+
+def _random_batch(task: TaskSpec, length: int, seed: int) -> dict:
+    """A labelled batch of 4 rows, `length` tokens, random ids (the last 2 padding)."""
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    ids = jax.random.randint(k1, (4, length), 1000, 2000)
+    mask = jnp.ones((4, length), jnp.int32).at[:, -2:].set(0)
+    b = {k: ids if k.startswith("input_ids") else mask if k.startswith("attention_mask") else v
+         for k, v in dummy_batch(task, "bi", 4, length).items()}
+    b["labels"] = jax.random.randint(k2, (4,), 0, 2) if task.kind != "pair_regression" \
+        else jax.random.uniform(k2, (4,), maxval=5.0)
+    b["mask"] = jnp.ones(4)
+    return b
+
+
+def _sgd_setup(learning_rate: float):
+    """_setup's model and state with plain SGD: an update is -learning_rate x gradient."""
+    steps, state, _ = _setup()
+    steps = Steps(steps.model, optax.sgd(learning_rate))
+    return steps, state.replace(opt_state=steps.tx.init(state.params))
+
+
+def test_jitted_additive_step_compiles_per_task_and_length_not_per_combination():
+    # Each task's batch has its own bucket length: one program over all three
+    # would compile for every combination (2**3 here, up to 4**3 in training).
+    steps, state = _sgd_setup(1e-3)
+    mesh = parallel.make_mesh()  # the trainer's path: in_shardings and all
+    sharding = parallel.state_shardings(state, mesh)
+    _, additive_step, _ = steps.jitted(mesh, sharding)
+    state = parallel.put(state, sharding)
+    task_grads, apply_combined = additive_step.parts
+    for i, lengths in enumerate(itertools.product((8, 16), repeat=3)):
+        batches = {t.name: _random_batch(t, n, 10 * i + j)
+                   for j, (t, n) in enumerate(zip(TASKS, lengths, strict=True))}
+        state, metrics = additive_step(state, batches)
+        assert np.isfinite(float(metrics["grad_norm"]))
+    assert task_grads._cache_size() == 6  # 3 tasks x 2 lengths
+    assert apply_combined._cache_size() == 1
+
+
+def test_additive_step_is_the_gradient_of_the_summed_loss():
+    steps, state = _sgd_setup(0.5)
+    batches = {t.name: _random_batch(t, n, i)
+               for i, (t, n) in enumerate(zip(TASKS, (8, 16, 8), strict=True))}
+    keys = {t: steps._dropout_key(state, t) for t in batches}
+
+    def summed(params):  # the reference: one gradient of the sum of the three losses
+        return sum(steps.loss(params, batches[t], t, keys[t]) for t in batches)
+
+    want = jax.tree.map(lambda p, g: p - 0.5 * g, state.params,
+                        jax.jit(jax.grad(summed))(state.params))
+    want = jax.device_get(want)
+    mesh = parallel.make_mesh()
+    sharding = parallel.state_shardings(state, mesh)
+    new, _ = steps.jitted(mesh, sharding)[1](parallel.put(state, sharding), batches)
+    got = jax.device_get(new.params)
+    for (path, w), g in zip(jax.tree_util.tree_flatten_with_path(want)[0],
+                            jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=optim.path_str(path))
+
+
+def test_pcgrad_step_in_parts_matches_one_program():
+    steps, state, _ = _setup()
+    names = tuple(t.name for t in TASKS)
+    tx = optax.chain(pcgrad.pcgrad(task_params.shared_param_mask(state.params, names), seed=3),
+                     optax.sgd(0.5))
+    steps = Steps(steps.model, tx, "pcgrad")
+    mesh = parallel.make_mesh()
+    state = state.replace(opt_state=tx.init(state.params))
+    sharding = parallel.state_shardings(state, mesh)
+    state = parallel.put(state, sharding)
+    batches = {t.name: _random_batch(t, n, i)
+               for i, (t, n) in enumerate(zip(TASKS, (16, 8, 8), strict=True))}
+    whole, _ = jax.jit(steps.additive_step)(state, batches)
+    whole, before = jax.device_get((whole.params, state.params))
+    parts, _ = steps.jitted(mesh, sharding)[1](state, batches)  # donates state
+    for w, p in zip(jax.tree.leaves(whole), jax.tree.leaves(jax.device_get(parts.params)),
+                    strict=True):
+        np.testing.assert_allclose(p, w, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(w, b) for w, b in
+               zip(jax.tree.leaves(whole), jax.tree.leaves(before), strict=True))
 
 
 def test_additive_step_moves_every_head():
