@@ -13,7 +13,7 @@
 step is compiled in parts, `task_grads` per task and bucket length and one
 `apply_combined`: each task's batch has its own bucket length, so one jitted
 function over all tasks' batches would compile once per combination of
-lengths (4 buckets, 3 tasks: up to 64 programs of ~20-60 s on a CPU) where
+lengths (4 buckets, 3 tasks: up to 64 programs of 16-65 s on a CPU) where
 the parts compile tasks x buckets + 1 times. Every batch
 array split over the mesh's 'data' axis, the state as `state_sharding` says
 (replicated, or FSDP-split; see parallel.py), the state donated. The steps
