@@ -287,7 +287,7 @@ class FlaxSide:
         task_grads once per task and apply_combined once; times summed over the
         parts, memory summed field by field (an upper bound: the parts run one
         after another, and only the gradients outlive their part)."""
-        from flaxpals.steps import for_gradients
+        from flaxpals.steps import additive_from_parts, for_gradients
 
         jax = self.jax
         grads_fn, apply_fn = self._families[family][1].parts
@@ -308,11 +308,10 @@ class FlaxSide:
         compiled_apply = lowered.compile()
         lower_s, compile_s = lower_s + t1 - t0, compile_s + time.perf_counter() - t1
 
-        def call():
-            state = self.states[family]
-            out = {t: f(for_gradients(state), batches[t]) for t, f in compiled_grads.items()}
-            state, metrics = compiled_apply(state, {t: o[0] for t, o in out.items()},
-                                            {t: o[1] for t, o in out.items()})
+        def call():  # the trainer's composition, on the compiled parts
+            state, metrics = additive_from_parts(lambda s, b, t: compiled_grads[t](s, b),
+                                                 compiled_apply, tuple(batches),
+                                                 self.states[family], batches)
             self.states[family] = state
             jax.block_until_ready((state, metrics))
 

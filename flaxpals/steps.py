@@ -108,7 +108,8 @@ class Steps:
 
     def additive_step(self, state: TrainState, batches: Mapping[str, Any]):
         """One batch of every task (task -> batch), as one pure function."""
-        return _additive(self.task_grads, self.apply_combined, self.task_names, state, batches)
+        return additive_from_parts(self.task_grads, self.apply_combined, self.task_names,
+                                   state, batches)
 
     def _apply(self, state: TrainState, grads, metrics, task: str | None = None):
         """The optimiser update; with `task`, other tasks' params and moments stay put."""
@@ -157,7 +158,7 @@ class Steps:
         names = self.task_names
 
         def additive_step(state: TrainState, batches: Mapping[str, Any]):
-            return _additive(grads, apply, names, state, batches)
+            return additive_from_parts(grads, apply, names, state, batches)
 
         additive_step.parts = (grads, apply)
         return additive_step
@@ -172,7 +173,7 @@ class Steps:
                        in_shardings=(params_sharding, data), out_shardings=data)
 
 
-def _additive(task_grads, apply_combined, names, state, batches):
+def additive_from_parts(task_grads, apply_combined, names, state, batches):
     """additive_step from its parts: the gradients of every task, then one update."""
     # `task` positionally: jit takes no keyword arguments once in_shardings is given.
     out = {t: task_grads(for_gradients(state), batches[t], t) for t in names}
