@@ -44,6 +44,39 @@ def _jsonable(x):
 ITEMS = ("params", "train", "sampler")
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose param tree does not fit the model being restored."""
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    # Explicit handlers let the manager read an item's metadata before restoring it.
+    return {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+            "sampler": ocp.JsonCheckpointHandler()}
+
+
+def _paths(tree) -> dict[str, tuple]:
+    """'a/b/c' -> shape, for every leaf of a param tree (arrays, shapes or metadata)."""
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_differences(saved, target, limit: int = 5) -> list[str]:
+    """Short lines naming the first missing, unexpected and mis-shaped param paths."""
+    have, want = _paths(saved), _paths(target)
+    out = []
+    for label, names in (("missing from the checkpoint", sorted(set(want) - set(have))),
+                         ("not in the model", sorted(set(have) - set(want)))):
+        if names:
+            more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+            out.append(f"{label}: {', '.join(names[:limit])}{more}")
+    shapes = [f"{n} {have[n]} in the checkpoint, {want[n]} in the model"
+              for n in sorted(set(have) & set(want)) if have[n] != want[n]]
+    if shapes:
+        out.append("other shape: " + "; ".join(shapes[:limit])
+                   + (f" (and {len(shapes) - limit} more)" if len(shapes) > limit else ""))
+    return out
+
+
 def _train_part(state) -> dict[str, Any]:
     return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
 
@@ -52,6 +85,8 @@ def _abstract(tree):
     """Restore targets: a jax.Array keeps its sharding; a host (NumPy) value goes to this
     process's first device, whatever device layout the checkpoint was saved from."""
     def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+            return x
         if isinstance(x, jax.Array):
             return ocp.utils.to_shape_dtype_struct(x)
         x = np.asarray(x)
@@ -68,10 +103,10 @@ class Checkpoints:
             workdir = workdir.absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options,
-                                            item_names=ITEMS)
+                                            item_handlers=_handlers())
         self.best = ocp.CheckpointManager(
             workdir / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-            item_names=ITEMS)
+            item_handlers=_handlers())
         self._best_file = workdir / "best.json"
 
     @staticmethod
@@ -97,6 +132,20 @@ class Checkpoints:
             self._best_file.write_text(json.dumps({"step": step, "metric": metric,
                                                    "score": score}))
 
+    def check_fits(self, manager: ocp.CheckpointManager, step: int, target_params) -> None:
+        """Raises CheckpointMismatchError, naming paths, when the saved param tree differs."""
+        try:
+            saved = manager.item_metadata(step)["params"]
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself will say.
+            return
+        if saved is None:
+            return
+        diffs = tree_differences(saved, target_params)
+        if diffs:
+            raise CheckpointMismatchError(
+                f"checkpoint {manager.directory}/{step} does not fit the model: "
+                + "; ".join(diffs))
+
     def _restore(self, manager: ocp.CheckpointManager, step: int, target):
         restored = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(target.params)),
@@ -108,19 +157,39 @@ class Checkpoints:
     def restore_latest(self, target) -> tuple[int, Any, dict] | None:
         """(step, state, sampler state) of the newest readable checkpoint, or None."""
         steps = sorted(self.latest.all_steps(), reverse=True)
+        if steps:
+            self.check_fits(self.latest, steps[0], target.params)
         for i, step in enumerate(steps):
             try:
                 state, sampler = self._restore(self.latest, step, target)
+            except (NameError, AttributeError, ImportError):
+                raise  # our own bug, not a bad file: never start over because of it
             except Exception as e:  # noqa: BLE001 - orbax raises many kinds on bad files.
                 fallback = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else (
                     "no older checkpoint: starting from scratch")
-                log.error("checkpoint %s/%d is unreadable (%s: %s); %s", self.latest.directory,
-                          step, type(e).__name__, str(e).splitlines()[0][:200], fallback)
+                kept = self._set_aside(step)
                 print(f"WARNING: checkpoint step {step} is unreadable ({type(e).__name__}); "
-                      f"{fallback}")
+                      f"moved to {kept}; {fallback}", flush=True)
                 continue
             return step, state, sampler
         return None
+
+    def _set_aside(self, step: int) -> epath.Path:
+        """Moves an unreadable step out of the manager's way (a new save of that step would
+        collide with it), keeping its files."""
+        src = epath.Path(self.latest.directory) / str(step)
+        dst = epath.Path(self.latest.directory).parent / "checkpoints-unreadable" / str(step)
+        if jax.process_index() == 0 and src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists():
+                dst = dst.parent / f"{step}-{len(list(dst.parent.iterdir()))}"
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"flaxpals-set-aside-{step}")
+        self.latest.reload()
+        return dst
 
     def restore_params(self, target_params, which: str = "best", step: int | None = None):
         """(step, params) of the best checkpoint, or of `step` among the latest ones."""
@@ -131,6 +200,7 @@ class Checkpoints:
             raise FileNotFoundError(
                 f"no {which} checkpoint{'' if step is None else f' at step {step}'} in "
                 f"{manager.directory} (steps there: {sorted(manager.all_steps())})")
+        self.check_fits(manager, step, target_params)
         restored = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(target_params))))
         return step, restored["params"]

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import ml_collections
 
+from flaxpals.tasks import tasks_of_config
+
 METHODS = ("sequential", "round_robin", "additive", "pcgrad", "proportional", "sqrt",
            "uniform", "temperature", "annealed")
 SCALES = ("tiny", "minilm", "bert_base")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value: the message names it."""
 
 
 def base() -> ml_collections.ConfigDict:
@@ -107,7 +113,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None,
     args = parse_arg(arg)
     unknown = set(args) - set(allowed)
     if unknown:
-        raise ValueError(f"unknown config argument(s) {sorted(unknown)}; allowed: {allowed}")
+        raise ConfigError(f"unknown config argument(s) {sorted(unknown)}; allowed: {allowed}")
     if "method" in args:
         set_method(c, str(args["method"]))
     if args.get("tiny"):
@@ -120,7 +126,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None,
 
 def set_method(c: ml_collections.ConfigDict, method: str) -> None:
     if method not in METHODS:
-        raise ValueError(f"method={method!r} is not one of {METHODS}")
+        raise ConfigError(f"method={method!r} is not one of {METHODS}")
     c.train.method = "additive" if method == "pcgrad" else method
     c.train.combiner = "pcgrad" if method == "pcgrad" else "sum"
 
@@ -144,7 +150,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
 
 def _check(key: str, ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(f"config.{key}: {message}")
+        raise ConfigError(f"config.{key}: {message}")
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -155,7 +161,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         for key in node.keys():
             name = f"{prefix}{key}"
             if key not in ref:
-                raise ValueError(f"config.{name}: unknown key (known: {sorted(ref.keys())})")
+                raise ConfigError(unknown_key_message(name, ref))
             if isinstance(ref[key], ml_collections.ConfigDict) and name != "extra_tasks":
                 walk(node[key], ref[key], name + ".")
 
@@ -189,3 +195,65 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("checkpoint.every_steps", c.checkpoint.every_steps > 0, "must be positive")
     _check("checkpoint.keep", c.checkpoint.keep > 0, "must be positive")
     _check("log_every_steps", c.log_every_steps > 0, "must be positive")
+    try:
+        tasks_of_config(c)  # builds each declared task, naming its key
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def unknown_key_message(name: str, section: ml_collections.ConfigDict) -> str:
+    """'config.train.lerning_rate: unknown key; config.train has: ...' (one line)."""
+    parent = name.rpartition(".")[0]
+    where = f"config.{parent}" if parent else "config"
+    return f"config.{name}: unknown key; {where} has: {', '.join(sorted(section.keys()))}"
+
+
+def check_override(name: str) -> None:
+    """Raises ConfigError for a --config.<name> override that names no field of base()."""
+    node, parts = base(), name.split(".")
+    for i, key in enumerate(parts):
+        if i == 1 and parts[0] == "extra_tasks":
+            return  # declared tasks are free-form
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            raise ConfigError(unknown_key_message(".".join(parts[:i + 1]), node))
+        node = node[key]
+
+
+def from_dict(values) -> ml_collections.ConfigDict:
+    """A config from its `to_dict()` (a run's config.json), checked and validated.
+
+    Fields the dict lacks (written before they existed) take `LEGACY_DEFAULTS`,
+    else their default.
+    """
+    c = base()
+    flat_missing = []
+
+    def fill(node, vals, prefix):
+        for key, value in vals.items():
+            name = prefix + key
+            if key not in node:
+                raise ConfigError(unknown_key_message(name, node))
+            if name == "extra_tasks":
+                node[key] = ml_collections.ConfigDict(value)
+            elif isinstance(node[key], ml_collections.ConfigDict):
+                fill(node[key], value, name + ".")
+            else:
+                try:
+                    node[key] = tuple(value) if isinstance(node[key], tuple) else value
+                except TypeError as e:
+                    raise ConfigError(f"config.{name}: {e}") from None
+        for key in node.keys():
+            if key not in vals and not isinstance(node[key], ml_collections.ConfigDict):
+                flat_missing.append(prefix + key)
+
+    fill(c, values, "")
+    for name in flat_missing:
+        if name in LEGACY_DEFAULTS:
+            section, _, key = name.rpartition(".")
+            (c[section] if section else c)[key] = LEGACY_DEFAULTS[name]
+    validate(c)
+    return c
+
+
+# The value that reproduces a run saved before the field existed.
+LEGACY_DEFAULTS = {"eval.train_sample_from": "head"}

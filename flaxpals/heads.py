@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flaxpals.dropout import Dropout
@@ -90,10 +91,23 @@ def loss_fn(kind: str, outputs: Array, labels: Array, mask: Array) -> Array:
     return (per_example * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def predictions(kind: str, outputs: Array) -> Array:
-    """Outputs -> predictions: class ids [batch], 0/1 [batch] or scores [batch]."""
+def predictions(kind: str, outputs) -> np.ndarray:
+    """Host outputs -> predictions: class ids [batch], 0/1 [batch] or scores [batch]."""
+    outputs = np.asarray(outputs)
     if kind == "classification":
-        return jnp.argmax(outputs, axis=-1)
+        return outputs.argmax(axis=-1)
     if kind == "pair_classification":
-        return (outputs > 0).astype(jnp.int32)
+        return (outputs > 0).astype(np.int32)
     return outputs
+
+
+def probabilities(kind: str, outputs) -> np.ndarray | None:
+    """Host outputs -> class probabilities [batch, classes] (softmax), the positive class's
+    probability [batch] (sigmoid of the pair logit), or None for a regression score."""
+    x = np.asarray(outputs, np.float64)
+    if kind == "classification":
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    if kind == "pair_classification":
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    return None

@@ -3,17 +3,24 @@
     python -m flaxpals.main --config=configs/pal.py --workdir=DIR
     python -m flaxpals.main --config=configs/pal.py:method=pcgrad --workdir=DIR \
         --config.train.num_epochs=5
-    python -m flaxpals.main --config=configs/pal.py --workdir=DIR --mode=eval      # best checkpoint
-    python -m flaxpals.main --config=configs/pal.py --workdir=DIR --mode=predict   # CS224N files
+    python -m flaxpals.main --workdir=DIR --mode=eval         # best checkpoint, saved config
+    python -m flaxpals.main --workdir=DIR --mode=eval --eval_file=my.csv --task=sst \
+        --columns=text=review,label=stars                     # other labelled data
+    python -m flaxpals.main --workdir=DIR --mode=predict      # CS224N prediction files
     python -m flaxpals.main --config=configs/pal.py --workdir=gs://B/run --distributed=yes  # pod
 
+Eval and predict build the model from the workdir's config.json; a `--config`
+given there may change data and evaluation fields only (flaxpals/runs.py).
 Every device is used (a ('data',) mesh); see launch/ for TPU pods and GPU hosts.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxpals import parallel, train
+from flaxpals import checkpointing, config_lib, evaluation, parallel, runs, train, weights
+from flaxpals.datasets.reader import DataFormatError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions.")
@@ -21,27 +28,76 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
                   "train (resumes from the workdir), eval or predict (restore a checkpoint).")
 flags.DEFINE_integer("step", None, "eval/predict: this step of the latest checkpoints "
                      "instead of the best checkpoint.")
+flags.DEFINE_string("eval_file", None, "eval: a labelled CSV/TSV file to score as --task's "
+                    "dev split (the model is unchanged; only the data's source).")
+flags.DEFINE_string("task", None, "eval: the trained task that --eval_file is for.")
+flags.DEFINE_string("columns", None, "eval: the file's column names, e.g. "
+                    "text=review,label=stars (keys id, text, text_pair, label; default: "
+                    "the task's own).")
+flags.DEFINE_string("name", None, "eval: names the output eval-<step>-<name>.json "
+                    "(default: the file's or data directory's name).")
 flags.DEFINE_enum("distributed", "auto", list(parallel.DISTRIBUTED_MODES),
                   "Join a multi-process JAX job (jax.distributed.initialize): auto (when "
                   "the environment says so, see flaxpals/parallel.py), yes or no.")
-config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/pal.py:method=sqrt.",
-                                lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/pal.py:method=sqrt "
+                                "(train; optional for eval and predict).", lock_config=True)
+flags.mark_flags_as_required(["workdir"])
+
+# Errors a user can fix from the message alone: one line, no traceback.
+USER_ERRORS = (config_lib.ConfigError, runs.ConfigMismatchError, DataFormatError,
+               checkpointing.CheckpointMismatchError, weights.CheckpointError,
+               FileNotFoundError)
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+    """'text=review,label=stars' -> {'text': 'review', 'label': 'stars'}."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise config_lib.ConfigError(f"--columns: {item!r} is not key=column")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Names an unknown --config.<key> in one line, before ml_collections sees it."""
+    for arg in argv:
+        if arg.startswith(("--config.", "-config.", "--noconfig.")):
+            name = arg.split("=", 1)[0].split(".", 1)[1]
+            config_lib.check_override(name)
+
+
+def run(mode: str, workdir: str, config, step: int | None = None) -> None:
+    if mode == "train":
+        if config is None:
+            raise config_lib.ConfigError("--config is required to train, e.g. "
+                                         "--config=configs/pal.py")
+        train.train_and_evaluate(config, workdir)
+    elif mode == "eval":
+        evaluation.evaluate_checkpoint(
+            workdir, config, step, eval_file=FLAGS.eval_file, task=FLAGS.task,
+            columns=parse_columns(FLAGS.columns), name=FLAGS.name)
+    else:
+        evaluation.write_predictions(workdir, config, step)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.eval_file and not FLAGS.task:
+        raise app.UsageError("--eval_file needs --task (the trained task it is for)")
     parallel.initialize(FLAGS.distributed)  # before any JAX computation
-    config = FLAGS.config
-    if FLAGS.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "eval":
-        train.evaluate_checkpoint(config, FLAGS.workdir, FLAGS.step)
-    else:
-        train.predict(config, FLAGS.workdir, FLAGS.step)
+    try:
+        run(FLAGS.mode, FLAGS.workdir, FLAGS.config, FLAGS.step)
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except config_lib.ConfigError as e:
+        sys.exit(f"error: {e}")
     app.run(main)

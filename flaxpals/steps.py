@@ -7,7 +7,7 @@
   gradient (`task_grads`), then the combiner over them (a sum, or PCGrad on
   the gradients stacked on a leading task axis) and the optimiser
   (`apply_combined`).
-- `predict_step(params, batch, task)`: model outputs for evaluation.
+- `predict_step(params, batch, task)`: model outputs (logits or scores) for evaluation.
 
 `jitted(mesh, state_sharding)` compiles them for data parallelism. The additive
 step is compiled in parts, `task_grads` per task and bucket length and one
@@ -123,8 +123,8 @@ class Steps:
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def predict_step(self, params, batch, task: str) -> jax.Array:
-        outputs = self.model.apply({"params": params}, batch, task)
-        return heads.predictions(self.model.task(task).kind, outputs)
+        """The task's outputs (logits or scores); `heads.predictions` decides on the host."""
+        return self.model.apply({"params": params}, batch, task)
 
     def jitted(self, mesh: Mesh | None = None, state_sharding=None):
         """(train_step, additive_step, predict_step) compiled with the state donated.

@@ -291,6 +291,28 @@ def task_from_config(cfg: Mapping[str, Any] | Any) -> Task:
     return Task(**_normalise(values))
 
 
+def tasks_of_config(config) -> list[Task]:
+    """The tasks of a run config, in `config.tasks` order: builtin names, or names
+    declared in `config.extra_tasks` (a declaration also overrides a builtin's fields).
+
+    A bad declaration raises ValueError naming `config.extra_tasks.<name>`.
+    """
+    out = []
+    for name in config.tasks:
+        if name in config.extra_tasks:
+            declared = _to_dict(config.extra_tasks[name])
+            try:
+                out.append(task_from_config({"name": name, **declared}))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"config.extra_tasks.{name}: {e}") from None
+        else:
+            try:
+                out.append(get_task(name))
+            except ValueError as e:
+                raise ValueError(f"config.tasks: {e}") from None
+    return out
+
+
 def get_tasks(spec: str | Sequence[str | Mapping[str, Any]]) -> list[Task]:
     """Tasks from "sst,quora,sts" or a list of builtin names and task configs."""
     if isinstance(spec, str):

@@ -9,7 +9,9 @@
    on a fixed train sample, written to TensorBoard and metrics.jsonl, and the
    best checkpoint by `config.eval.best_metric`.
 
-`evaluate_checkpoint` and `predict` restore a run for `--mode=eval|predict`.
+A run killed or stopped mid-epoch resumes from its latest checkpoint, which
+also holds the epoch's running loss sums, so the epoch's line is what an
+uninterrupted run writes. `evaluation.py` restores a run for eval and predict.
 
 Every device of every process takes part (parallel.py): the state lives on a
 ('data',) mesh, each process reads its own shard of every task at
@@ -21,12 +23,10 @@ local path or, for a multi-host job, shared storage such as gs://bucket/run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +35,11 @@ from clu import metric_writers
 from etils import epath
 from tqdm import tqdm
 
-from flaxpals import bert, config_lib, input_pipeline, optim, parallel, task_params, weights
-from flaxpals import metrics as metrics_lib
+from flaxpals import build, config_lib, input_pipeline, optim, parallel, runs, task_params
 from flaxpals import sampler as sampler_lib
-from flaxpals import tasks as tasks_lib
 from flaxpals.checkpointing import Checkpoints
-from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
-from flaxpals.steps import MODEL_KEYS, Steps, TrainState, device_batch
-from flaxpals.tokenizer import Tokenizer
+from flaxpals.evaluation import EvalSets, eval_record
+from flaxpals.steps import Steps, TrainState, device_batch
 
 log = logging.getLogger(__name__)
 
@@ -54,160 +51,6 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (NaN loss, ...)."""
 
 
-# ---------------------------------------------------------------- setup
-
-
-def load_encoder(model_cfg) -> tuple[bert.BertConfig, dict | None, Tokenizer]:
-    """(encoder config, pretrained params or None for random init, tokenizer)."""
-    if model_cfg.checkpoint == "tiny":
-        config, params = bert.tiny_config(), None
-        vocab_dir = weights.resolve_checkpoint("minilm")  # a real vocabulary for the tokens
-    else:
-        config, params, vocab_dir = weights.load_pretrained(model_cfg.checkpoint)
-    if model_cfg.hidden_dropout >= 0:
-        config = config.replace(hidden_dropout_prob=model_cfg.hidden_dropout,
-                                attention_probs_dropout_prob=model_cfg.hidden_dropout)
-    return config, params, Tokenizer.from_checkpoint(vocab_dir)
-
-
-def build_tasks(config) -> list[tasks_lib.Task]:
-    out = []
-    for name in config.tasks:
-        if name in config.extra_tasks:
-            out.append(tasks_lib.task_from_config({"name": name, **config.extra_tasks[name]}))
-        else:
-            out.append(tasks_lib.get_task(name))
-    return out
-
-
-def model_options(model_cfg) -> ModelOptions:
-    return ModelOptions(
-        adapter=model_cfg.adapter,
-        adapter_size=None if model_cfg.adapter_size < 0 else model_cfg.adapter_size,
-        adapter_heads=model_cfg.adapter_heads, placement=model_cfg.placement,
-        zero_init_decoder=model_cfg.zero_init_decoder, pooling=model_cfg.pooling,
-        pair_encoding=model_cfg.pair_encoding, similarity=model_cfg.similarity,
-        head_dropout=model_cfg.head_dropout, dtype=model_cfg.dtype)
-
-
-def build_model(config) -> tuple[MultiTaskModel, dict, Tokenizer, list[tasks_lib.Task]]:
-    """The model and its initial params (pretrained encoder, random adapters and heads)."""
-    bert_config, pretrained, tokenizer = load_encoder(config.model)
-    tasks = build_tasks(config)
-    specs = tuple(TaskSpec(t.name, t.kind, t.num_labels) for t in tasks)
-    model = MultiTaskModel(bert_config, specs, model_options(config.model))
-    dummies = {s.name: dummy_batch(s, config.model.pair_encoding) for s in specs}
-    params = jax.jit(lambda key: model.init(key, dummies, method=MultiTaskModel.init_all))(
-        jax.random.key(config.seed))["params"]
-    params = jax.device_get(params)
-    if pretrained is not None:
-        params = {**params, "encoder": pretrained}
-    return model, params, tokenizer, tasks
-
-
-def load_data(config, tasks, tokenizer, splits=("train", "dev"),
-              limits: bool = True) -> dict[str, dict[str, Any]]:
-    """task -> split -> Split; `limits` applies data.train_limit / data.eval_limit."""
-    data = {}
-    for task in tasks:
-        data[task.name] = {}
-        for split in splits:
-            try:
-                s = input_pipeline.load_split(
-                    task, split, tokenizer, data_dir=config.data.data_dir or None,
-                    cache_dir=config.data.cache_dir or None, strict=config.data.strict,
-                    max_length=config.data.max_length, pair_encoding=config.model.pair_encoding)
-            except FileNotFoundError as e:
-                if split != "test":
-                    raise
-                print(f"{task.name}: no test split ({e}); skipping it")
-                continue
-            limit = config.data.train_limit if split == "train" else config.data.eval_limit
-            data[task.name][split] = s.take(limit) if limits and limit > 0 else s
-    return data
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-class EvalSets:
-    """Evaluation batches, built once per (task, split, limit) and reused every epoch.
-
-    An eval pass is deterministic, so its padded batches need not go through the
-    input pipeline again each epoch. Each process holds its own part of every
-    split (eval.batch_size / process_count rows per batch).
-    """
-
-    def __init__(self, data, config, mesh):
-        self._data, self._config, self._mesh, self._cache = data, config, mesh, {}
-        self._batch_size = parallel.process_batch_size(config.eval.batch_size, mesh,
-                                                       "eval.batch_size")
-
-    def get(self, task: str, split: str, limit: int = -1):
-        """(the split, cut to `limit` rows, and this process's batches of it), or None.
-
-        The train split's `limit` rows are a seeded random sample (eval.train_sample_from),
-        other splits' the first.
-        """
-        key = (task, split, limit)
-        if key not in self._cache:
-            s = self._data[task].get(split)
-            if s is None:
-                return None
-            if limit > 0 and split == "train" and self._config.eval.train_sample_from == "random":
-                s = s.sample(limit, self._config.seed)  # the same rows every epoch
-            elif limit > 0:
-                s = s.take(limit)
-            self._cache[key] = s, list(input_pipeline.eval_batches(
-                s, self._batch_size, buckets=tuple(self._config.data.buckets),
-                process_index=jax.process_index(), process_count=jax.process_count()))
-        return self._cache[key]
-
-    def to_device(self, batch: dict) -> dict[str, jax.Array]:
-        """The model inputs and row indices of a batch as global arrays."""
-        return parallel.global_batch({k: batch[k] for k in (*MODEL_KEYS, "index")
-                                      if k in batch}, self._mesh)
-
-
-def evaluate(predict_step, params, eval_sets: EvalSets, tasks, split: str,
-             limit: int = -1) -> tuple[dict[str, float], dict[str, dict]]:
-    """Metrics of every task on a split, and the predictions by example id.
-
-    Predictions and the split rows they belong to (`index`, -1 on padding) come
-    back from all processes together, so every process scores the whole split.
-    """
-    scores, preds = {}, {}
-    for task in tasks:
-        found = eval_sets.get(task.name, split, limit)
-        if found is None:
-            continue
-        s, batches = found
-        out, index = [], []
-        for batch in batches:
-            arrays = eval_sets.to_device(batch)
-            rows = arrays.pop("index")
-            out.append(parallel.to_host(predict_step(params, arrays, task.name)))
-            index.append(parallel.to_host(rows))
-        index, out = np.concatenate(index), np.concatenate(out)
-        real = index >= 0
-        rows, out = index[real], out[real]
-        preds[task.name] = dict(zip(s.ids[rows], out.tolist(), strict=True))
-        if s.labels is not None:
-            scores[task.name] = metrics_lib.task_metric(task.metric, out, s.labels[rows])
-    return scores, preds
-
-
-def _eval_record(predict_step, params, eval_sets, tasks, config) -> dict[str, float]:
-    record = {}
-    for split, limit, prefix in (("dev", -1, "dev"), ("train", config.eval.train_sample, "train")):
-        scores, _ = evaluate(predict_step, params, eval_sets, tasks, split, limit)
-        record.update({f"{prefix}/{t}": v for t, v in scores.items()})
-        metric_of = {t.name: t.metric for t in tasks}
-        record.update({f"{prefix}/{k}": v
-                       for k, v in metrics_lib.summary(scores, metric_of).items()})
-    return record
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -215,17 +58,40 @@ def _host0() -> bool:
     return jax.process_index() == 0
 
 
-def _write_json(path: epath.Path, obj) -> None:
-    if _host0():
-        path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+class LossSums:
+    """Running sums of an epoch's train losses: {"loss/<task>": [sum, count]}.
+
+    Saved with the sampler state in every checkpoint, so an epoch resumed after
+    a kill logs the mean over all its steps, not only those after the restore.
+    """
+
+    KEY = "epoch_losses"  # the key in the checkpoint's sampler JSON
+
+    def __init__(self, sums: dict | None = None):
+        self.sums = {k: [float(v[0]), int(v[1])] for k, v in (sums or {}).items()}
+
+    def add(self, losses: dict[str, float]) -> None:
+        for k, v in losses.items():
+            total = self.sums.setdefault(k, [0.0, 0])
+            total[0] += v
+            total[1] += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: total / count for k, (total, count) in self.sums.items() if count}
 
 
-def _logged_steps(workdir: epath.Path) -> set[int]:
-    """Steps that already have a line in the workdir's metrics.jsonl."""
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return set()
-    return {json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()}
+def _save_config(workdir: epath.Path, config) -> None:
+    """Writes config.json; a run resumed with another model stops here, and a changed
+    training config keeps the earlier file as config.<n>.json."""
+    if runs.has_run(workdir):
+        saved = runs.read_config(workdir)
+        runs.check_same_model(saved, config, str(workdir / "config.json"))
+        if saved.to_dict() != config.to_dict() and _host0():
+            n = len(list(workdir.glob("config.*.json"))) + 1
+            (workdir / "config.json").rename(workdir / f"config.{n}.json")
+            print(f"the config differs from the saved run's: the earlier one is now "
+                  f"config.{n}.json")
+    runs.write_config(workdir, config)
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
@@ -236,17 +102,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     parallel.process_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / "config.json", config.to_dict())
+    _save_config(workdir, config)
     writer = metric_writers.create_default_writer(str(workdir / "tensorboard"),
                                                   just_logging=not _host0())
 
-    model, params, tokenizer, tasks = build_model(config)
+    model, params, tokenizer, tasks = build.build_model(config)
     names = tuple(t.name for t in tasks)
     accounting = task_params.param_accounting(params, names)
-    _write_json(workdir / "params.json", accounting)
+    runs.write_json(workdir / "params.json", accounting)
     print(task_params.format_accounting(accounting))
 
-    data = load_data(config, tasks, tokenizer)
+    data = build.load_data(config, tasks, tokenizer)
     eval_sets = EvalSets(data, config, mesh)
     processes = jax.process_count()
     sizes = {}
@@ -281,8 +147,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
 
     ckpts = Checkpoints(workdir, config.checkpoint.keep)
     restored = ckpts.restore_latest(state)
+    loss_sums = LossSums()
     if restored is not None:
         step0, state, sampler_state = restored
+        loss_sums = LossSums(sampler_state.pop(LossSums.KEY, None))
         sampler.load_state_dict(sampler_state)
         print(f"resumed from checkpoint step {step0} (epoch {sampler.epoch})")
     iters = {t: input_pipeline.train_batches(
@@ -294,17 +162,18 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     best = ckpts.best_score()
     history = []
 
-    def finish_epoch(epoch: int, step: int, epoch_losses: dict[str, list[float]]) -> None:
+    def progress() -> dict:
+        """What a checkpoint keeps beside the arrays: the sampler and the loss sums."""
+        return {**sampler.state_dict(), LossSums.KEY: loss_sums.sums}
+
+    def finish_epoch(epoch: int, step: int, losses: LossSums) -> None:
         """Evaluates, writes the epoch's metrics line, and keeps the best checkpoint."""
         nonlocal best
-        record = {"epoch": epoch, "step": step,
-                  **{k: float(np.mean(v)) for k, v in epoch_losses.items()},
-                  **_eval_record(predict_step, state.params, eval_sets, tasks, config)}
+        record = {"epoch": epoch, "step": step, **losses.means(),
+                  **eval_record(predict_step, state.params, eval_sets, tasks, config)}
         history.append(record)
         writer.write_scalars(step, {k: v for k, v in record.items() if "/" in k})
-        if _host0():
-            with (workdir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        runs.append_metrics(workdir, record)
         tqdm.write(f"epoch {epoch}: " + "  ".join(
             f"{k} {v:.4f}" for k, v in record.items() if k.startswith("dev/")))
         score = record.get(config.eval.best_metric)
@@ -313,21 +182,23 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
                              f"among the eval metrics {sorted(record)}")
         if best is None or score > best:
             best = score
-            ckpts.save_best(step, state, sampler.state_dict(), score, config.eval.best_metric)
+            ckpts.save_best(step, state, progress(), score, config.eval.best_metric)
 
     # A run killed between an epoch's last checkpoint and its metrics line
     # resumes exactly at that epoch's end: evaluate it now so no epoch goes
-    # missing (its mean train losses died with the process and are not logged).
+    # missing (its loss sums came with the checkpoint).
     at_epoch_end = sampler.step > 0 and sampler.step % sampler.steps_per_epoch == 0
-    if at_epoch_end and parallel.host0_decides(sampler.step not in _logged_steps(workdir)):
+    logged = {r["step"] for r in runs.read_metrics(workdir)}
+    if at_epoch_end and parallel.host0_decides(sampler.step not in logged):
         print(f"epoch {sampler.step // sampler.steps_per_epoch} ended before its evaluation "
               "was written: evaluating it now")
-        finish_epoch(sampler.step // sampler.steps_per_epoch, sampler.step, {})
+        finish_epoch(sampler.step // sampler.steps_per_epoch, sampler.step, loss_sums)
+    if at_epoch_end:
+        loss_sums = LossSums()
 
     bar = tqdm(total=sampler.total_steps, initial=sampler.step, desc="train", unit="step",
                disable=not _host0(), dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
-    epoch_losses: dict[str, list[float]] = {}
     while not sampler.done:
         epoch = sampler.epoch
         chosen = sampler.next()
@@ -348,8 +219,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
                 f"{', '.join(k.split('/', 1)[1] for k in bad)}: {losses}; the newest checkpoint "
                 f"in {workdir / 'checkpoints'} (step {ckpts.latest.latest_step()}) is the last "
                 "good state")
-        for k, v in losses.items():
-            epoch_losses.setdefault(k, []).append(v)
+        loss_sums.add(losses)
         bar.update(1)
         window_steps += 1
         bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
@@ -360,13 +230,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
             window_start, window_steps = time.perf_counter(), 0
         epoch_end = sampler.done or sampler.epoch != epoch
         if step % config.checkpoint.every_steps == 0 or epoch_end:
-            ckpts.save(step, state, sampler.state_dict(), force=epoch_end)
+            ckpts.save(step, state, progress(), force=epoch_end)
         if step == kill_after:
             ckpts.wait()
             os.kill(os.getpid(), signal.SIGKILL)
         if epoch_end:
-            finish_epoch(epoch, step, epoch_losses)
-            epoch_losses = {}
+            finish_epoch(epoch, step, loss_sums)
+            loss_sums = LossSums()
     bar.close()
     ckpts.wait()
     ckpts.close()
@@ -374,67 +244,3 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     return history[-1] if history else {}
 
 
-# ---------------------------------------------------------------- eval and predict
-
-# CS224N prediction files: task -> (file prefix, header column). The spelling
-# "Predicted_Similiarity" is the starter code's, kept so graders read our files.
-PREDICTION_FILES = {"sst": ("sst", "Predicted_Sentiment"),
-                    "quora": ("para", "Predicted_Is_Paraphrase"),
-                    "sts": ("sts", "Predicted_Similiarity"),
-                    "cfimdb": ("cfimdb", "Predicted_Sentiment")}
-
-
-def restore_for_inference(config, workdir, step: int | None = None):
-    """(model, params, tokenizer, tasks, step, mesh, predict_step) of the best checkpoint,
-    or of `step` among the latest; params on the mesh, as in training."""
-    config_lib.validate(config)
-    mesh = parallel.make_mesh()
-    parallel.process_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
-    model, params, tokenizer, tasks = build_model(config)
-    sharding = parallel.state_shardings(params, mesh, config.parallel.fsdp)
-    ckpts = Checkpoints(workdir, config.checkpoint.keep)
-    step, params = ckpts.restore_params(parallel.put(params, sharding),
-                                        "best" if step is None else "latest", step)
-    ckpts.close()
-    predict_step = Steps(model, None).jitted_predict(mesh, sharding)
-    return model, params, tokenizer, tasks, step, mesh, predict_step
-
-
-def evaluate_checkpoint(config, workdir, step: int | None = None) -> dict[str, float]:
-    """`--mode=eval`: the best checkpoint's (or a step's) record as training writes it each
-    epoch: dev metrics and the train sample's (eval.train_sample), printed and written."""
-    _, params, tokenizer, tasks, step, mesh, predict_step = restore_for_inference(
-        config, workdir, step)
-    data = load_data(config, tasks, tokenizer, splits=("train", "dev"))
-    record = {"step": step, **_eval_record(predict_step, params, EvalSets(data, config, mesh),
-                                           tasks, config)}
-    _write_json(epath.Path(workdir) / f"eval-{step}.json", record)
-    print(json.dumps(record, indent=2))
-    return record
-
-
-def predict(config, workdir, step: int | None = None) -> list[epath.Path]:
-    """`--mode=predict`: CS224N prediction files for dev and test in <workdir>/predictions."""
-    _, params, tokenizer, tasks, step, mesh, predict_step = restore_for_inference(
-        config, workdir, step)
-    data = load_data(config, tasks, tokenizer, splits=("dev", "test"), limits=False)
-    out_dir = epath.Path(workdir) / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    eval_sets = EvalSets(data, config, mesh)
-    for split in ("dev", "test"):
-        _, preds = evaluate(predict_step, params, eval_sets, tasks, split)
-        for task in tasks:
-            if task.name not in preds:
-                print(f"{task.name}: no {split} file; no predictions written")
-                continue
-            prefix, column = PREDICTION_FILES.get(task.name, (task.name, "Predicted"))
-            path = out_dir / f"{prefix}-{split}-output.csv"
-            if _host0():
-                with path.open("w") as f:
-                    f.write(f"id \t {column} \n")
-                    for example_id, p in preds[task.name].items():
-                        f.write(f"{example_id} , {p} \n")
-            written.append(path)
-            print(f"wrote {path} ({len(preds[task.name])} predictions, checkpoint step {step})")
-    return written

@@ -233,8 +233,8 @@ def params_from_tensors(tensors: dict[str, np.ndarray], config: BertConfig,
     return params
 
 
-def load_pretrained(source: str | os.PathLike) -> tuple[BertConfig, dict[str, Any], Path]:
-    """Loads a checkpoint: (config, encoder params as float32 NumPy, its directory)."""
+def load_config(source: str | os.PathLike) -> tuple[BertConfig, Path]:
+    """A checkpoint's encoder config and its directory, without reading the weights."""
     directory = resolve_checkpoint(source)
     config_file = directory / "config.json"
     if not config_file.exists():
@@ -246,6 +246,12 @@ def load_pretrained(source: str | os.PathLike) -> tuple[BertConfig, dict[str, An
         config = BertConfig.from_json(config_file)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_file}: {e}") from e
+    return config, directory
+
+
+def load_pretrained(source: str | os.PathLike) -> tuple[BertConfig, dict[str, Any], Path]:
+    """Loads a checkpoint: (config, encoder params as float32 NumPy, its directory)."""
+    config, directory = load_config(source)
     params = params_from_tensors(_read_tensors(directory), config, str(directory))
     return config, params, directory
 

@@ -1,0 +1,180 @@
+"""What a run's workdir records, read and written in one place.
+
+    <workdir>/config.json     the resolved config of the run (`write_config`, `read_config`)
+    <workdir>/params.json     parameter counts
+    <workdir>/metrics.jsonl   one JSON line per evaluated epoch (`append_metrics`, `read_metrics`)
+    <workdir>/best.json       {"step", "metric", "score"} of the best checkpoint (`read_best`)
+
+A workdir describes its run: every command that restores one (eval, predict,
+export, `Predictor.from_workdir`) builds the model from the saved
+`config.json`. `config_for_restore(workdir, given)` merges a config given on
+the command line into it: the fields that only choose data or evaluation
+(`data.*`, `eval.*`, `parallel.*`, the sources of declared tasks) are taken
+from `given`; the fields that define the model (`MODEL_FIELDS` and each task's
+kind, label count, range and names) must match, else `ConfigMismatchError`
+lists each differing field as `saved -> given`; training fields come from the
+saved run.
+
+Only process 0 writes (multi-host jobs share the workdir).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from etils import epath
+
+from flaxpals import config_lib
+
+log = logging.getLogger(__name__)
+
+# Fields that decide the model's parameters or its function: a restored run must agree.
+MODEL_FIELDS = ("model.checkpoint", "model.dtype", "model.adapter", "model.adapter_size",
+                "model.adapter_heads", "model.placement", "model.pooling",
+                "model.pair_encoding", "model.similarity", "tasks")
+# Sections that only choose data or evaluation: a restoring command may change them.
+DATA_SECTIONS = ("data", "eval", "parallel")
+# What of a task the model is built from (its source files may change).
+TASK_MODEL_FIELDS = ("kind", "num_labels", "label_range", "label_names")
+
+
+class ConfigMismatchError(ValueError):
+    """A given config that defines another model than the saved run."""
+
+
+def _host0() -> bool:
+    return jax.process_index() == 0
+
+
+def write_json(path: epath.PathLike, obj: Any) -> None:
+    if _host0():
+        epath.Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_config(workdir: epath.PathLike, config: ml_collections.ConfigDict) -> None:
+    write_json(epath.Path(workdir) / "config.json", config.to_dict())
+
+
+def has_run(workdir: epath.PathLike) -> bool:
+    return (epath.Path(workdir) / "config.json").exists()
+
+
+def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
+    """The run's config.json as a validated ConfigDict (fields it lacks: see config_lib)."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        what = "does not exist" if not epath.Path(workdir).exists() else "holds no config.json"
+        raise FileNotFoundError(f"workdir {os.fspath(workdir)} {what}: it is not a flaxpals run "
+                                "(train one with python -m flaxpals.main --config=...)")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise config_lib.ConfigError(f"{path}: not valid JSON ({e})") from None
+    try:
+        config = config_lib.from_dict(values)
+    except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f"{path}: {e}") from None
+    return config
+
+
+def append_metrics(workdir: epath.PathLike, record: dict) -> None:
+    if _host0():
+        with (epath.Path(workdir) / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(workdir: epath.PathLike) -> list[dict]:
+    """The epoch records of metrics.jsonl, in order ([] when there are none)."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_best(workdir: epath.PathLike) -> dict | None:
+    path = epath.Path(workdir) / "best.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def record_at(workdir: epath.PathLike, step: int) -> dict | None:
+    """The metrics.jsonl record of `step`, or None."""
+    found = [r for r in read_metrics(workdir) if r.get("step") == step]
+    return found[-1] if found else None
+
+
+def _get(config, dotted: str):
+    node = config
+    for key in dotted.split("."):
+        node = node[key]
+    return tuple(node) if isinstance(node, list | tuple) else node
+
+
+def _task_fields(config) -> dict[str, dict[str, Any]]:
+    from flaxpals.tasks import tasks_of_config  # tasks imports nothing of ours but config
+
+    return {t.name: {f: getattr(t, f) for f in TASK_MODEL_FIELDS}
+            for t in tasks_of_config(config)}
+
+
+def model_differences(saved, given) -> list[tuple[str, Any, Any]]:
+    """[(field, saved value, given value)] for every model-defining field that differs."""
+    out = [(f, _get(saved, f), _get(given, f)) for f in MODEL_FIELDS
+           if _get(saved, f) != _get(given, f)]
+    if any(f == "tasks" for f, _, _ in out):
+        return out  # other tasks: their fields cannot be compared one to one
+    mine, theirs = _task_fields(saved), _task_fields(given)
+    for name, fields in mine.items():
+        out += [(f"tasks.{name}.{f}", v, theirs[name][f]) for f, v in fields.items()
+                if theirs[name][f] != v]
+    return out
+
+
+def check_same_model(saved, given, source: str) -> None:
+    """Raises ConfigMismatchError listing the model-defining fields where they differ."""
+    diffs = model_differences(saved, given)
+    if diffs:
+        lines = "\n".join(f"  {f}: {a!r} -> {b!r}" for f, a, b in diffs)
+        raise ConfigMismatchError(
+            f"the given config defines another model than the run saved in {source} "
+            f"(saved -> given):\n{lines}\nLeave out --config to use the saved run's config.")
+
+
+def config_for_restore(workdir: epath.PathLike,
+                       given: ml_collections.ConfigDict | None = None
+                       ) -> ml_collections.ConfigDict:
+    """The config to restore `workdir` with: the saved one, with `given`'s data and
+    evaluation choices when a config is given (module docstring)."""
+    saved = read_config(workdir)
+    if given is None:
+        return saved
+    config_lib.validate(given)
+    check_same_model(saved, given, str(epath.Path(workdir) / "config.json"))
+    out = saved.copy_and_resolve_references()
+    with out.unlocked():
+        for section in DATA_SECTIONS:
+            out[section] = given[section].copy_and_resolve_references()
+        out.extra_tasks = given.extra_tasks.copy_and_resolve_references()
+    ignored = [k for k in _flat(saved) if not k.startswith(DATA_SECTIONS + ("extra_tasks",))
+               and k not in MODEL_FIELDS and _flat(saved)[k] != _flat(given).get(k)]
+    if ignored:
+        log.info("restoring %s: training fields are the saved run's; ignoring the given %s",
+                 os.fspath(workdir), ", ".join(ignored))
+    return out
+
+
+def _flat(config) -> dict[str, Any]:
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, ml_collections.ConfigDict | dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = tuple(v) if isinstance(v, list | tuple) else v
+    walk(config, "")
+    return out
