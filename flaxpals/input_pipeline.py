@@ -58,7 +58,7 @@ from flaxpals.tf_util import import_tf
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when what is cached changes
+CACHE_VERSION = 2  # bump when what is cached changes (2: notes count truncation)
 DEFAULT_BUCKETS = (32, 64, 128)
 
 
@@ -206,14 +206,18 @@ def _task_key(task: Task) -> dict[str, Any]:
 
 
 def _tokenize(tokenizer, parsed: reader.ParsedSplit, encoding: str, max_length: int):
+    """(input_ids, token_type_ids, input_ids_2, token_type_ids_2, examples truncated)."""
     if encoding == "cross":
-        ids, types = tokenizer.encode(parsed.texts, parsed.text_pairs, max_length=max_length)
-        return Ragged.from_lists(ids), Ragged.from_lists(types), None, None
-    ids, types = tokenizer.encode(parsed.texts, max_length=max_length)
-    out = [Ragged.from_lists(ids), Ragged.from_lists(types), None, None]
+        ids, types, cut = tokenizer.encode(parsed.texts, parsed.text_pairs,
+                                           max_length=max_length, count_truncated=True)
+        return Ragged.from_lists(ids), Ragged.from_lists(types), None, None, cut
+    ids, types, cut = tokenizer.encode(parsed.texts, max_length=max_length,
+                                       count_truncated=True)
+    out = [Ragged.from_lists(ids), Ragged.from_lists(types), None, None, cut]
     if encoding == "bi":
-        ids2, types2 = tokenizer.encode(parsed.text_pairs, max_length=max_length)
-        out[2:] = Ragged.from_lists(ids2), Ragged.from_lists(types2)
+        ids2, types2, cut2 = tokenizer.encode(parsed.text_pairs, max_length=max_length,
+                                              count_truncated=True)
+        out[2:] = Ragged.from_lists(ids2), Ragged.from_lists(types2), cut + cut2
     return tuple(out)
 
 
@@ -314,26 +318,41 @@ def load_split(task: Task, split: str, tokenizer, *, data_dir=None, cache_dir=No
             cs224n.verify(path, name=task.split_source(split))
         parsed = reader.read_file(path, task, split, strict=strict)
     t1 = time.perf_counter()
-    if not len(parsed):
-        raise ValueError(f"{parsed.source}: no usable example (skipped {parsed.skip_counts})")
-    ids, types, ids2, types2 = _tokenize(tokenizer, parsed, encoding, max_length)
+    out = split_from_parsed(task, split, parsed, tokenizer, max_length=max_length,
+                            pair_encoding=pair_encoding, sha256=sha)
     t2 = time.perf_counter()
-    labels = None
-    if parsed.labels is not None:
-        labels = np.asarray(parsed.labels, np.float32 if task.is_regression else np.int32)
-    out = Split(
-        task=task, name=split, encoding=encoding, max_length=max_length,
-        ids=np.asarray(parsed.ids, dtype=object), labels=labels, input_ids=ids,
-        token_type_ids=types, input_ids_2=ids2, token_type_ids_2=types2,
-        lines=np.asarray(parsed.lines, np.int32), num_rows=parsed.num_rows,
-        skip_counts=parsed.skip_counts, skipped=parsed.skipped, notes=parsed.notes,
-        source=parsed.source, sha256=sha, pad_id=tokenizer.pad_id,
-        cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id)
     if use_cache:
         _save(out, cache_file)
     out.stats = {"parse_s": t1 - t0, "tokenize_s": t2 - t1, "from_cache": False,
                  "load_s": time.perf_counter() - start}
     return out
+
+
+def split_from_parsed(task: Task, split: str, parsed: reader.ParsedSplit, tokenizer, *,
+                      max_length: int = 128, pair_encoding: str = "bi",
+                      sha256: str | None = None) -> Split:
+    """Tokenizes checked examples (`reader.read_file`, `reader.read_records`) into a Split;
+    examples longer than max_length are cut to it and counted in notes["truncated"]."""
+    if not len(parsed):
+        raise ValueError(f"{parsed.source}: no usable example (skipped {parsed.skip_counts})")
+    encoding = pair_encoding if task.is_pair else "single"
+    ids, types, ids2, types2, truncated = _tokenize(tokenizer, parsed, encoding, max_length)
+    notes = dict(parsed.notes)
+    if truncated:
+        notes["truncated"] = truncated
+        log.info("%s: %d examples longer than %d tokens were truncated", parsed.source,
+                 truncated, max_length)
+    labels = None
+    if parsed.labels is not None:
+        labels = np.asarray(parsed.labels, np.float32 if task.is_regression else np.int32)
+    return Split(
+        task=task, name=split, encoding=encoding, max_length=max_length,
+        ids=np.asarray(parsed.ids, dtype=object), labels=labels, input_ids=ids,
+        token_type_ids=types, input_ids_2=ids2, token_type_ids_2=types2,
+        lines=np.asarray(parsed.lines, np.int32), num_rows=parsed.num_rows,
+        skip_counts=parsed.skip_counts, skipped=parsed.skipped, notes=notes,
+        source=parsed.source, sha256=sha256, pad_id=tokenizer.pad_id,
+        cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id)
 
 
 # ---------------------------------------------------------------- batches

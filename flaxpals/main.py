@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flaxpals import checkpointing, config_lib, evaluation, parallel, runs, train, weights
-from flaxpals.datasets.reader import DataFormatError
+from flaxpals.datasets.reader import DataFormatError, parse_columns
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions.")
@@ -47,17 +47,6 @@ flags.mark_flags_as_required(["workdir"])
 USER_ERRORS = (config_lib.ConfigError, runs.ConfigMismatchError, DataFormatError,
                checkpointing.CheckpointMismatchError, weights.CheckpointError,
                FileNotFoundError)
-
-
-def parse_columns(text: str | None) -> dict[str, str]:
-    """'text=review,label=stars' -> {'text': 'review', 'label': 'stars'}."""
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise config_lib.ConfigError(f"--columns: {item!r} is not key=column")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def check_overrides(argv: list[str]) -> None:

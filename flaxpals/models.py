@@ -118,9 +118,10 @@ class MultiTaskModel(nn.Module):
         raise KeyError(f"unknown task {name!r}; this model has {[t.name for t in self.tasks]}")
 
     def encode(self, input_ids: Array, attention_mask: Array, token_type_ids: Array,
-               task: str, deterministic: bool) -> Array:
-        """One sentence (or cross-encoded pair) per row -> its vector [batch, hidden]."""
-        branches = (None if self.adapters is None
+               task: str | None, deterministic: bool) -> Array:
+        """One sentence (or cross-encoded pair) per row -> its vector [batch, hidden];
+        task None: the shared encoder alone, without any task's adapters."""
+        branches = (None if self.adapters is None or task is None
                     else self.adapters.branches(task, attention_mask, deterministic))
         seq, pooled = self.encoder(input_ids, attention_mask, token_type_ids, deterministic,
                                    branches=branches, placement=self.options.placement)

@@ -49,11 +49,12 @@ class Tokenizer:
         return cls(directory / "vocab.txt", lowercase=lowercase, max_length=max_length)
 
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
-               max_length: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+               max_length: int | None = None, count_truncated: bool = False):
         """Tokenizes a batch; returns (input_ids, token_type_ids), one list per example.
 
         texts: N sentences; pairs: N second sentences for a pair encoding, or None.
         max_length: truncation length including special tokens (default: the tokenizer's).
+        count_truncated: also return how many examples were cut to max_length.
         """
         length = max_length or self.max_length
         if length != self.max_length:
@@ -64,7 +65,8 @@ class Tokenizer:
         finally:
             if length != self.max_length:
                 self._tok.enable_truncation(self.max_length, strategy="longest_first")
-        return [e.ids for e in encodings], [e.type_ids for e in encodings]
+        out = [e.ids for e in encodings], [e.type_ids for e in encodings]
+        return (*out, sum(bool(e.overflowing) for e in encodings)) if count_truncated else out
 
     def pad(self, ids: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]],
             length: int | None = None) -> dict[str, np.ndarray]:

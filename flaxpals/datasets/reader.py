@@ -34,6 +34,7 @@ rows. Kept rows may carry notes, counted but harmless:
 
   stray_quote          a text with an odd number of `"` characters (kept as is)
   odd_header           the header has unnamed or numeric column names (once per file)
+  truncated            longer than max_length tokens: cut to it (counted when tokenized)
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 SKIP_REASONS = ("bad_encoding", "bad_quoting", "blank_line", "wrong_column_count",
                 "header_row", "empty_id", "duplicate_id", "empty_sentence", "empty_label",
                 "bad_label", "label_out_of_range")
-NOTES = ("stray_quote", "odd_header")
+NOTES = ("stray_quote", "odd_header", "truncated")
 
 
 class DataFormatError(ValueError):
@@ -315,6 +316,30 @@ def read_file(path: str | os.PathLike, task: Task, split: str, *,
         checker.add(number, fields[c_id] if c_id is not None else None, fields[c_text],
                     fields[c_pair] if c_pair is not None else None,
                     fields[c_label] if c_label is not None else None)
+    return checker.finish()
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+    """'text=review,label=stars' -> {'text': 'review', 'label': 'stars'} (a --columns flag)."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"--columns: {item!r} is not key=column")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def read_records(records, task: Task, split: str, source: str, *, labelled: bool = False,
+                 strict: bool = False) -> ParsedSplit:
+    """Checks in-memory records as `read_file` checks a file's rows.
+
+    records: iterable of (line, id or None, text, text_pair or None, label or None);
+    `line` is what errors and skip lists name (1-based).
+    """
+    checker = _Checker(task, split, source, labelled=labelled, strict=strict)
+    for line, ex_id, text, pair, label in records:
+        checker.add(line, ex_id, text, pair, label)
     return checker.finish()
 
 

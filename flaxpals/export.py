@@ -1,0 +1,187 @@
+"""A trained run as one self-contained model directory.
+
+    python -m flaxpals.export --workdir=runs/pal --out=exported/pal      # best checkpoint
+    python -m flaxpals.export --workdir=runs/pal --out=DIR --step=961    # a latest step
+
+writes
+
+    DIR/config.json, model.safetensors, vocab.txt, tokenizer_config.json
+                            the shared encoder in the Hugging Face layout
+                            (`transformers.BertModel.from_pretrained(DIR)` loads it;
+                            without the adapters, it is the plain shared encoder)
+    DIR/tasks.safetensors   every task's adapters and heads, named by param path
+                            ("adapters/sst/...", "heads/sst/dense/kernel")
+    DIR/flaxpals.json       tasks (kinds, label names, ranges), model options, the
+                            training config, the exported step and its dev metrics
+    DIR/README.md           a short model card
+
+`Predictor.from_pretrained(DIR)` (flaxpals.predict) loads it back with no
+workdir and no config file: `restore_exported(DIR)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from flaxpals import build, config_lib, evaluation, parallel, runs, task_params, weights
+from flaxpals.checkpointing import CheckpointMismatchError, tree_differences
+from flaxpals.steps import Steps
+
+FORMAT = 1
+TASKS_FILE = "tasks.safetensors"
+META_FILE = "flaxpals.json"
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[prefix + key] = np.ascontiguousarray(np.asarray(value, np.float32))
+    return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def export(workdir, out, step: int | None = None) -> Path:
+    """Writes the run's best checkpoint (or `step`) to `out` (module docstring)."""
+    from safetensors.numpy import save_file
+
+    r = evaluation.restore(workdir, None, step)
+    params = jax.device_get(r.params)
+    out = Path(out)
+    bert_config, source_dir = build.encoder_config(r.config.model)
+    weights.save_pretrained(params["encoder"], bert_config, out, Path(source_dir) / "vocab.txt")
+    tokenizer_config = Path(source_dir) / "tokenizer_config.json"
+    if tokenizer_config.exists():
+        shutil.copyfile(tokenizer_config, out / "tokenizer_config.json")
+    rest = {k: v for k, v in params.items() if k != "encoder"}
+    save_file(_flatten(rest), str(out / TASKS_FILE), metadata={"format": f"flaxpals-{FORMAT}"})
+    metrics = runs.record_at(workdir, r.step)
+    accounting = task_params.param_accounting(params, tuple(t.name for t in r.tasks))
+    meta = {"format": FORMAT, "step": r.step, "source": str(workdir),
+            "tasks": [_task_record(t) for t in r.tasks],
+            "model": r.config.model.to_dict(), "config": r.config.to_dict(),
+            "metrics": metrics, "params": accounting}
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    (out / "README.md").write_text(model_card(meta, bert_config))
+    return out
+
+
+def _task_record(task) -> dict:
+    keep = ("name", "kind", "num_labels", "label_range", "label_names", "metric",
+            "description")
+    return {k: v for k, v in dataclasses.asdict(task).items() if k in keep}
+
+
+def model_card(meta: dict, bert_config) -> str:
+    m, metrics = meta["model"], meta["metrics"] or {}
+    rows = []
+    for t in meta["tasks"]:
+        score = metrics.get(f"dev/{t['name']}")
+        labels = (", ".join(t["label_names"]) if t["label_names"]
+                  else f"{t['label_range'][0]:g}..{t['label_range'][1]:g}" if t["label_range"]
+                  else f"0..{t['num_labels'] - 1}")
+        rows.append(f"| {t['name']} | {t['kind']} | {labels} | {t['metric']} | "
+                    + (f"{score:.4f}" if score is not None else "not recorded") + " |")
+    ratio = meta["params"].get("ratio")
+    return "\n".join([
+        f"# flaxpals multi-task model ({m['adapter']} adapters)",
+        "",
+        f"One shared BERT encoder ({bert_config.num_hidden_layers} layers, hidden "
+        f"{bert_config.hidden_size}; initialised from `{m['checkpoint']}`) with task-specific "
+        f"adapters (`{m['adapter']}`) and heads, trained with flaxpals "
+        f"(method `{meta['config']['train']['method']}`), exported at step {meta['step']}"
+        + (f"; {ratio:.4f}x the encoder's parameters." if ratio else "."),
+        "",
+        "| task | kind | labels | metric | dev |", "| --- | --- | --- | --- | --- |", *rows,
+        "",
+        "Dev figures are those recorded by training at the exported step"
+        + ("." if metrics else " (none was recorded at this step)."),
+        "",
+        "```python",
+        "from flaxpals.predict import Predictor",
+        "p = Predictor.from_pretrained('THIS_DIRECTORY')",
+        f"p.predict('{meta['tasks'][0]['name']}', ['your sentence']"
+        + (", pairs=['another sentence'])" if meta["tasks"][0]["kind"] != "classification"
+           else ")"),
+        "```",
+        "",
+        "`config.json` and `model.safetensors` are the shared encoder alone, in the Hugging "
+        "Face layout (`transformers.BertModel.from_pretrained`). Without its adapters and "
+        "heads (`tasks.safetensors`) it does not compute the tasks' outputs.",
+        "", f"Sentence vector: `{m['pooling']}` pooling; pairs: `{m['pair_encoding']}`-encoded.",
+        ""])
+
+
+def restore_exported(directory) -> evaluation.Restored:
+    """An exported directory as a `Restored` run (params on this host's mesh)."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    meta_file = directory / META_FILE
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{directory} holds no {META_FILE}: not a flaxpals export "
+                                "(write one with python -m flaxpals.export)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file}: format {meta.get('format')!r}, this flaxpals reads "
+                         f"{FORMAT}")
+    values = meta["config"]
+    values["model"]["checkpoint"] = str(directory)  # the exported encoder and vocabulary
+    config = config_lib.from_dict(values)
+    model, shapes, tokenizer, tasks = build.abstract_model(config)
+    _, encoder, _ = weights.load_pretrained(directory)
+    params = {**_unflatten(load_file(str(directory / TASKS_FILE))), "encoder": encoder}
+    diffs = tree_differences(params, shapes)
+    if diffs:
+        raise CheckpointMismatchError(f"{directory} does not fit its model: " + "; ".join(diffs))
+    mesh = parallel.make_mesh()
+    sharding = parallel.state_shardings(shapes, mesh, config.parallel.fsdp)
+    params = parallel.put(params, sharding)
+    predict_step = Steps(model, None).jitted_predict(mesh, sharding)
+    return evaluation.Restored(config, model, params, tokenizer, tasks, meta["step"], mesh,
+                               predict_step)
+
+
+def main(argv):
+    del argv
+    from absl import flags
+
+    f = flags.FLAGS
+    out = export(f.workdir, f.out, f.step)
+    print(f"exported {f.workdir} to {out}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
+    flags.DEFINE_string("out", None, "The model directory to write.", required=True)
+    flags.DEFINE_integer("step", None, "This step of the latest checkpoints instead of the "
+                         "best checkpoint.")
+
+    def _main(argv):
+        try:
+            main(argv)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+
+    app.run(_main)
