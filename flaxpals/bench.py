@@ -6,7 +6,7 @@
     python -m flaxpals.bench --no-dropout --json=/tmp/bench.json
     python -m flaxpals.bench --checkpoint=tiny --lengths=16 --reps=1 --batch=4   # smoke
 
-flaxpals side: the trainer's real code: `train.build_model` (MultiTaskModel and
+flaxpals side: the trainer's real code: `build.build_model` (MultiTaskModel and
 its params from the checkpoint), `optim.make_optimizer` (+ `pcgrad.pcgrad` for
 PCGrad), `steps.Steps(...).jitted()`. PyTorch side: `flaxpals.bench_torch`
 (transformers.BertModel with the same config and weights, equal heads,
@@ -209,11 +209,11 @@ class FlaxSide:
     def __init__(self, config, num_steps: int = 1000):
         import jax
 
-        from flaxpals import pcgrad, task_params, train
+        from flaxpals import build, pcgrad, task_params
         from flaxpals.steps import Steps
 
         self.jax, self.config, self.num_steps = jax, config, num_steps
-        self.model, self.params, self.tokenizer, self.tasks = train.build_model(config)
+        self.model, self.params, self.tokenizer, self.tasks = build.build_model(config)
         self.specs = {s.name: s for s in self.model.tasks}
         shared = task_params.shared_param_mask(self.params, tuple(self.specs))
         self._combiners = {"sum": None, "pcgrad": pcgrad.pcgrad(shared, seed=config.seed),

@@ -12,6 +12,9 @@ rejects unknown keys and bad values, naming the key, before any compute.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import ml_collections
 
 from flaxpals.tasks import tasks_of_config
@@ -95,6 +98,17 @@ def base() -> ml_collections.ConfigDict:
 
     c.log_every_steps = 50  # Train loss to TensorBoard/metrics every N steps.
     return c
+
+
+def load_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file, as `--config=path:arg` loads it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def parse_arg(arg: str | None) -> dict[str, str | bool]:

@@ -19,24 +19,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from flaxpals import parallel, sweep, train
+from flaxpals import build, evaluation, sweep
 
 
-def raw_outputs(forward, params, eval_sets, task: str, split: str, limit: int):
-    """(outputs [n], labels [n]) of a split's `limit` rows (-1: all; train: the seeded
-    sample); forward(params, batch) -> outputs [batch]."""
-    s, batches = eval_sets.get(task, split, limit)
-    out, index = [], []
-    for batch in batches:
-        arrays = eval_sets.to_device(batch)
-        index.append(parallel.to_host(arrays.pop("index")))
-        out.append(parallel.to_host(forward(params, arrays)))
-    out, index = np.concatenate(out), np.concatenate(index)
-    real = index >= 0
-    return out[real], np.asarray(s.labels)[index[real]].astype(int)
+def raw_outputs(restored, eval_sets, task: str, split: str, limit: int):
+    """(logits [n], labels [n]) of a split's `limit` rows (-1: all; train: the seeded
+    sample)."""
+    s, rows, out = evaluation.outputs(restored.predict_step, restored.params, eval_sets, task,
+                                      split, limit)
+    return out, np.asarray(s.labels)[rows].astype(int)
 
 
 def best_threshold(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -64,21 +57,16 @@ def main(argv=None) -> int:
     workdir = Path(args.results) / args.row
     if not (workdir / "best").is_dir():
         ap.error(f"{workdir}: no best checkpoint (has the row run?)")
-    config = sweep.build_config(rows[args.row], sweep.BUDGETS[args.budget], {})
-    model, params, tokenizer, tasks, step, mesh, _ = train.restore_for_inference(
-        config, workdir.absolute())
-    task = [t for t in tasks if t.name == args.task]
+    r = evaluation.restore(workdir.absolute())  # the row's own config.json
+    task = [t for t in r.tasks if t.name == args.task]
     if not task or task[0].kind != "pair_classification":
         ap.error(f"--task={args.task!r}: not a paraphrase task of row {args.row}")
-    data = train.load_data(config, task, tokenizer, splits=("train", "dev"), limits=False)
-    eval_sets = train.EvalSets(data, config, mesh)
-    # One jitted forward for both splits: a lambda per call would compile every shape twice.
-    forward = jax.jit(lambda p, b: model.apply({"params": p}, b, args.task))
-    train_x, train_y = raw_outputs(forward, params, eval_sets, args.task, "train",
-                                   args.train_pairs)
-    dev_x, dev_y = raw_outputs(forward, params, eval_sets, args.task, "dev", -1)
+    data = build.load_data(r.config, task, r.tokenizer, splits=("train", "dev"), limits=False)
+    eval_sets = evaluation.EvalSets(data, r.config, r.mesh)
+    train_x, train_y = raw_outputs(r, eval_sets, args.task, "train", args.train_pairs)
+    dev_x, dev_y = raw_outputs(r, eval_sets, args.task, "dev", -1)
     threshold, train_acc = best_threshold(train_x, train_y)
-    print(f"{args.row}, best checkpoint (step {step}), {args.task} dev: {len(dev_y)} pairs, "
+    print(f"{args.row}, best checkpoint (step {r.step}), {args.task} dev: {len(dev_y)} pairs, "
           f"{dev_y.mean():.3f} positive")
     print(f"dev logits: min {dev_x.min():.2f}, median {np.median(dev_x):.2f}, "
           f"max {dev_x.max():.2f}; above 0: {(dev_x > 0).mean():.3f}")

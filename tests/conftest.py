@@ -7,11 +7,14 @@ skipping it, so a green CI never hides a parity check that did not run.
 import csv
 import os
 import tempfile
+from pathlib import Path
 
 import jax
 import pytest
 
-from flaxpals import paths
+from flaxpals import config_lib, paths, runs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Tests build the same small steps many times (every training method compiles
 # the same per-task step, subprocesses too): a persistent compilation cache,
@@ -54,3 +57,38 @@ def hf_tokenizer(minilm):
     tok.backend_tokenizer.no_truncation()
     assert tok("a man")["input_ids"] == [101, 1037, 2158, 102], "reference tokenizer is broken"
     return tok
+
+
+def tiny(name="baseline", arg="", **overrides):
+    """configs/<name>.py at the tiny scale, with dotted-key overrides."""
+    c = config_lib.load_file(ROOT / "configs" / f"{name}.py",
+                             ",".join(filter(None, [arg, "tiny"])))
+    c.data.cache_dir = os.environ.get("FLAXPALS_TEST_CACHE", "")
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def epochs(workdir) -> list[dict]:
+    return runs.read_metrics(workdir)
+
+
+# Tests that share the trained tiny PAL run carry this mark: under pytest-xdist
+# (--dist loadgroup) they stay on one worker, so it is trained once.
+TRAINED = pytest.mark.xdist_group("trained_tiny_pal")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(config, workdir) of a trained tiny PAL run (SST, Quora, STS). Read it; tests that
+    damage a run work on a copy."""
+    from flaxpals import train
+
+    workdir = tmp_path_factory.mktemp("run")
+    c = tiny("pal")
+    train.train_and_evaluate(c, workdir)
+    return c, workdir

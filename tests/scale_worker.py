@@ -46,7 +46,7 @@ def main(spec_path: str) -> None:
 
     from flaxpals import train
     from flaxpals.checkpointing import Checkpoints
-    from tests.test_train_e2e import tiny
+    from tests.conftest import tiny
 
     for run in spec["runs"]:
         config = tiny(run["name"], run.get("arg", ""), **run.get("overrides", {}))

@@ -262,14 +262,14 @@ def test_train_sample_is_seeded_random_not_the_files_head(tok, cache):
 
 
 def test_the_trainers_train_sample_is_the_seeded_one(tok, cache):
-    # What the trainer evaluates each epoch (train.EvalSets): the seeded sample for
+    # What the trainer evaluates each epoch (evaluation.EvalSets): the seeded sample for
     # train, the head for any other split's limit.
-    from flaxpals import config_lib, parallel, train
+    from flaxpals import config_lib, evaluation, parallel
 
     c = config_lib.base()
     c.seed = 5
     sst, dev = load("sst", "train", tok, cache), load("sst", "dev", tok, cache)
-    sets = train.EvalSets({"sst": {"train": sst, "dev": dev}}, c, parallel.make_mesh())
+    sets = evaluation.EvalSets({"sst": {"train": sst, "dev": dev}}, c, parallel.make_mesh())
     sampled, batches = sets.get("sst", "train", c.eval.train_sample)
     assert list(sampled.ids) == list(sst.sample(c.eval.train_sample, seed=5).ids)
     assert sum(int((b["index"] >= 0).sum()) for b in batches) == c.eval.train_sample

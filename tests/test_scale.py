@@ -23,11 +23,11 @@ import jax
 import numpy as np
 import pytest
 
-from flaxpals import parallel, train
+from flaxpals import build, parallel
 from flaxpals.bert import tiny_config
 from flaxpals.checkpointing import Checkpoints
 from flaxpals.models import MultiTaskModel, TaskSpec, dummy_batch
-from tests.test_train_e2e import tiny
+from tests.conftest import tiny
 
 # One module-wide set of subprocess runs (`jobs`): under pytest-xdist
 # (--dist loadgroup) the whole module runs on one worker, so they run once.
@@ -206,7 +206,7 @@ def test_four_device_runs_used_both_layouts(jobs):
 @pytest.fixture(scope="module")
 def initial_params():
     """The initial params of every SMALL-based run (same seed, tasks and model)."""
-    _, params, *_ = train.build_model(tiny("baseline", **SMALL))
+    _, params, *_ = build.build_model(tiny("baseline", **SMALL))
     return params
 
 
@@ -265,7 +265,7 @@ def test_two_processes_agree_and_match_one_device(jobs):
 
 def test_bf16_computes_in_bf16_with_float32_params():
     model = MultiTaskModel(tiny_config(), (TaskSpec("sst", "classification", 5),),
-                           train.model_options(tiny("baseline", **BF16).model))
+                           build.model_options(tiny("baseline", **BF16).model))
     batch = dummy_batch(model.task("sst"), "bi")
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), batch, "sst"))["params"]
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}

@@ -1,6 +1,5 @@
 """Metrics, configs, the optimiser's masks and task isolation (no data files needed)."""
 
-import importlib.util
 import itertools
 from pathlib import Path
 
@@ -19,10 +18,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_file(CONFIGS / f"{name}.py", arg)
 
 
 def test_pearson_and_accuracy_against_numpy():
