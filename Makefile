@@ -38,8 +38,7 @@ PYTEST_WORKERS ?= 2
 
 PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
-# The default suite: 221 tests in 567 s on 2026-11-26 (it was 640 s before three adapter
-# e2e runs moved to test-slow), on this project's 2-core machines.
+# The default suite (docs/benchmarks.md gives its time on this project's machines).
 test: install-test lint
 	$(PYTEST) -m "not slow"
 

@@ -20,7 +20,7 @@ def get_config(arg=None):
     c = config_lib.base()
     c.tasks = (task,)
     c.model.adapter = "none"
-    c.train.mode = "head_only" if option == "pretrain" else "finetune"
+    c.train.trainable = "head_only" if option == "pretrain" else "finetune"
     c.train.learning_rate = 1e-3 if option == "pretrain" else 1e-5
     c.train.num_epochs = 10
     c.train.batch_size = 8 if task == "cfimdb" else 64

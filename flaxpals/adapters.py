@@ -7,31 +7,8 @@ Each layer of the encoder gets, for the task of the step, a branch
 (Stickland & Murray 2019, "BERT and PALs"). `bert.BertLayer` adds TS(h) where
 `placement` says; this module only holds the adapters' parameters and computes TS.
 
-What the reference implementation does (AsaCooperStickland/Bert-n-Pals,
-modeling.py, commit 53c66cd), and what this module matches:
-
-- `BERTPals.forward`: `gelu(aug_dense2(attn(aug_dense(h))))`. V^E = `aug_dense`
-  and V^D = `aug_dense2` are `nn.Linear`, so both have biases. GELU is applied
-  to the branch *output* (after V^D), the erf form.
-- `attn = BERTSelfAttention(config, 6)`: query, key, value `nn.Linear(d, d)` with
-  biases, 6 heads of d // 6, the encoder's additive padding mask, dropout
-  `attention_probs_dropout_prob` on the probabilities, and *no* output
-  projection (`BERTSelfAttention` returns the concatenated context).
-- `BERTEncoder.__init__` (`mult and pals`): one `aug_dense` / `aug_dense2` per
-  task, assigned into every layer's PAL, so V^E / V^D are shared by all layers;
-  the attention stays per layer and per task (`copy.deepcopy` in `BERTLayer`).
-- `BERTLowRank.forward`: `aug_dense2(gelu(aug_dense(h)))`: GELU *between* V^E
-  and V^D, none on the output; every layer has its own deep copy, so nothing is
-  shared across layers.
-- `BERTLayer.forward` (`mult`): `extra = multi_layers[i](hidden_states, mask)` on
-  the layer *input*, then `BERTOutput`: `LayerNorm(dropout(dense(inter)) +
-  attention_output + extra)`, i.e. LN2(FFN(a) + a + TS(h)); the branch itself
-  has no hidden dropout.
-- `init_weights`: every `nn.Linear` weight normal(0, initializer_range), bias 0.
-- Sizes: its README gives d = 204 (PALs) and 100 (low-rank) for BERT-base,
-  the paper's figures, although the stored configs/pals_config.json says 300
-  and configs/low_rank_config.json 128. We default to 204 / 100, scaled by
-  hidden / 768.
+The layout follows the reference implementation (AsaCooperStickland/Bert-n-Pals);
+what it does, line by line, and the sizes chosen: docs/design/pal-reference.md.
 
 Parameter tree of `TaskAdapters` (under whatever name the caller gives it,
 "adapters" by convention); every task's parameters sit under its name, so a

@@ -127,7 +127,7 @@ def multi_head_attention(q: Array, k: Array, v: Array, bias: Array, num_heads: i
     d = width // num_heads
     # Scale the [b, n, width] queries, not the [b, h, n, n] scores. Transpose to
     # heads-first [b, h, n, d] explicitly: XLA:CPU's forward ran 2.5x faster so
-    # (launch/bench_ops.py, MiniLM at L128, batch 128: 449 ms to 178 ms) than when
+    # (benchmarks/bench_ops.py, MiniLM at L128, batch 128: 449 ms to 178 ms) than when
     # the einsums took "bqhd" operands and picked the layouts themselves.
     q = q / jnp.sqrt(d).astype(q.dtype)
     q, k, v = (x.reshape(b, n, num_heads, d).transpose(0, 2, 1, 3) for x in (q, k, v))

@@ -16,16 +16,17 @@ import jax
 
 from flaxpals import bert, input_pipeline, weights
 from flaxpals import tasks as tasks_lib
+from flaxpals.adapters import AdapterConfig
 from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
 from flaxpals.tokenizer import Tokenizer
 
 
 def encoder_config(model_cfg) -> tuple[bert.BertConfig, Any]:
     """(encoder config, the checkpoint directory with its vocab.txt), reading no weights."""
-    if model_cfg.checkpoint == "tiny":
+    if model_cfg.encoder == "tiny":
         config, directory = bert.tiny_config(), weights.resolve_checkpoint("minilm")
     else:
-        config, directory = weights.load_config(model_cfg.checkpoint)
+        config, directory = weights.load_config(model_cfg.encoder)
     return _with_dropout(config, model_cfg), directory
 
 
@@ -38,20 +39,22 @@ def _with_dropout(config: bert.BertConfig, model_cfg) -> bert.BertConfig:
 
 def load_encoder(model_cfg) -> tuple[bert.BertConfig, dict | None, Tokenizer]:
     """(encoder config, pretrained params or None for random init, tokenizer)."""
-    if model_cfg.checkpoint == "tiny":
+    if model_cfg.encoder == "tiny":
         config, params = bert.tiny_config(), None
         vocab_dir = weights.resolve_checkpoint("minilm")  # a real vocabulary for the tokens
     else:
-        config, params, vocab_dir = weights.load_pretrained(model_cfg.checkpoint)
+        config, params, vocab_dir = weights.load_pretrained(model_cfg.encoder)
     return _with_dropout(config, model_cfg), params, Tokenizer.from_checkpoint(vocab_dir)
 
 
 def model_options(model_cfg) -> ModelOptions:
+    adapter = AdapterConfig(
+        kind=model_cfg.adapter,
+        size=None if model_cfg.adapter_size < 0 else model_cfg.adapter_size,
+        num_heads=model_cfg.adapter_heads, zero_init_decoder=model_cfg.zero_init_decoder,
+        placement=model_cfg.placement)
     return ModelOptions(
-        adapter=model_cfg.adapter,
-        adapter_size=None if model_cfg.adapter_size < 0 else model_cfg.adapter_size,
-        adapter_heads=model_cfg.adapter_heads, placement=model_cfg.placement,
-        zero_init_decoder=model_cfg.zero_init_decoder, pooling=model_cfg.pooling,
+        adapter=adapter, pooling=model_cfg.pooling,
         pair_encoding=model_cfg.pair_encoding, similarity=model_cfg.similarity,
         head_dropout=model_cfg.head_dropout, dtype=model_cfg.dtype)
 

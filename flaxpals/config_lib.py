@@ -8,6 +8,8 @@ experiment needs; each takes an argument string, e.g.
 (comma-separated `key=value` pairs and bare flags: `tiny` for the random-init
 test scale, `bert_base` for bert-base-uncased on an accelerator). `validate`
 rejects unknown keys and bad values, naming the key, before any compute.
+"The report" in comments is the CS224N project report whose experiments
+flaxpals reimplements: its recipe, where it differs from the defaults.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from pathlib import Path
 
 import ml_collections
 
+from flaxpals import sampler
 from flaxpals.tasks import tasks_of_config
 
-METHODS = ("sequential", "round_robin", "additive", "pcgrad", "proportional", "sqrt",
-           "uniform", "temperature", "annealed")
+# The sampler's methods, plus pcgrad: the additive schedule with PCGrad combining the
+# task gradients.
+METHODS = sampler.METHODS + ("pcgrad",)
 SCALES = ("tiny", "minilm", "bert_base")
 
 
@@ -36,17 +40,19 @@ def base() -> ml_collections.ConfigDict:
     c.extra_tasks = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    c.model.checkpoint = "minilm"  # A directory, 'minilm' (embedded), a hub id, or 'tiny'.
+    c.model.encoder = "minilm"  # A directory, 'minilm' (embedded), a hub id, or 'tiny'.
     c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
     c.model.adapter = "none"  # Task-specific layers: none | pal | lowrank.
     c.model.adapter_size = -1  # Adapter width d; -1: the paper's size scaled to the encoder.
     c.model.adapter_heads = 6  # Attention heads inside a PAL.
     c.model.placement = "output"  # Where adapters enter a layer: output | parallel.
     c.model.zero_init_decoder = False  # Zero V^D so training starts from the plain encoder.
-    # Sentence vector: mean (over real tokens; MiniLM's native one) | cls (tanh pooler, the seed).
+    # Sentence vector: mean (over real tokens; MiniLM's own) | cls (tanh pooler, the report's).
     c.model.pooling = "mean"
-    c.model.pair_encoding = "cross"  # Pairs: cross ([CLS] a [SEP] b [SEP]) | bi (apart, the seed).
-    c.model.similarity = "cosine"  # Bi-encoder STS head: cosine (scaled 0..5) | dot (the seed).
+    # Pairs: cross ([CLS] a [SEP] b [SEP]) | bi (encoded apart, the report's).
+    c.model.pair_encoding = "cross"
+    # Bi-encoder STS head: cosine (scaled to 0..5) | dot (the report's).
+    c.model.similarity = "cosine"
     c.model.head_dropout = 0.1  # Dropout before each head.
     c.model.hidden_dropout = -1.0  # Encoder dropout; -1: the checkpoint's own.
 
@@ -61,17 +67,18 @@ def base() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.method = "annealed"  # One of config_lib.METHODS (pcgrad = additive + PCGrad).
-    c.train.combiner = "sum"  # Additive method: sum | pcgrad (set by method=pcgrad).
+    c.train.combiner = "sum"  # Task gradients of method=additive: sum | pcgrad.
     c.train.pcgrad_reduction = "sum"  # PCGrad: sum (the paper) | mean.
     c.train.batch_size = 32  # Global batch size per task and step.
     c.train.num_epochs = 3  # Epochs; an epoch is steps_per_epoch steps.
     c.train.steps_per_epoch = -1  # -1: the sampler's default for the method.
     c.train.temperature = 2.0  # Sampling temperature T (alpha = 1/T) for method=temperature.
-    c.train.mode = "finetune"  # finetune | adapters_only (encoder frozen) | head_only.
-    c.train.learning_rate = 5e-5  # Peak learning rate (the seed: a constant 1e-5).
-    c.train.schedule = "warmup_linear"  # warmup_linear | constant (the seed).
+    # What trains: finetune (all) | adapters_only (encoder frozen) | head_only (heads alone).
+    c.train.trainable = "finetune"
+    c.train.learning_rate = 5e-5  # Peak learning rate (the report's: a constant 1e-5).
+    c.train.schedule = "warmup_linear"  # warmup_linear | constant (the report's).
     c.train.warmup_fraction = 0.1  # Warm-up share of all steps for warmup_linear.
-    c.train.weight_decay = 0.01  # AdamW decoupled weight decay (the seed: 0).
+    c.train.weight_decay = 0.01  # AdamW decoupled weight decay (the report's: 0).
     c.train.decay_mask = "no_bias_norm"  # Decay all but biases and LayerNorms | all.
     c.train.grad_clip = 1.0  # Clip by global norm; 0: no clipping.
     c.train.adam_b1 = 0.9  # Adam beta1.
@@ -82,7 +89,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval.batch_size = 128  # Global eval batch size.
     c.eval.train_sample = 1000  # Train examples per task evaluated each epoch (overfitting).
     # Which: "random", drawn with `seed`, the same every epoch; or "head", the file's first
-    # rows (before 2026-11-26 the only way; SST's train file is sorted, its head 80% 3s and 4s).
+    # rows (files can be sorted by label: SST's head is 80% classes 3 and 4).
     c.eval.train_sample_from = "random"
     c.eval.best_metric = "dev/average"  # Score that selects the best checkpoint.
 
@@ -133,7 +140,7 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None,
     if args.get("tiny"):
         tiny(c)
     if args.get("bert_base"):
-        c.model.checkpoint = "bert-base-uncased"
+        c.model.encoder = "bert-base-uncased"
         c.eval.batch_size = 256
     return c
 
@@ -141,13 +148,22 @@ def apply_arg(c: ml_collections.ConfigDict, arg: str | None,
 def set_method(c: ml_collections.ConfigDict, method: str) -> None:
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not one of {METHODS}")
-    c.train.method = "additive" if method == "pcgrad" else method
-    c.train.combiner = "pcgrad" if method == "pcgrad" else "sum"
+    c.train.method = method
+
+
+def schedule(train_cfg) -> str:
+    """The sampler's method: pcgrad trains on the additive schedule."""
+    return "additive" if train_cfg.method == "pcgrad" else train_cfg.method
+
+
+def combiner(train_cfg) -> str:
+    """How the additive schedule combines the task gradients."""
+    return "pcgrad" if train_cfg.method == "pcgrad" else train_cfg.combiner
 
 
 def tiny(c: ml_collections.ConfigDict) -> None:
     """The test scale: random-init tiny encoder, little data, a few steps."""
-    c.model.checkpoint = "tiny"
+    c.model.encoder = "tiny"
     c.data.buckets = (32,)
     c.data.max_length = 32
     c.data.train_limit = 64
@@ -181,12 +197,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     walk(c, reference, "")
     t = c.train
-    _check("train.method", t.method in METHODS and t.method != "pcgrad",
-           f"{t.method!r} is not one of {[m for m in METHODS if m != 'pcgrad']} "
-           "(use configs/<file>.py:method=pcgrad for PCGrad)")
+    _check("train.method", t.method in METHODS, f"{t.method!r} is not one of {METHODS}")
     _check("train.combiner", t.combiner in ("sum", "pcgrad"), f"{t.combiner!r} is not sum|pcgrad")
     _check("train.combiner", t.combiner == "sum" or t.method == "additive",
-           "pcgrad needs train.method=additive (it combines one gradient per task)")
+           f"{t.combiner} needs train.method=additive (it combines one gradient per task)")
     _check("train.pcgrad_reduction", t.pcgrad_reduction in ("sum", "mean"),
            f"{t.pcgrad_reduction!r} is not sum|mean")
     _check("train.batch_size", t.batch_size > 0, f"must be positive, got {t.batch_size}")
@@ -213,6 +227,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         tasks_of_config(c)  # builds each declared task, naming its key
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    from flaxpals.build import model_options  # the model's own checks, at the boundary
+
+    try:
+        model_options(c.model)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
 
 
 def unknown_key_message(name: str, section: ml_collections.ConfigDict) -> str:
@@ -240,6 +260,7 @@ def from_dict(values) -> ml_collections.ConfigDict:
     else their default.
     """
     c = base()
+    values = _renamed(values)
     flat_missing = []
 
     def fill(node, vals, prefix):
@@ -271,3 +292,16 @@ def from_dict(values) -> ml_collections.ConfigDict:
 
 # The value that reproduces a run saved before the field existed.
 LEGACY_DEFAULTS = {"eval.train_sample_from": "head"}
+# Fields saved under an earlier name: old name -> name.
+RENAMED = {"model.checkpoint": "model.encoder", "train.mode": "train.trainable"}
+
+
+def _renamed(values):
+    """A copy of a saved config dict with RENAMED keys under their current names."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for old, new in RENAMED.items():
+        (section, key), (_, new_key) = old.split("."), new.split(".")
+        node = out.get(section)
+        if isinstance(node, dict) and key in node and new_key not in node:
+            node[new_key] = node.pop(key)
+    return out

@@ -106,7 +106,7 @@ def model_card(meta: dict, bert_config) -> str:
         f"# flaxpals multi-task model ({m['adapter']} adapters)",
         "",
         f"One shared BERT encoder ({bert_config.num_hidden_layers} layers, hidden "
-        f"{bert_config.hidden_size}; initialised from `{m['checkpoint']}`) with task-specific "
+        f"{bert_config.hidden_size}; initialised from `{m['encoder']}`) with task-specific "
         f"adapters (`{m['adapter']}`) and heads, trained with flaxpals "
         f"(method `{meta['config']['train']['method']}`), exported at step {meta['step']}"
         + (f"; {ratio:.4f}x the encoder's parameters." if ratio else "."),
@@ -145,7 +145,7 @@ def restore_exported(directory) -> evaluation.Restored:
         raise ValueError(f"{meta_file}: format {meta.get('format')!r}, this flaxpals reads "
                          f"{FORMAT}")
     values = meta["config"]
-    values["model"]["checkpoint"] = str(directory)  # the exported encoder and vocabulary
+    values["model"]["encoder"] = str(directory)  # the exported encoder and vocabulary
     config = config_lib.from_dict(values)
     model, shapes, tokenizer, tasks = build.abstract_model(config)
     _, encoder, _ = weights.load_pretrained(directory)

@@ -21,24 +21,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxpals.bert import PLACEMENTS, BertConfig, BertModel
+from flaxpals.adapters import AdapterConfig, TaskAdapters
+from flaxpals.bert import BertConfig, BertModel
 from flaxpals.heads import PAIR_ENCODINGS, SIMILARITY_HEADS, BiEncoderHead, ClassifierHead
 
 Array = jax.Array
 POOLINGS = ("cls", "mean")
-ADAPTERS = ("none", "pal", "lowrank")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """How the encoder is adapted and how tasks read it (see configs/base.py)."""
+    """How the encoder is adapted and how tasks read it (the `config.model` fields)."""
 
-    adapter: str = "none"  # none | pal | lowrank
-    adapter_size: int | None = None  # None: the paper's size scaled to the hidden size
-    adapter_heads: int = 6  # PAL attention heads
-    placement: str = "output"  # output (reference code) | parallel (paper's equation)
-    zero_init_decoder: bool = False  # start from the plain encoder's function
+    adapter: AdapterConfig = AdapterConfig()  # kind, size, heads, placement, zero init
     pooling: str = "cls"  # cls: tanh pooler over [CLS] | mean: mean over real tokens
     pair_encoding: str = "bi"  # bi: sentences encoded apart | cross: [CLS] a [SEP] b [SEP]
     similarity: str = "dot"  # bi-encoder regression head: dot | cosine
@@ -46,9 +42,7 @@ class ModelOptions:
     dtype: str = "float32"  # compute dtype; params stay float32
 
     def __post_init__(self):
-        checks = {"adapter": (self.adapter, ADAPTERS),
-                  "placement": (self.placement, PLACEMENTS),
-                  "pooling": (self.pooling, POOLINGS),
+        checks = {"pooling": (self.pooling, POOLINGS),
                   "pair_encoding": (self.pair_encoding, PAIR_ENCODINGS),
                   "similarity": (self.similarity, SIMILARITY_HEADS),
                   "dtype": (self.dtype, tuple(DTYPES))}
@@ -101,14 +95,11 @@ class MultiTaskModel(nn.Module):
     def setup(self):
         dtype = DTYPES[self.options.dtype]
         self.encoder = BertModel(self.config, dtype)
-        o = self.options
+        adapter = self.options.adapter
         self.adapters = None
-        if o.adapter != "none":
-            from flaxpals.adapters import TaskAdapters
-
-            self.adapters = TaskAdapters(
-                self.config, tuple(t.name for t in self.tasks), o.adapter, o.adapter_size,
-                o.adapter_heads, o.zero_init_decoder, dtype)
+        if adapter.kind != "none":
+            self.adapters = TaskAdapters.create(self.config, adapter,
+                                                tuple(t.name for t in self.tasks), dtype)
         self.heads = TaskHeads(self.tasks, self.options)
 
     def task(self, name: str) -> TaskSpec:
@@ -124,7 +115,8 @@ class MultiTaskModel(nn.Module):
         branches = (None if self.adapters is None or task is None
                     else self.adapters.branches(task, attention_mask, deterministic))
         seq, pooled = self.encoder(input_ids, attention_mask, token_type_ids, deterministic,
-                                   branches=branches, placement=self.options.placement)
+                                   branches=branches,
+                                   placement=self.options.adapter.placement)
         return pooled if self.options.pooling == "cls" else mean_pool(seq, attention_mask)
 
     def __call__(self, batch: Mapping[str, Array], task: str,

@@ -20,7 +20,7 @@ import re
 import jax
 import optax
 
-TRAIN_MODES = ("finetune", "adapters_only", "head_only")
+TRAINABLE = ("finetune", "adapters_only", "head_only")
 SCHEDULES = ("constant", "warmup_linear")
 DECAY_MASKS = ("no_bias_norm", "all")
 
@@ -42,8 +42,8 @@ def decay_mask(params, kind: str = "no_bias_norm"):
 
 def trainable_labels(params, mode: str):
     """'train' or 'freeze' per param leaf for a training mode."""
-    if mode not in TRAIN_MODES:
-        raise ValueError(f"train.mode={mode!r} is not one of {TRAIN_MODES}")
+    if mode not in TRAINABLE:
+        raise ValueError(f"train.trainable={mode!r} is not one of {TRAINABLE}")
     frozen = {"finetune": (), "adapters_only": ("encoder",),
               "head_only": ("encoder", "adapters")}[mode]
     return jax.tree_util.tree_map_with_path(
@@ -66,7 +66,7 @@ def make_optimizer(cfg, params, num_steps: int,
                    combiner: optax.GradientTransformation | None = None
                    ) -> optax.GradientTransformation:
     """cfg: the `train` config (learning_rate, schedule, warmup_fraction, weight_decay,
-    decay_mask, grad_clip, mode, adam_b1, adam_b2, adam_eps)."""
+    decay_mask, grad_clip, trainable, adam_b1, adam_b2, adam_eps)."""
     parts = [] if combiner is None else [combiner]
     if cfg.grad_clip:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
@@ -74,7 +74,7 @@ def make_optimizer(cfg, params, num_steps: int,
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                              mask=decay_mask(params, cfg.decay_mask)))
     tx = optax.chain(*parts)
-    labels = trainable_labels(params, cfg.mode)
+    labels = trainable_labels(params, cfg.trainable)
     if all(label == "train" for label in jax.tree_util.tree_leaves(labels)):
         return tx
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)

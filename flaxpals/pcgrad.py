@@ -26,47 +26,9 @@ Algorithm 1 of the paper ("Gradient Surgery for Multi-Task Learning"), what we d
   `fold_in(that, i)` (see `task_orders`). Same seed, same results; different
   steps, different orders.
 
-How it is computed. Every g_i^PC is a linear combination of the original
-gradients, g_i^PC = sum_j W[i, j] g_j, so the algorithm runs on the T x T
-coefficient matrix W (starting from the identity) given the Gram matrix
-G[j, k] = g_j . g_k: g_i^PC . g_j = W[i] @ G[:, j] and ||g_j||^2 = G[j, j].
-This is algebraically identical to Algorithm 1 with literal vector
-projections (the tests check it against such a NumPy implementation). The
-literal algorithm makes up to T(T-1) dot products and T(T-1) vector updates
-over all shared parameters; here G takes T(T+1)/2 fused reductions, the
-T x T loop is negligible, and one pass forms sum_j (sum_i W[i, j]) g_j. G is
-accumulated in float32 (float64 when `jax_enable_x64` is on), whatever the
-gradients' dtype.
-
-Build the stacked leaves with `jnp.stack` inside the same `jax.jit` as this
-update: every gradient is read through slices g[t], and XLA resolves a slice
-of a stack to the stacked operand, so the [T, ...] copy is never written (on
-the MiniLM shape this saved 134 MiB of temporaries and most of the overhead).
-
-Defects of popular implementations that we do not copy (read from their code):
-
-- The official TensorFlow code (tianheyu927/PCGrad, `PCGrad_tf.py`) calls
-  `tf.random.shuffle(loss)` and discards the result: `tf.random.shuffle`
-  returns a new tensor, so the shuffle has no effect, and every task is
-  projected in the fixed order k = 0..T-1 (itself included) at every step.
-  It also divides by ||g_k||^2 with no epsilon (a zero task gradient makes
-  it compute 0/0) and flattens the gradients of all of `var_list` (dropping None
-  ones) into one vector per task, with no notion of task-specific variables.
-- The popular PyTorch port (WeiChengTseng/Pytorch-PCGrad, `pcgrad.py`, read
-  at commits 7b8860f and e987ac6) averages instead of summing: the first ends with
-  `torch.stack(pc_grad).mean(dim=0)`; the second has
-  `reduction='mean'` by default and tests `if self._reduction:` before
-  `elif self._reduction == 'sum':`, so any non-empty reduction, 'sum'
-  included, takes the mean. Its dot products, norms and projections run
-  over the whole flattened gradient, task heads included: the norms of the
-  other tasks' heads enter the projection coefficients, and subtracting
-  coef * g_j writes a multiple of task j's head gradient into g_i^PC, which
-  then lands in task j's head update. (It also lets task i visit itself,
-  which the paper excludes; this is harmless only while g_i^PC . g_i >= 0.)
-
-We sum (the paper's rule) by default, keep `mean` as an option, draw a fresh
-permutation of the other tasks per task and per step from the state's key,
-project on the shared parameters only, and add `eps` to ||g_j||^2.
+How it is computed (a T x T coefficient matrix over the Gram matrix of the
+task gradients) and how it departs from popular implementations, and why:
+docs/design/pcgrad.md.
 """
 
 from __future__ import annotations

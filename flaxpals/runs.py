@@ -34,7 +34,7 @@ from flaxpals import config_lib
 log = logging.getLogger(__name__)
 
 # Fields that decide the model's parameters or its function: a restored run must agree.
-MODEL_FIELDS = ("model.checkpoint", "model.dtype", "model.adapter", "model.adapter_size",
+MODEL_FIELDS = ("model.encoder", "model.dtype", "model.adapter", "model.adapter_size",
                 "model.adapter_heads", "model.placement", "model.pooling",
                 "model.pair_encoding", "model.similarity", "tasks")
 # Sections that only choose data or evaluation: a restoring command may change them.
@@ -93,7 +93,14 @@ def read_metrics(workdir: epath.PathLike) -> list[dict]:
     path = epath.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+    return records
 
 
 def read_best(workdir: epath.PathLike) -> dict | None:

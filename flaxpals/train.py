@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,9 @@ from flaxpals.steps import Steps, TrainState, device_batch
 
 log = logging.getLogger(__name__)
 
-# Fault injection for the resume test: SIGKILL this process after that step.
-KILL_AFTER_STEP_ENV = "FLAXPALS_KILL_AFTER_STEP"
+# Called as hook(step, checkpoints) after each step's checkpoint is saved: where a
+# test installs fault injection (tests/kill_run.py).
+AFTER_STEP_HOOKS: list[Callable[[int, Checkpoints], None]] = []
 
 
 class TrainingError(RuntimeError):
@@ -125,12 +126,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
                              f" ({processes} process(es))")
         sizes[t.name] = n
     sampler = sampler_lib.TaskSampler(
-        config.train.method, sizes, num_epochs=config.train.num_epochs,
+        config_lib.schedule(config.train), sizes, num_epochs=config.train.num_epochs,
         steps_per_epoch=None if config.train.steps_per_epoch < 0 else config.train.steps_per_epoch,
         temperature=config.train.temperature, seed=config.seed)
 
     combiner = None
-    if config.train.combiner == "pcgrad":
+    combiner_name = config_lib.combiner(config.train)
+    if combiner_name == "pcgrad":
         from flaxpals import pcgrad
 
         combiner = pcgrad.pcgrad(task_params.shared_param_mask(params, names), seed=config.seed,
@@ -142,7 +144,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     state_sharding = parallel.state_shardings(state, mesh, config.parallel.fsdp)
     state = parallel.put(state, state_sharding)
     print(parallel.describe(state, state_sharding, mesh))
-    steps = Steps(model, tx, config.train.combiner)
+    steps = Steps(model, tx, combiner_name)
     train_step, additive_step, predict_step = steps.jitted(mesh, state_sharding)
 
     ckpts = Checkpoints(workdir, config.checkpoint.keep)
@@ -158,7 +160,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
         process_index=jax.process_index(), process_count=processes,
         start_batch=sampler.positions[t]) for i, t in enumerate(names)}
 
-    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
     best = ckpts.best_score()
     history = []
 
@@ -203,7 +204,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
         epoch = sampler.epoch
         chosen = sampler.next()
         batches = {t: parallel.global_batch(device_batch(next(iters[t])), mesh) for t in chosen}
-        if config.train.method == "additive":
+        if len(chosen) > 1:  # the additive schedule: a batch of every task
             state, step_metrics = additive_step(state, batches)
         else:
             (task,) = chosen
@@ -231,9 +232,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
         epoch_end = sampler.done or sampler.epoch != epoch
         if step % config.checkpoint.every_steps == 0 or epoch_end:
             ckpts.save(step, state, progress(), force=epoch_end)
-        if step == kill_after:
-            ckpts.wait()
-            os.kill(os.getpid(), signal.SIGKILL)
+        for hook in AFTER_STEP_HOOKS:
+            hook(step, ckpts)
         if epoch_end:
             finish_epoch(epoch, step, loss_sums)
             loss_sums = LossSums()

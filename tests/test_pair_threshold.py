@@ -1,20 +1,14 @@
-"""launch/pair_threshold.py: the fitted threshold, and its errors before any compute."""
-
-import importlib.util
-from pathlib import Path
+"""experiments/pair_threshold.py: the fitted threshold, and its errors before any compute."""
 
 import numpy as np
 import pytest
 
-PATH = Path(__file__).resolve().parent.parent / "launch" / "pair_threshold.py"
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("pair_threshold", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from experiments import pair_threshold
+
+    return pair_threshold
 
 
 def test_best_threshold_separates_shifted_logits(script):

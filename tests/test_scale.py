@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxpals import build, parallel
+from flaxpals import build, parallel, runs
 from flaxpals.bert import tiny_config
 from flaxpals.checkpointing import Checkpoints
 from flaxpals.models import MultiTaskModel, TaskSpec, dummy_batch
@@ -291,8 +291,7 @@ def _equations(jaxpr):
 
 def test_bf16_run_trains_and_keeps_float32_state(jobs):
     run = jobs["one"].results()[len(RUNS)]
-    losses = [json.loads(line)["loss/sst"]
-              for line in (jobs["tmp"] / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss/sst"] for r in runs.read_metrics(jobs["tmp"] / "bf16")]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     params = np.load(run["params"])
     assert {params[k].dtype for k in params} == {np.dtype(np.float32)}

@@ -1,8 +1,8 @@
 """The sweep on the smoke budget (tiny config): rows run, the report fills, a rerun resumes.
 
 Each row is a real `python -m flaxpals.main` subprocess on the tiny config and
-the real CS224N files; it is killed mid-run (the trainer's fault injection)
-to exercise resumption.
+the real CS224N files; it is killed mid-run (tests/kill_run.py) to exercise
+resumption.
 """
 
 import json
@@ -10,15 +10,15 @@ import re
 
 import pytest
 
-from flaxpals import sweep
-from flaxpals.train import KILL_AFTER_STEP_ENV
+from experiments import sweep
+from flaxpals import runs
+from tests.conftest import ROOT
 
 ROW = "separate-sst"  # one task: the cheapest row to compile (a cold compile dominates)
 
 
 def epochs(workdir):
-    return [json.loads(line)["epoch"] for line in
-            (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["epoch"] for r in runs.read_metrics(workdir)]
 
 
 def table_row(markdown: str, name: str) -> list[str]:
@@ -33,13 +33,21 @@ def test_smoke_sweep_reports_and_resumes(tmp_path, monkeypatch):
     argv = [f"--results={tmp_path}", "--budget=smoke", f"--only={ROW}"]
     workdir = tmp_path / ROW
 
-    # 1. The row is killed after step 5 of 8 (epoch 1 is complete and checkpointed).
-    monkeypatch.setenv(KILL_AFTER_STEP_ENV, "5")
+    # 1. The row is killed after step 5 of 8 (epoch 1 is complete and checkpointed):
+    # its trainer runs through tests/kill_run.py, which installs the fault injection.
+    command = sweep.command
+
+    def killed_after_5(*args, **kwargs):
+        cmd = command(*args, **kwargs)
+        i = cmd.index("-m")
+        return cmd[:i] + [str(ROOT / "tests" / "kill_run.py"), "5"] + cmd[i + 2:]
+
+    monkeypatch.setattr(sweep, "command", killed_after_5)
     assert sweep.main(argv) == 1
     assert epochs(workdir) == [1]
-    runs = json.loads((workdir / "sweep.json").read_text())["runs"]
-    assert [r["status"] for r in runs] == ["failed (exit code -9)"]
-    monkeypatch.delenv(KILL_AFTER_STEP_ENV)
+    invocations = json.loads((workdir / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in invocations] == ["failed (exit code -9)"]
+    monkeypatch.setattr(sweep, "command", command)
 
     # 2. The same command resumes it from its checkpoint.
     assert sweep.main(argv) == 0
@@ -50,7 +58,7 @@ def test_smoke_sweep_reports_and_resumes(tmp_path, monkeypatch):
     assert all(r["seconds"] > 0 for r in record["runs"])
 
     report = (tmp_path / "RESULTS.md").read_text()
-    logged = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = runs.read_metrics(workdir)
     best = max(logged, key=lambda r: r["dev/average"])
     sst = table_row(report, "Separate model: sst")
     number = re.compile(r"^\d\.\d{3}$")
@@ -134,7 +142,7 @@ def test_sigterm_marks_the_row_interrupted_and_stops_its_trainer(tmp_path):
     child = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
              "time.sleep(120)")
     script = (
-        "import sys; from pathlib import Path; from flaxpals import sweep\n"
+        "import sys; from pathlib import Path; from experiments import sweep\n"
         "sweep.exit_on_sigterm()\n"
         f"w = Path({str(tmp_path)!r}); row = sweep.ROWS[0]\n"
         f"cmd = [sys.executable, '-c', {child!r}]\n"

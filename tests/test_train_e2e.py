@@ -87,9 +87,11 @@ def test_predict_writes_every_id_once(trained):
             assert set(values) <= {0, 1}
 
 
-def _run_main(workdir, env_extra=None, *extra):
-    env = {**os.environ, **(env_extra or {})}
-    cmd = [sys.executable, "-m", "flaxpals.main", "--config=configs/baseline.py:tiny",
+def _run_main(workdir, kill_after=None, *extra):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    entry = ["-m", "flaxpals.main"] if kill_after is None else ["tests/kill_run.py",
+                                                                str(kill_after)]
+    cmd = [sys.executable, *entry, "--config=configs/baseline.py:tiny",
            f"--workdir={workdir}", "--config.checkpoint.every_steps=4",
            f"--config.data.cache_dir={os.environ.get('FLAXPALS_TEST_CACHE', '')}", *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -107,14 +109,14 @@ def _latest_params(workdir, c):
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     # Tiny: 6 steps per epoch, 12 in all, a checkpoint every 4 steps and at
     # each epoch end. Killed at step 5: resumes mid-epoch from step 4.
-    killed = _run_main(tmp_path / "a", {train.KILL_AFTER_STEP_ENV: "5"})
+    killed = _run_main(tmp_path / "a", 5)
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = _run_main(tmp_path / "a")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from checkpoint step 4" in resumed.stdout
     # Killed at step 6, after the epoch-end checkpoint but before that epoch's
     # evaluation: the resumed run evaluates epoch 1 before it goes on.
-    killed = _run_main(tmp_path / "c", {train.KILL_AFTER_STEP_ENV: "6"})
+    killed = _run_main(tmp_path / "c", 6)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "c" / "metrics.jsonl").exists()
     resumed = _run_main(tmp_path / "c")

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from flaxpals import config_lib, metrics, optim, parallel, pcgrad, task_params
+from flaxpals.adapters import AdapterConfig
 from flaxpals.bert import tiny_config
 from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
 from flaxpals.steps import Steps, TrainState
@@ -45,10 +46,11 @@ def test_configs_load_and_validate(name):
 
 def test_config_arguments():
     c = load_config("pal", "method=pcgrad,tiny")
-    assert (c.train.method, c.train.combiner, c.model.adapter) == ("additive", "pcgrad", "pal")
-    assert c.model.checkpoint == "tiny"
+    assert (c.train.method, c.model.adapter) == ("pcgrad", "pal")
+    assert (config_lib.schedule(c.train), config_lib.combiner(c.train)) == ("additive", "pcgrad")
+    assert c.model.encoder == "tiny"
     c = load_config("classifier", "task=cfimdb,option=pretrain")
-    assert c.tasks == ("cfimdb",) and c.train.mode == "head_only"
+    assert c.tasks == ("cfimdb",) and c.train.trainable == "head_only"
     with pytest.raises(ValueError, match="method='bogus'"):
         load_config("baseline", "method=bogus")
     with pytest.raises(ValueError, match="unknown config argument"):
@@ -90,7 +92,7 @@ def _setup(options=None, mode="finetune"):
     params = jax.jit(lambda k: model.init(k, batches, method=MultiTaskModel.init_all))(
         jax.random.key(0))["params"]
     cfg = config_lib.base().train
-    cfg.mode = mode
+    cfg.trainable = mode
     tx = optim.make_optimizer(cfg, params, 100)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                        jax.random.key_data(jax.random.key(1)))
@@ -116,7 +118,7 @@ def _leaves(tree, prefix):
 
 @pytest.mark.parametrize("adapter", ["none", "pal"])
 def test_step_on_one_task_leaves_other_tasks_bit_identical(adapter):
-    steps, state, batches = _setup(ModelOptions(similarity="dot", adapter=adapter))
+    steps, state, batches = _setup(ModelOptions(similarity="dot", adapter=AdapterConfig(adapter)))
     train_step = jax.jit(steps.train_step, static_argnames="task")
     # Warm Adam's moments and weight decay on every task first.
     for task in ("sst", "quora", "sts", "quora"):

@@ -323,3 +323,18 @@ def test_a_task_declared_in_a_config_file_trains_evals_and_predicts(tmp_path):
     lines = (workdir / "predictions" / "dupes-test-output.csv").read_text().splitlines()
     assert [line.split(" , ")[0] for line in lines[1:]] == [r["id"] for r in rows[112:120]]
     assert (workdir / "predictions" / "sst-dev-output.csv").exists()
+
+
+def test_a_workdir_saved_under_the_old_field_names_restores(tmp_path):
+    saved = tiny("pal", **{"train.trainable": "adapters_only"})
+    values = saved.to_dict()
+    values["model"]["checkpoint"] = values["model"].pop("encoder")  # the names it had before
+    values["train"]["mode"] = values["train"].pop("trainable")
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    config = runs.read_config(tmp_path)
+    assert (config.model.encoder, config.train.trainable) == ("tiny", "adapters_only")
+    assert config.to_dict() == saved.to_dict()
+    # A published sweep row, written before the rename, reads back too.
+    row = ROOT / "docs" / "results" / "best-proportional"
+    assert runs.read_config(row).model.encoder == json.loads(
+        (row / "config.json").read_text())["model"]["checkpoint"]

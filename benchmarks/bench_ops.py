@@ -1,10 +1,10 @@
 """Where XLA:CPU loses to PyTorch: the encoder's parts timed alone, same process, same data.
 
-    python launch/bench_ops.py               # MiniLM shape: forward 128x128, fwd+bwd 32x128
-    python launch/bench_ops.py --length 64 --reps 7
-    python launch/bench_ops.py --ops gelu,softmax --json /tmp/ops.json
+    python -m benchmarks.bench_ops               # MiniLM shape: forward 128x128, fwd+bwd 32x128
+    python -m benchmarks.bench_ops --length 64 --reps 7
+    python -m benchmarks.bench_ops --ops gelu,softmax --json /tmp/ops.json
 
-`python -m flaxpals.bench` times whole steps; this script splits a layer into
+`python -m benchmarks.bench_steps` times whole steps; this script splits a layer into
 the pieces XLA compiles separately (each its own `jax.jit`) and times each
 against the PyTorch op that transformers' BertLayer runs for it:
 
@@ -27,7 +27,7 @@ are the same float32 arrays in both frameworks. Repetitions are interleaved
 (the order flips each time) after warm-up; printed: medians, min-max and the
 ratio flaxpals/PyTorch. Before timing, each op's forward output is compared
 across the frameworks (max absolute difference printed; dropout excepted).
-Threads as in flaxpals.bench (all CPUs, both).
+Threads as in benchmarks.bench_steps (all CPUs, both).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from flaxpals import bench  # its timing and formatting helpers
+    from benchmarks import bench_steps as bench  # its timing and formatting helpers
 
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

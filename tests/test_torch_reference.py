@@ -1,4 +1,4 @@
-"""The PyTorch reference of flaxpals.bench does the same work as flaxpals' steps.
+"""The PyTorch reference of benchmarks.bench_steps does the same work as flaxpals' steps.
 
 Same weights and batch, dropout off: the two frameworks must give the same loss
 for every task, pooling and pair head, and the same losses over a few AdamW
@@ -10,14 +10,15 @@ Otherwise the bench would compare different computations.
 import numpy as np
 import pytest
 
-from flaxpals import bench, config_lib, heads
+from benchmarks import bench_steps as bench
+from flaxpals import config_lib, heads
 from tests.conftest import require
 
 
 def build(pooling, pair_encoding, similarity, **train):
     require("torch")
     require("transformers")
-    from flaxpals import bench_torch
+    from experiments import torch_reference as bench_torch
 
     args = bench.parse_args(["--checkpoint=tiny", "--batch=4", "--lengths=12", "--no-dropout",
                              f"--pooling={pooling}", f"--pair-encoding={pair_encoding}",
@@ -40,7 +41,7 @@ def build(pooling, pair_encoding, similarity, **train):
 @pytest.mark.parametrize("pooling,pair_encoding,similarity",
                          [("mean", "bi", "cosine"), ("cls", "cross", "dot")])
 def test_same_loss_for_every_head(pooling, pair_encoding, similarity):
-    from flaxpals import bench_torch
+    from experiments import torch_reference as bench_torch
 
     args, flax, steps, batches = build(pooling, pair_encoding, similarity)
     torch_side = type("T", (), {"model": steps.model,
@@ -58,7 +59,7 @@ def test_same_losses_over_adamw_steps():
     import jax
     import torch
 
-    from flaxpals import bench_torch
+    from experiments import torch_reference as bench_torch
 
     _, flax, steps, batches = build("cls", "bi", "dot", schedule="constant",
                                     learning_rate=1e-3, weight_decay=5.0, grad_clip=0.5)
@@ -81,16 +82,10 @@ def test_same_losses_over_adamw_steps():
 
 
 def test_ops_bench_compares_equal_functions():
-    # launch/bench_ops.py times each encoder part against a PyTorch op: the two must
+    # benchmarks/bench_ops.py times each encoder part against a PyTorch op: the two must
     # compute the same output (dropout excepted), and both timing modes must run.
     require("torch")
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "launch" / "bench_ops.py"
-    spec = importlib.util.spec_from_file_location("bench_ops", path)
-    bench_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_ops)
+    from benchmarks import bench_ops
     result = bench_ops.main(["--hidden=16", "--heads=4", "--ffn=32", "--length=8", "--batch=2",
                              "--eval-batch=3", "--reps=1", "--warmup=0"])
     assert set(result["parity"]) == set(bench_ops.OPS) - {"dropout"}

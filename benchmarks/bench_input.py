@@ -1,7 +1,7 @@
 """Input-pipeline figures: tokenization time per split, batches per second per task.
 
-    python -m flaxpals.bench_input                       # all four tasks, both pair encodings
-    python -m flaxpals.bench_input --tasks=sst,quora --batches=500
+    python -m benchmarks.bench_input                       # all four tasks, both pair encodings
+    python -m benchmarks.bench_input --tasks=sst,quora --batches=500
 
 Tokenization is timed into a fresh temporary cache (parse + tokenize, nothing
 cached), then the cached load is timed. Pipeline throughput is measured on

@@ -1,14 +1,14 @@
 """Speed of flaxpals' steps against a PyTorch reference doing the same work, same process.
 
-    python -m flaxpals.bench                                   # MiniLM, batch 32, L 32,64,128
-    python -m flaxpals.bench --lengths=64 --reps=7 --workloads=train/sst,pcgrad
-    python -m flaxpals.bench --rng-impl=unsafe_rbg             # dropout RNG cost
-    python -m flaxpals.bench --no-dropout --json=/tmp/bench.json
-    python -m flaxpals.bench --checkpoint=tiny --lengths=16 --reps=1 --batch=4   # smoke
+    python -m benchmarks.bench_steps  # MiniLM, batch 32, L 32,64,128
+    python -m benchmarks.bench_steps --lengths=64 --reps=7 --workloads=train/sst,pcgrad
+    python -m benchmarks.bench_steps --rng-impl=unsafe_rbg             # dropout RNG cost
+    python -m benchmarks.bench_steps --no-dropout --json=/tmp/bench.json
+    python -m benchmarks.bench_steps --checkpoint=tiny --lengths=16 --reps=1 --batch=4   # smoke
 
 flaxpals side: the trainer's real code: `build.build_model` (MultiTaskModel and
 its params from the checkpoint), `optim.make_optimizer` (+ `pcgrad.pcgrad` for
-PCGrad), `steps.Steps(...).jitted()`. PyTorch side: `flaxpals.bench_torch`
+PCGrad), `steps.Steps(...).jitted()`. PyTorch side: `experiments.torch_reference`
 (transformers.BertModel with the same config and weights, equal heads,
 torch.optim.AdamW with the same hyper-parameters). Dropout is on in both
 (`--no-dropout` turns it off in both).
@@ -59,7 +59,7 @@ RNG_IMPLS = ("threefry2x32", "unsafe_rbg", "rbg")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m flaxpals.bench",
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_steps",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default="minilm",
                     help="minilm (embedded all-MiniLM-L6-v2), tiny (random 2-layer) or a dir")
@@ -182,7 +182,7 @@ def bench_config(args):
 
     c = config_lib.base()
     c.tasks = tuple(args.tasks)
-    c.model.checkpoint = args.checkpoint
+    c.model.encoder = args.checkpoint
     c.model.dtype = args.dtype
     c.model.pooling = args.pooling
     c.model.pair_encoding = args.pair_encoding
@@ -202,7 +202,7 @@ class FlaxSide:
     A "family" is one optimiser and its train state: "sum" (the plain optimiser:
     train_step, additive_step with the summed loss, predict_step), "pcgrad"
     (combiner pcgrad.pcgrad, per-task gradients stacked) and, for
-    launch/bench_pcgrad.py, "stacked_sum" (per-task gradients stacked, then
+    benchmarks/bench_pcgrad.py, "stacked_sum" (per-task gradients stacked, then
     pcgrad.sum_combiner: PCGrad's step without the projection).
     """
 
@@ -342,7 +342,8 @@ class TorchSide:
     def __init__(self, flax: FlaxSide, config, args, num_steps: int = 1000):
         import transformers
 
-        from flaxpals import bench_torch, weights
+        from experiments import torch_reference as bench_torch
+        from flaxpals import weights
 
         transformers.logging.set_verbosity_error()
         pretrained = weights.resolve_checkpoint(args.checkpoint) if args.checkpoint != "tiny" \
@@ -387,7 +388,8 @@ def parity(args, flax: FlaxSide, torch_side: TorchSide) -> dict:
     import numpy as np
     import torch
 
-    from flaxpals import bench_torch, heads
+    from experiments import torch_reference as bench_torch
+    from flaxpals import heads
 
     out = {}
     rng = np.random.default_rng(0)
@@ -466,7 +468,8 @@ def bench_workloads(args, flax: FlaxSide, torch_side: TorchSide | None) -> list[
 
 def pipeline_throughput(args, config, flax: FlaxSide) -> dict:
     """Examples/s of the real training batches of each task (input_pipeline.train_batches)."""
-    from flaxpals import bench_input, input_pipeline
+    from benchmarks import bench_input
+    from flaxpals import input_pipeline
 
     out = {}
     for task in flax.tasks:
@@ -605,7 +608,7 @@ def main(argv=None) -> dict:
     machine = configure_process(args)
     import jax
 
-    from flaxpals.sweep import machine as host
+    from experiments.sweep import machine as host
 
     machine.update(host())
     machine.update(jax=jax.__version__, device=str(jax.devices()[0]),

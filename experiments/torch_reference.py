@@ -1,4 +1,4 @@
-"""The PyTorch reference of `flaxpals.bench`: the same model, optimiser and steps in PyTorch.
+"""The PyTorch reference of `benchmarks.bench_steps`: the same model, optimiser and steps.
 
 - Encoder: `transformers.BertModel` built from flaxpals' `BertConfig.to_dict()`
   (so the same sizes, activation and dropout rates) and loaded with

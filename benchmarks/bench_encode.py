@@ -1,6 +1,6 @@
 """Sentence embeddings for a CS224N file, with timing.
 
-    python -m flaxpals.encode --checkpoint=minilm --file=ids-sst-dev.csv --out=/tmp/sst-dev.npy
+    python -m benchmarks.bench_encode --checkpoint=minilm --file=ids-sst-dev.csv --out=sst-dev.npy
 
 Reads the `sentence` (or `sentence1`) column, tokenizes, runs the encoder in
 fixed-length buckets under `jax.jit`, mean-pools over real tokens and writes an

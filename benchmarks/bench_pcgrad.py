@@ -1,7 +1,7 @@
 """Cost of PCGrad against the additive sum, with the trainer's real steps.
 
 Three additive training steps of flaxpals' MultiTaskModel (one batch of every
-task per step), built by `flaxpals.bench.FlaxSide` exactly as the trainer
+task per step), built by `benchmarks.bench_steps.FlaxSide` exactly as the trainer
 builds them (`optim.make_optimizer`, `steps.Steps`):
 
   sum      per-task gradients (one jax.grad each), stacked, summed by
@@ -16,11 +16,11 @@ order, in each repetition. Prints medians and min-max, the ratios pcgrad/sum
 and pcgrad/sumloss, and each compiled step's memory analysis (peak estimate =
 arguments + outputs - aliased + temporaries). With --rss each variant also
 runs alone in a fresh subprocess that reports its peak resident memory.
-`python -m flaxpals.bench` times the same steps (workloads additive, pcgrad)
+`python -m benchmarks.bench_steps` times the same steps (workloads additive, pcgrad)
 against PyTorch.
 
-    PYTHONPATH=. python launch/bench_pcgrad.py --reps 5 --rss
-    PYTHONPATH=. python launch/bench_pcgrad.py --checkpoint tiny --length 16 --batch 4 --reps 1
+    python -m benchmarks.bench_pcgrad --reps 5 --rss
+    python -m benchmarks.bench_pcgrad --checkpoint tiny --length 16 --batch 4 --reps 1
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from flaxpals import bench
+from benchmarks import bench_steps as bench
 
 VARIANTS = {"sum": "stacked_sum", "pcgrad": "pcgrad", "sumloss": "additive"}
 

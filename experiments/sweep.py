@@ -1,10 +1,10 @@
 """The experiment sweep: the seed's Table 1 rows, separate models and a best candidate.
 
-    python -m flaxpals.sweep --results=results                # every row, the CPU budget
-    python -m flaxpals.sweep --results=results --only=pal-pcgrad,separate-sts
-    python -m flaxpals.sweep --results=results --report-only  # table and plots only
-    python -m flaxpals.sweep --results=/tmp/smoke --budget=smoke   # tiny config, seconds a row
-    python -m flaxpals.sweep --dry-run                         # print each row's command
+    python -m experiments.sweep --results=results                # every row, the CPU budget
+    python -m experiments.sweep --results=results --only=pal-pcgrad,separate-sts
+    python -m experiments.sweep --results=results --report-only  # table and plots only
+    python -m experiments.sweep --results=/tmp/smoke --budget=smoke   # tiny config, seconds a row
+    python -m experiments.sweep --dry-run                         # print each row's command
 
 Each row is one `python -m flaxpals.main --config=... --workdir=<results>/<slug>`
 subprocess (the trainer's own CLI, so every row's command is printed and can
@@ -29,20 +29,16 @@ Recipes. Table 1 rows use the seed's recipe (`SEED_RECIPE`: [CLS] tanh pooler,
 bi-encoded pairs with a dot-product head, constant learning rate 1e-5, no
 weight decay); the weight-decay row differs only by decay 0.01. The separate
 single-task models use the standard fine-tuning recipe of the PyTorch
-reference measured on this machine (`REFERENCE_RECIPE`, /work/shared/FACTS.md:
-cross-encoded pairs, [CLS] head, AdamW 5e-5 with 10% warm-up and linear decay,
+reference measured on this project's machines (`REFERENCE_RECIPE`, see
+docs/experiments.md: cross-encoded pairs, [CLS] head, AdamW 5e-5 with 10% warm-up and linear decay,
 decay 0.01, 3 epochs), so that they calibrate the trainer against it. The
 "best" rows are candidates (PAL with cross-encoded pairs, mean pooling and the
 warm-up schedule; annealed sampling for 2 epochs, and proportional sampling for
 3); change `ROWS` when the sweep finds better. The report's last table sets each
 three-task row against the PyTorch figures and against the separate models.
 
-Cost of `--budget=cpu` on 2 quiet cores, measured (2026-11-26): the separate
-SST, Quora and STS models (3 epochs) took 17, 36 and 15 min; the best
-candidates 59 min (2 epochs, 1,922 steps) and 1 h 23 min (3 epochs); the
-seed-recipe rows (bi-encoded pairs) ran at about 2 s per step, about 65 min a
-row. About 11 hours for all twelve rows, and about 6 GB of checkpoints (keep=1
-plus the best).
+Cost of `--budget=cpu`: 35 min to 1 h 30 min a row on 2 cores, about 10 hours
+and 6 GB of checkpoints for all twelve rows (measured: docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -50,7 +46,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -61,6 +56,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from flaxpals import config_lib, runs
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -79,8 +76,8 @@ BEST_RECIPE = {"model.pooling": "mean", "model.pair_encoding": "cross",
 RECIPES = {"table1": SEED_RECIPE, "separate": REFERENCE_RECIPE, "best": BEST_RECIPE}
 
 # Best-epoch dev scores of the same single-task recipe in PyTorch + transformers on
-# these files and this encoder (measured, /work/shared/FACTS.md, "Reference quality"):
-# the separate models' calibration target.
+# these files and this encoder, measured once on this project's 2-core machines
+# (docs/experiments.md): the separate models' calibration target.
 PYTORCH_REFERENCE = {"sst": 0.489, "quora": 0.856, "sts": 0.855}
 
 
@@ -166,12 +163,8 @@ def config_spec(row: Row, budget: Budget) -> str:
 
 def build_config(row: Row, budget: Budget, extra: dict[str, Any]):
     """The row's config exactly as `flaxpals.main` will build it, validated."""
-    from flaxpals import config_lib
-
-    spec = importlib.util.spec_from_file_location(row.config[:-3], CONFIGS / row.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(config_spec(row, budget).partition(":")[2] or None)
+    c = config_lib.load_file(CONFIGS / row.config,
+                             config_spec(row, budget).partition(":")[2] or None)
     for key, value in row_overrides(row, budget, extra).items():
         node = c
         *parents, leaf = key.split(".")
@@ -218,22 +211,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- running rows
 
 
-def read_metrics(workdir: Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from e
-    return records
-
-
 def is_done(workdir: Path, num_epochs: int) -> bool:
-    return any(r.get("epoch") == num_epochs for r in read_metrics(workdir))
+    return any(r.get("epoch") == num_epochs for r in runs.read_metrics(workdir))
 
 
 def machine() -> dict[str, Any]:
@@ -341,7 +320,7 @@ def collect(results: Path) -> list[dict]:
     out = []
     for row in ROWS:
         workdir = results / row.slug
-        records = read_metrics(workdir)
+        records = runs.read_metrics(workdir)
         sweep = json.loads((workdir / "sweep.json").read_text()) \
             if (workdir / "sweep.json").exists() else {}
         params = json.loads((workdir / "params.json").read_text()) \
@@ -454,7 +433,7 @@ def calibration(rows: list[dict]) -> list[str]:
         return []
     return (["## Calibration: separate models against PyTorch", "",
              "The same single-task recipe in PyTorch + transformers on these files "
-             "(/work/shared/FACTS.md, best epoch of 3); only meaningful for the `cpu` budget.",
+             "(docs/experiments.md, best epoch of 3); only meaningful for the `cpu` budget.",
              "", "| task (dev) | flaxpals | PyTorch | difference (points) |", "|---|---|---|---|"]
             + out + [""])
 
@@ -493,7 +472,7 @@ def against_references(rows: list[dict]) -> list[str]:
         return []
     return (["## Multi-task rows against the references", "",
              "Dev scores at each row's best epoch; differences in points against the "
-             "single-task PyTorch reference (`PYTORCH_REFERENCE`, FACTS) and against "
+             "single-task PyTorch reference (`PYTORCH_REFERENCE`) and against "
              "flaxpals' separate models above (each task's own model).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + out + [""])
 
@@ -591,7 +570,7 @@ def report(results: Path, budget_name: str) -> Path:
     about = "; ".join(f"`{b}`: {BUDGETS[b].about}" for b in BUDGETS if b in budget_name)
     lines = [
         "# Results", "",
-        f"Written by `python -m flaxpals.sweep --results={_shown(results)} "
+        f"Written by `python -m experiments.sweep --results={_shown(results)} "
         f"--budget={budget_name}` on "
         f"{datetime.date.today().isoformat()}; every figure comes from the rows' "
         "`metrics.jsonl` in this folder.", "",
@@ -652,7 +631,7 @@ def exit_on_sigterm() -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flaxpals.sweep",
+    ap = argparse.ArgumentParser(prog="python -m experiments.sweep",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--results", default="results", help="folder of the rows and the report")
     ap.add_argument("--budget", choices=tuple(BUDGETS), default="cpu")

@@ -1,7 +1,7 @@
 """Is a sweep row's paraphrase accuracy lost to the logit's threshold? Its raw logits tell.
 
-    python launch/pair_threshold.py --row=pal-annealed            # results/pal-annealed
-    python launch/pair_threshold.py --row=bert-sequential --results=results --train-pairs=8000
+    python -m experiments.pair_threshold --row=pal-annealed            # results/pal-annealed
+    python -m experiments.pair_threshold --row=bert-sequential --results=results --train-pairs=8000
 
 The seed's bi-encoded paraphrase head scores a pair by the dot product of the two
 sentences' projected embeddings and predicts "duplicate" when it is above 0. That
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxpals import build, evaluation, sweep
+from experiments import sweep
+from flaxpals import build, evaluation
 
 
 def raw_outputs(restored, eval_sets, task: str, split: str, limit: int):

@@ -1,0 +1,26 @@
+"""`python -m flaxpals.main` that SIGKILLs itself right after a given step's checkpoint.
+
+    python tests/kill_run.py STEP --config=... --workdir=...   (the kill-and-resume test)
+"""
+
+import os
+import signal
+import sys
+
+from absl import app
+
+from flaxpals import main, train
+
+
+def kill_after(step: int):
+    def hook(done: int, checkpoints) -> None:
+        if done == step:
+            checkpoints.wait()  # the step's checkpoint is on disk, as after a real crash
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+if __name__ == "__main__":
+    train.AFTER_STEP_HOOKS.append(kill_after(int(sys.argv.pop(1))))
+    app.run(main.main)
