@@ -38,6 +38,7 @@ from tqdm import tqdm
 from flaxpals import bert, config_lib, input_pipeline, optim, parallel, task_params, weights
 from flaxpals import metrics as metrics_lib
 from flaxpals import sampler as sampler_lib
+from flaxpals import smart as smart_lib
 from flaxpals import tasks as tasks_lib
 from flaxpals.checkpointing import Checkpoints
 from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
@@ -107,7 +108,11 @@ def build_model(config) -> tuple[MultiTaskModel, dict, Tokenizer, list[tasks_lib
 
 def load_data(config, tasks, tokenizer, splits=("train", "dev"),
               limits: bool = True) -> dict[str, dict[str, Any]]:
-    """task -> split -> Split; `limits` applies data.train_limit / data.eval_limit."""
+    """task -> split -> Split; `limits` applies data.train_limit / data.eval_limit.
+
+    With data.validation_fraction > 0 a "val" split is held out of "train" (after its
+    limit; Split.holdout, drawn by data.validation_seed), and "train" is the rest.
+    """
     data = {}
     for task in tasks:
         data[task.name] = {}
@@ -124,6 +129,9 @@ def load_data(config, tasks, tokenizer, splits=("train", "dev"),
                 continue
             limit = config.data.train_limit if split == "train" else config.data.eval_limit
             data[task.name][split] = s.take(limit) if limits and limit > 0 else s
+        if config.data.validation_fraction > 0 and "train" in data[task.name]:
+            data[task.name]["train"], data[task.name]["val"] = data[task.name]["train"].holdout(
+                config.data.validation_fraction, config.data.validation_seed)
     return data
 
 
@@ -197,9 +205,18 @@ def evaluate(predict_step, params, eval_sets: EvalSets, tasks, split: str,
     return scores, preds
 
 
-def _eval_record(predict_step, params, eval_sets, tasks, config) -> dict[str, float]:
+def _eval_record(predict_step, params, eval_sets, tasks, config,
+                 tag: str = "") -> dict[str, float]:
+    """dev/..., val/... (data.validation_fraction > 0) and train/... (the train sample)
+    figures of `params`. With a `tag` ("_ema"), dev{tag}/... and val{tag}/... alone."""
     record = {}
-    for split, limit, prefix in (("dev", -1, "dev"), ("train", config.eval.train_sample, "train")):
+    parts = [("dev", -1)]
+    if config.data.validation_fraction > 0:
+        parts.append(("val", -1))
+    if not tag:
+        parts.append(("train", config.eval.train_sample))
+    for split, limit in parts:
+        prefix = split + tag
         scores, _ = evaluate(predict_step, params, eval_sets, tasks, split, limit)
         record.update({f"{prefix}/{t}": v for t, v in scores.items()})
         metric_of = {t.name: t.metric for t in tasks}
@@ -276,7 +293,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     state_sharding = parallel.state_shardings(state, mesh, config.parallel.fsdp)
     state = parallel.put(state, state_sharding)
     print(parallel.describe(state, state_sharding, mesh))
-    steps = Steps(model, tx, config.train.combiner)
+    steps = Steps(model, tx, config.train.combiner, smart_lib.from_config(config.train))
     train_step, additive_step, predict_step = steps.jitted(mesh, state_sharding)
 
     ckpts = Checkpoints(workdir, config.checkpoint.keep)
@@ -298,8 +315,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
         """Evaluates, writes the epoch's metrics line, and keeps the best checkpoint."""
         nonlocal best
         record = {"epoch": epoch, "step": step,
-                  **{k: float(np.mean(v)) for k, v in epoch_losses.items()},
-                  **_eval_record(predict_step, state.params, eval_sets, tasks, config)}
+                  **{k: float(np.mean(v)) for k, v in epoch_losses.items()}}
+        for tag, evaluated in optim.eval_weights(state.params, state.opt_state,
+                                                 config.eval.use_ema).items():
+            record.update(_eval_record(predict_step, evaluated, eval_sets, tasks, config, tag))
         history.append(record)
         writer.write_scalars(step, {k: v for k, v in record.items() if "/" in k})
         if _host0():
