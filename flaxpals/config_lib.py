@@ -96,7 +96,7 @@ def base() -> ml_collections.ConfigDict:
     # rows (before 2026-11-26 the only way; SST's train file is sorted, its head 80% 3s and 4s).
     c.eval.train_sample_from = "random"
     # Score that selects the best checkpoint: dev/..., val/... (data.validation_fraction > 0),
-    # dev_ema/... or val_ema/... (eval.use_ema).
+    # dev_ema/... or val_ema/... (eval.use_ema; the best checkpoint's params are then the EMA).
     c.eval.best_metric = "dev/average"
     # Also evaluate the EMA params (train.ema_decay > 0) each epoch, as dev_ema/... (and
     # val_ema/...); the raw params' figures stay dev/....

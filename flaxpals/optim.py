@@ -5,7 +5,7 @@
     chain(multi_transform(chain(combiner?, clip_by_global_norm,
                                 adamw(schedule, decay mask),
                                 scale_by_layer_decay?)),
-          ema_params?)
+          ema_params_transform?)
 
 The `multi_transform` (present only when something is frozen) gives frozen
 parts (the encoder in `adapters_only` mode, encoder and adapters in
@@ -22,12 +22,14 @@ state and every update are then exactly those of the plain chain:
       everything else               L + 1   (pooler, adapters, heads: the full rate)
   Scaling the final update scales the learning rate of that depth, weight
   decay included, as per-group learning rates would.
-- `ema_params` (train.ema_decay > 0): weight averaging. Its state holds an
+- `ema_params_transform` (train.ema_decay > 0): weight averaging. Its state holds an
   exponential moving average of the params after each update,
       ema <- d * ema + (1 - d) * (params + updates),   ema = params at init,
   so it lives in the optimiser state and is checkpointed with it;
-  `ema_params(opt_state)` reads it. It is last in the chain, so `updates`
-  are the final ones and frozen parts (zero updates) average to themselves.
+  `ema_params(opt_state)` reads it, `eval_weights` and `scored_weights` say
+  which weights the trainer evaluates and keeps as the best checkpoint's. It is
+  last in the chain, so `updates` are the final ones and frozen parts (zero
+  updates) average to themselves.
 
 Isolating tasks (a step on task t moves no other task's adapter or head, not
 even through weight decay or Adam momentum) is `task_params.keep_other_tasks`.
@@ -173,6 +175,14 @@ def eval_weights(params, opt_state, use_ema: bool) -> dict[str, Any]:
                              "optimiser state)")
         out["_ema"] = ema
     return out
+
+
+def scored_weights(params, opt_state, best_metric: str):
+    """The weights `best_metric` (eval.best_metric) scores: the EMA weights for a
+    dev_ema/... or val_ema/... metric, else the params. The best checkpoint holds
+    these as its params, so --mode=eval|predict read what was selected."""
+    tag = "_ema" if best_metric.split("/", 1)[0].endswith("_ema") else ""
+    return eval_weights(params, opt_state, use_ema=bool(tag))[tag]
 
 
 def make_optimizer(cfg, params, num_steps: int,

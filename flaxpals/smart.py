@@ -38,7 +38,8 @@ The paper's eps and noise (1e-5) are below bfloat16's resolution of O(1)
 embeddings: with model.dtype=bfloat16 the layers' first cast rounds such a
 perturbation away; use float32. Cost per step: steps + 2 forward passes and
 steps + 1 backward passes more than the plain loss (one more forward for the
-Bregman term).
+Bregman term). The trainer's loss/<task> figures are this whole loss, SMART
+terms included.
 """
 
 from __future__ import annotations

@@ -332,7 +332,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
                              f"among the eval metrics {sorted(record)}")
         if best is None or score > best:
             best = score
-            ckpts.save_best(step, state, sampler.state_dict(), score, config.eval.best_metric)
+            scored = optim.scored_weights(state.params, state.opt_state, config.eval.best_metric)
+            ckpts.save_best(step, state.replace(params=scored), sampler.state_dict(), score,
+                            config.eval.best_metric)
 
     # A run killed between an epoch's last checkpoint and its metrics line
     # resumes exactly at that epoch's end: evaluate it now so no epoch goes

@@ -142,6 +142,11 @@ def test_eval_weights():
     with pytest.raises(ValueError, match="train.ema_decay"):
         optim.eval_weights(params, optim.make_optimizer(_train_cfg(), params, 10).init(params),
                            use_ema=True)
+    # The best checkpoint keeps the weights its metric scored.
+    for metric in ("dev_ema/average", "val_ema/sst"):
+        assert optim.scored_weights(params, state, metric) is optim.ema_params(state)
+    for metric in ("dev/average", "val/overall", "train/average"):
+        assert optim.scored_weights(params, state, metric) is params
 
 
 def test_ema_in_single_task_steps_moves_with_its_task():

@@ -40,3 +40,10 @@ def test_trainer_with_every_option_on(tmp_path, method):
     # The EMA's figures are its own (after 6 steps at decay 0.9 it is mostly the init).
     assert any(records[-1][f"dev_ema/{t}"] != records[-1][f"dev/{t}"]
                for t in ("sst", "quora", "sts"))
+    # The best checkpoint holds the weights its metric scored: --mode=eval of it gives
+    # the EMA's figures of that epoch.
+    logged = [r for r in records if r["step"] == best["step"]][0]
+    record = train.evaluate_checkpoint(c, tmp_path)
+    for split in ("dev", "val"):
+        assert record[f"{split}/average"] == pytest.approx(logged[f"{split}_ema/average"],
+                                                           abs=1e-6)
