@@ -230,15 +230,26 @@ class BertModel(nn.Module):
     def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array,
                  deterministic: bool = True,
                  branches: Callable[[int], Branch | None] | None = None,
-                 placement: str = "output") -> tuple[Array, Array]:
+                 placement: str = "output", inputs_embeds: Array | None = None,
+                 embeddings_only: bool = False):
         """Encodes a padded batch.
 
         input_ids, attention_mask, token_type_ids: [batch, length] integers.
         Returns (sequence_output [batch, length, hidden], pooled_output [batch, hidden]).
+
+        inputs_embeds: [batch, length, hidden], used in place of the embedding layer's
+        output (input_ids and token_type_ids are then not read); a perturbed copy of
+        that output runs the rest of the encoder (SMART, smart.py).
+        embeddings_only: return the embedding layer's output [batch, length, hidden]
+        alone. With one dropout key, the two give what one call without them does.
         """
         c = self.config
-        h = BertEmbeddings(c, self.dtype, name="embeddings")(input_ids, token_type_ids,
-                                                              deterministic)
+        h = inputs_embeds
+        if h is None:
+            h = BertEmbeddings(c, self.dtype, name="embeddings")(input_ids, token_type_ids,
+                                                                  deterministic)
+        if embeddings_only:
+            return h
         bias = attention_bias(attention_mask, self.dtype)
         for i in range(c.num_hidden_layers):
             branch = branches(i) if branches is not None else None

@@ -94,6 +94,8 @@ def load_data(config, tasks, tokenizer, splits=("train", "dev"),
     """task -> split -> Split; `limits` applies data.train_limit / data.eval_limit.
 
     A missing test split is skipped with a message; a missing train or dev split raises.
+    With data.validation_fraction > 0 a "val" split is held out of "train" (after its
+    limit; Split.holdout, drawn by data.validation_seed), and "train" is the rest.
     """
     data = {}
     for task in tasks:
@@ -116,4 +118,7 @@ def load_data(config, tasks, tokenizer, splits=("train", "dev"),
                 continue
             limit = config.data.train_limit if split == "train" else config.data.eval_limit
             data[task.name][split] = s.take(limit) if limits and limit > 0 else s
+        if config.data.validation_fraction > 0 and "train" in data[task.name]:
+            data[task.name]["train"], data[task.name]["val"] = data[task.name]["train"].holdout(
+                config.data.validation_fraction, config.data.validation_seed)
     return data

@@ -64,6 +64,10 @@ def base() -> ml_collections.ConfigDict:
     c.data.buckets = (16, 32, 64, 128)  # Padded lengths: one compilation per task and bucket.
     c.data.train_limit = -1  # Use only the first N training examples per task; -1: all.
     c.data.eval_limit = -1  # Evaluate on the first N dev examples per task; -1: all.
+    # Share of each task's train rows (after train_limit) held out as the `val` split, never
+    # trained on, for best-epoch selection (eval.best_metric must then name val/...); 0: off.
+    c.data.validation_fraction = 0.0
+    c.data.validation_seed = 0  # Draws the held-out rows: the same rows whatever `seed` is.
 
     c.train = ml_collections.ConfigDict()
     c.train.method = "annealed"  # One of config_lib.METHODS (pcgrad = additive + PCGrad).
@@ -84,6 +88,22 @@ def base() -> ml_collections.ConfigDict:
     c.train.adam_b1 = 0.9  # Adam beta1.
     c.train.adam_b2 = 0.999  # Adam beta2.
     c.train.adam_eps = 1e-8  # Adam epsilon.
+    # Layer-wise lr decay: encoder layer i (of L) gets lr x decay^(L - i), the embeddings
+    # decay^(L + 1), pooler, adapters and heads the full lr (optim.py); 1: off.
+    c.train.layer_decay = 1.0
+    # Weight averaging: an EMA of the params, decay d per step, in the optimiser state; 0: off.
+    c.train.ema_decay = 0.0
+    # SMART (Jiang et al. 2020; flaxpals/smart.py): weight of the adversarial smoothness
+    # term, a divergence between outputs at the embeddings and at a perturbed copy; 0: off.
+    c.train.smart_weight = 0.0
+    c.train.smart_steps = 1  # Power-iteration (ascent) steps that find the perturbation.
+    c.train.smart_eps = 1e-5  # Radius of the ball the perturbation is projected onto.
+    c.train.smart_step_size = 1e-3  # Ascent step along the normalised gradient.
+    c.train.smart_noise = 1e-5  # Std of the Gaussian noise the perturbation starts from.
+    c.train.smart_norm = "inf"  # Norm of the normalisation and the ball: inf (the paper) | l2.
+    # Bregman proximal point term: the divergence from the outputs of the EMA params
+    # (needs train.ema_decay > 0, which is the paper's momentum beta); 0: off.
+    c.train.smart_bregman_weight = 0.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128  # Global eval batch size.
@@ -91,7 +111,12 @@ def base() -> ml_collections.ConfigDict:
     # Which: "random", drawn with `seed`, the same every epoch; or "head", the file's first
     # rows (files can be sorted by label: SST's head is 80% classes 3 and 4).
     c.eval.train_sample_from = "random"
-    c.eval.best_metric = "dev/average"  # Score that selects the best checkpoint.
+    # Score that selects the best checkpoint: dev/..., val/... (data.validation_fraction > 0),
+    # dev_ema/... or val_ema/... (eval.use_ema; the best checkpoint's params are then the EMA).
+    c.eval.best_metric = "dev/average"
+    # Also evaluate the EMA params (train.ema_decay > 0) each epoch, as dev_ema/... (and
+    # val_ema/...); the raw params' figures stay dev/....
+    c.eval.use_ema = False
 
     c.parallel = ml_collections.ConfigDict()
     # Data parallelism over every device (flaxpals/parallel.py); batch sizes above are
@@ -217,6 +242,32 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"{tuple(c.data.buckets)}")
     _check("data.max_length", c.data.max_length <= max(c.data.buckets),
            f"{c.data.max_length} exceeds the largest bucket {max(c.data.buckets)}")
+    _check("train.layer_decay", 0 < t.layer_decay <= 1,
+           f"must be in (0, 1] (1: off), got {t.layer_decay}")
+    _check("train.ema_decay", 0 <= t.ema_decay < 1,
+           f"must be in [0, 1) (0: off), got {t.ema_decay}")
+    _check("train.smart_weight", t.smart_weight >= 0, f"must be >= 0, got {t.smart_weight}")
+    _check("train.smart_bregman_weight", t.smart_bregman_weight >= 0,
+           f"must be >= 0, got {t.smart_bregman_weight}")
+    _check("train.smart_bregman_weight", t.smart_bregman_weight == 0 or t.ema_decay > 0,
+           "needs train.ema_decay > 0 (the EMA params are the proximal point)")
+    _check("train.smart_steps", isinstance(t.smart_steps, int) and t.smart_steps >= 1,
+           f"must be an integer >= 1, got {t.smart_steps!r}")
+    for key in ("smart_eps", "smart_step_size", "smart_noise"):
+        _check(f"train.{key}", t[key] > 0, f"must be positive, got {t[key]}")
+    _check("train.smart_norm", t.smart_norm in ("inf", "l2"), f"{t.smart_norm!r} is not inf|l2")
+    v = c.data.validation_fraction
+    _check("data.validation_fraction", 0 <= v < 1, f"must be in [0, 1) (0: off), got {v}")
+    _check("eval.use_ema", not c.eval.use_ema or t.ema_decay > 0,
+           "needs train.ema_decay > 0 (there are no EMA params to evaluate)")
+    metric = c.eval.best_metric
+    _check("eval.best_metric", v > 0 or not metric.startswith(("val/", "val_ema/")),
+           f"{metric!r} needs data.validation_fraction > 0")
+    _check("eval.best_metric", v == 0 or metric.startswith(("val/", "val_ema/")),
+           f"with data.validation_fraction > 0 the held-out rows select the best epoch: name a "
+           f"val/ or val_ema/ metric (e.g. val/average), got {metric!r}")
+    _check("eval.best_metric", c.eval.use_ema or "_ema/" not in metric,
+           f"{metric!r} needs eval.use_ema")
     _check("eval.batch_size", c.eval.batch_size > 0, f"must be positive, got {c.eval.batch_size}")
     _check("eval.train_sample_from", c.eval.train_sample_from in ("random", "head"),
            f"{c.eval.train_sample_from!r} is not random|head")

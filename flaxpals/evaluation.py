@@ -110,13 +110,25 @@ def evaluate(predict_step, params, eval_sets: EvalSets, tasks, split: str,
     return scores, preds
 
 
+def record_splits(config, tag: str = "") -> tuple[tuple[str, str], ...]:
+    """(split, prefix) pairs an epoch records: dev, val (data.validation_fraction > 0) and
+    the train sample; with a `tag` ("_ema"), dev{tag} and val{tag} alone."""
+    out = [("dev", "dev" + tag)]
+    if config.data.validation_fraction > 0:
+        out.append(("val", "val" + tag))
+    if not tag:
+        out.append(("train", "train"))
+    return tuple(out)
+
+
 def eval_record(predict_step, params, eval_sets, tasks, config,
-                splits=(("dev", "dev"), ("train", "train"))) -> dict[str, float]:
-    """{prefix/task: metric, prefix/average, prefix/overall} for (split, prefix) pairs;
-    the train split is cut to the sample of eval.train_sample rows."""
+                splits=None) -> dict[str, float]:
+    """{prefix/task: metric, prefix/average, prefix/overall} for (split, prefix) pairs
+    (default: `record_splits(config)`); the train split is cut to the sample of
+    eval.train_sample rows."""
     record = {}
     metric_of = {t.name: t.metric for t in tasks}
-    for split, prefix in splits:
+    for split, prefix in splits or record_splits(config):
         limit = config.eval.train_sample if split == "train" else -1
         scores, _ = evaluate(predict_step, params, eval_sets, tasks, split, limit)
         record.update({f"{prefix}/{t}": v for t, v in scores.items()})
@@ -188,7 +200,7 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
     """
     r = restore(workdir, config, step)
     saved = runs.read_config(workdir)
-    tasks, splits = r.tasks, (("dev", "dev"), ("train", "train"))
+    tasks, splits = r.tasks, record_splits(r.config)
     if eval_file is not None:
         if task not in {t.name for t in r.tasks}:
             raise config_lib.ConfigError(
@@ -200,7 +212,7 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
         splits = (("dev", "dev"),)
         name = name or epath.Path(r.config.data.data_dir).name
     data = build.load_data(r.config, tasks, r.tokenizer,
-                           splits=tuple(s for s, _ in splits))
+                           splits=tuple(s for s, _ in splits if s != "val"))
     record = {"step": r.step, **eval_record(r.predict_step, r.params,
                                             EvalSets(data, r.config, r.mesh), tasks,
                                             r.config, splits)}

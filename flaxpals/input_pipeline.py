@@ -162,7 +162,30 @@ class Split:
         """
         if n >= len(self):
             return self
-        rows = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+        return self._select(self._draw(n, seed))
+
+    def holdout(self, fraction: float, seed: int) -> tuple[Split, Split]:
+        """(the rest, the held-out rows named "val"): data.validation_fraction.
+
+        round(fraction * len) rows, at least one and never all, drawn by `seed` as
+        `sample` draws them (the held-out rows are `sample(k, seed)`'s); both parts
+        in file order, disjoint, together the whole split.
+        """
+        if not 0 < fraction < 1:
+            raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        if len(self) < 2:
+            raise ValueError(f"{self.task.name} {self.name}: {len(self)} row(s) cannot be split")
+        k = min(max(int(fraction * len(self) + 0.5), 1), len(self) - 1)
+        held = self._draw(k, seed)
+        rest = np.setdiff1d(np.arange(len(self)), held, assume_unique=True)
+        return self._select(rest), dataclasses.replace(self._select(held), name="val")
+
+    def _draw(self, n: int, seed: int) -> np.ndarray:
+        """n row indices drawn without replacement by `seed`, sorted."""
+        return np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+
+    def _select(self, rows: np.ndarray) -> Split:
+        """The given rows (indices), in the given order."""
         return self._rows(rows, lambda r: r.select(rows))
 
     def _rows(self, index, ragged) -> Split:

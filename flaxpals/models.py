@@ -109,31 +109,56 @@ class MultiTaskModel(nn.Module):
         raise KeyError(f"unknown task {name!r}; this model has {[t.name for t in self.tasks]}")
 
     def encode(self, input_ids: Array, attention_mask: Array, token_type_ids: Array,
-               task: str | None, deterministic: bool) -> Array:
+               task: str | None, deterministic: bool,
+               inputs_embeds: Array | None = None) -> Array:
         """One sentence (or cross-encoded pair) per row -> its vector [batch, hidden];
-        task None: the shared encoder alone, without any task's adapters."""
+        task None: the shared encoder alone, without any task's adapters.
+
+        inputs_embeds: the embedding layer's output to start from (BertModel)."""
         branches = (None if self.adapters is None or task is None
                     else self.adapters.branches(task, attention_mask, deterministic))
         seq, pooled = self.encoder(input_ids, attention_mask, token_type_ids, deterministic,
-                                   branches=branches,
-                                   placement=self.options.adapter.placement)
+                                   branches=branches, placement=self.options.adapter.placement,
+                                   inputs_embeds=inputs_embeds)
         return pooled if self.options.pooling == "cls" else mean_pool(seq, attention_mask)
 
-    def __call__(self, batch: Mapping[str, Array], task: str,
-                 deterministic: bool = True) -> Array:
-        """The task's outputs: logits [batch, classes] or logits/scores [batch]."""
-        spec = self.task(task)
-        if "input_ids_2" not in batch:
-            a = self.encode(batch["input_ids"], batch["attention_mask"],
-                            batch["token_type_ids"], task, deterministic)
-            return self.heads(spec, a, None, deterministic)
-        # Bi-encoder: both sentences through the encoder in one call (bigger matmuls),
-        # padded to a common length.
+    @staticmethod
+    def _encoder_inputs(batch: Mapping[str, Array]) -> tuple[list[Array], int]:
+        """([input_ids, attention_mask, token_type_ids] of the encoder's one call, sentences
+        per example). Bi-encoder: both sentences through the encoder in one call (bigger
+        matmuls), padded to a common length, the first sentences' rows first."""
         keys = ("input_ids", "attention_mask", "token_type_ids")
+        if "input_ids_2" not in batch:
+            return [batch[k] for k in keys], 1
         length = max(batch["input_ids"].shape[1], batch["input_ids_2"].shape[1])
-        both = [jnp.concatenate([_pad_to(batch[k], length), _pad_to(batch[k + "_2"], length)])
-                for k in keys]
-        emb = self.encode(*both, task, deterministic)
+        return [jnp.concatenate([_pad_to(batch[k], length), _pad_to(batch[k + "_2"], length)])
+                for k in keys], 2
+
+    def embed(self, batch: Mapping[str, Array], deterministic: bool = True) -> tuple[Array, ...]:
+        """The encoder's embedding-layer output for a batch, one [batch, length, hidden]
+        per sentence of an example (two for a bi-encoded pair, at a common length):
+        what `__call__` takes as `inputs_embeds`."""
+        inputs, sentences = self._encoder_inputs(batch)
+        h = self.encoder(*inputs, deterministic, embeddings_only=True)
+        return tuple(jnp.split(h, sentences))
+
+    def __call__(self, batch: Mapping[str, Array], task: str, deterministic: bool = True,
+                 inputs_embeds: tuple[Array, ...] | None = None) -> Array:
+        """The task's outputs: logits [batch, classes] or logits/scores [batch].
+
+        inputs_embeds: as `embed` gives them (perhaps perturbed), in place of the
+        embedding layer's output; the batch still gives the attention masks.
+        """
+        spec = self.task(task)
+        inputs, sentences = self._encoder_inputs(batch)
+        if inputs_embeds is not None:
+            if len(inputs_embeds) != sentences:
+                raise ValueError(f"inputs_embeds holds {len(inputs_embeds)} arrays; this batch "
+                                 f"has {sentences} sentence(s) per example")
+            inputs_embeds = jnp.concatenate(inputs_embeds)
+        emb = self.encode(*inputs, task, deterministic, inputs_embeds=inputs_embeds)
+        if sentences == 1:
+            return self.heads(spec, emb, None, deterministic)
         a, b = jnp.split(emb, 2)
         return self.heads(spec, a, b, deterministic)
 

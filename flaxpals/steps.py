@@ -22,6 +22,11 @@ its rows, and XLA inserts the cross-device reductions.
 
 Dropout keys are derived as fold_in(fold_in(state.rng, step), task index), so a
 resumed run draws the same masks as an uninterrupted one.
+
+With `smart` (smart.py) the loss of a batch is SMART's regularised loss; its
+Bregman term reads the EMA params from the optimiser state (optim.ema_params),
+which is why `for_gradients` keeps that part of it. Without `smart` the loss is
+the plain one, computed as it always was.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from flaxpals import heads, parallel
+from flaxpals import heads, optim, parallel
+from flaxpals import smart as smart_lib
 from flaxpals.models import MultiTaskModel
 from flaxpals.task_params import keep_other_tasks
 
@@ -64,6 +70,7 @@ class Steps:
     model: MultiTaskModel
     tx: optax.GradientTransformation
     combiner: str = "sum"  # sum | pcgrad
+    smart: smart_lib.SmartOptions | None = None  # SMART regularisation; None: off
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -74,14 +81,25 @@ class Steps:
         return jax.random.fold_in(jax.random.fold_in(key, state.step),
                                   self.task_names.index(task))
 
-    def loss(self, params, batch, task: str, key) -> jax.Array:
+    def loss(self, params, batch, task: str, key, anchor=None) -> jax.Array:
+        """The loss of one task's batch; `anchor`: the EMA params (SMART's Bregman term)."""
+        if self.smart is not None:
+            return smart_lib.regularised_loss(self.model, params, batch, task, key,
+                                              self.smart, anchor)
         outputs = self.model.apply({"params": params}, batch, task, deterministic=False,
                                    rngs={"dropout": key})
         return heads.loss_fn(self.model.task(task).kind, outputs, batch["labels"], batch["mask"])
 
+    def _anchor(self, state: TrainState):
+        """The EMA params when SMART's Bregman term needs them, else None."""
+        if self.smart is None or not self.smart.bregman_weight:
+            return None
+        return optim.ema_params(state.opt_state)
+
     def train_step(self, state: TrainState, batch, task: str):
         loss, grads = jax.value_and_grad(self.loss)(state.params, batch, task,
-                                                    self._dropout_key(state, task))
+                                                    self._dropout_key(state, task),
+                                                    self._anchor(state))
         return self._apply(state, grads, {f"loss/{task}": loss}, task)
 
     def task_grads(self, state: TrainState, batch, task: str):
@@ -89,7 +107,8 @@ class Steps:
 
         `state` as `for_gradients` gives it (no optimiser moments)."""
         return jax.value_and_grad(self.loss)(state.params, batch, task,
-                                             self._dropout_key(state, task))
+                                             self._dropout_key(state, task),
+                                             self._anchor(state))
 
     def apply_combined(self, state: TrainState, losses: Mapping[str, jax.Array],
                        grads: Mapping[str, Any]):
@@ -182,5 +201,7 @@ def additive_from_parts(task_grads, apply_combined, names, state, batches):
 
 def for_gradients(state: TrainState) -> TrainState:
     """What task_grads reads: the state less its optimiser moments, so its compiled
-    programs do not depend on the optimiser (the sum and PCGrad share them)."""
-    return state.replace(opt_state=None)
+    programs do not depend on the optimiser (the sum and PCGrad share them). Of the
+    optimiser state only the EMA params stay (optim.ema_state; None without one),
+    for SMART's Bregman term."""
+    return state.replace(opt_state=optim.ema_state(state.opt_state))

@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 from flaxpals import build, config_lib, input_pipeline, optim, parallel, runs, task_params
 from flaxpals import sampler as sampler_lib
+from flaxpals import smart as smart_lib
 from flaxpals.checkpointing import Checkpoints
-from flaxpals.evaluation import EvalSets, eval_record
+from flaxpals.evaluation import EvalSets, eval_record, record_splits
 from flaxpals.steps import Steps, TrainState, device_batch
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     state_sharding = parallel.state_shardings(state, mesh, config.parallel.fsdp)
     state = parallel.put(state, state_sharding)
     print(parallel.describe(state, state_sharding, mesh))
-    steps = Steps(model, tx, combiner_name)
+    steps = Steps(model, tx, combiner_name, smart_lib.from_config(config.train))
     train_step, additive_step, predict_step = steps.jitted(mesh, state_sharding)
 
     ckpts = Checkpoints(workdir, config.checkpoint.keep)
@@ -170,8 +171,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     def finish_epoch(epoch: int, step: int, losses: LossSums) -> None:
         """Evaluates, writes the epoch's metrics line, and keeps the best checkpoint."""
         nonlocal best
-        record = {"epoch": epoch, "step": step, **losses.means(),
-                  **eval_record(predict_step, state.params, eval_sets, tasks, config)}
+        record = {"epoch": epoch, "step": step, **losses.means()}
+        for tag, evaluated in optim.eval_weights(state.params, state.opt_state,
+                                                 config.eval.use_ema).items():
+            record.update(eval_record(predict_step, evaluated, eval_sets, tasks, config,
+                                      record_splits(config, tag)))
         history.append(record)
         writer.write_scalars(step, {k: v for k, v in record.items() if "/" in k})
         runs.append_metrics(workdir, record)
@@ -183,7 +187,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
                              f"among the eval metrics {sorted(record)}")
         if best is None or score > best:
             best = score
-            ckpts.save_best(step, state, progress(), score, config.eval.best_metric)
+            scored = optim.scored_weights(state.params, state.opt_state, config.eval.best_metric)
+            ckpts.save_best(step, state.replace(params=scored), progress(), score,
+                            config.eval.best_metric)
 
     # A run killed between an epoch's last checkpoint and its metrics line
     # resumes exactly at that epoch's end: evaluate it now so no epoch goes
