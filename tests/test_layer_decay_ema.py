@@ -82,7 +82,7 @@ def test_layer_decay_under_a_frozen_encoder():
     # adapters_only: multi_transform hands the stage masked trees; the encoder's
     # updates are zero and the adapters' and heads' are at the full rate.
     params, grads = _random_params(), _random_params(seed=1)
-    tx = optim.make_optimizer(_train_cfg(layer_decay=0.5, mode="adapters_only"), params, 10)
+    tx = optim.make_optimizer(_train_cfg(layer_decay=0.5, trainable="adapters_only"), params, 10)
     got = _flat(tx.update(grads, tx.init(params), params)[0])
     for path, g in _flat(grads).items():
         want = 0.0 * g if path.startswith("encoder/") else -1e-3 * g / (np.abs(g) + 1e-8)
