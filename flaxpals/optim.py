@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 TRAIN_MODES = ("finetune", "adapters_only", "head_only")
@@ -77,4 +78,13 @@ def make_optimizer(cfg, params, num_steps: int,
     labels = trainable_labels(params, cfg.mode)
     if all(label == "train" for label in jax.tree_util.tree_leaves(labels)):
         return tx
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return optax.multi_transform({"train": tx, "freeze": _zero_like_params()}, labels)
+
+
+def _zero_like_params() -> optax.GradientTransformation:
+    """set_to_zero with the parameters' shapes: a combiner's gradients of frozen leaves
+    arrive stacked [tasks, ...], and their (zero) updates must still fit the params."""
+    def update_fn(updates, state, params=None):
+        return jax.tree.map(jnp.zeros_like, updates if params is None else params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
