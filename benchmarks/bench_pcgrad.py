@@ -1,25 +1,32 @@
-"""Cost of PCGrad against the additive sum, with the trainer's real steps.
+"""Cost of PCGrad and the other combiners and loss weightings against the additive sum.
 
-Three additive training steps of flaxpals' MultiTaskModel (one batch of every
-task per step), built by `benchmarks.bench_steps.FlaxSide` exactly as the trainer
-builds them (`optim.make_optimizer`, `steps.Steps`):
+Additive training steps of flaxpals' MultiTaskModel (one batch of every task
+per step), built by `benchmarks.bench_steps.FlaxSide` exactly as the trainer builds
+them (`optim.make_optimizer`, `steps.Steps`, `combiners.from_config`):
 
   sum      per-task gradients (one jax.grad each), stacked, summed by
-           `pcgrad.sum_combiner`, then clip + AdamW: PCGrad's step without the
-           projection, the control for PCGrad's own overhead;
+           `pcgrad.sum_combiner`, then clip + AdamW: the combiners' step without
+           the combining, the control for their own overhead;
   pcgrad   the same stacked gradients through `pcgrad.pcgrad` (the trainer's
            `method=pcgrad`);
+  gradvac, cagrad, mgda, imtl_g, aligned_mtl, nash_mtl
+           the same through each combiner (`train.combiner=NAME`);
+  uncertainty, dwa, famo
+           the same through each loss weighting (`train.loss_weighting=NAME`),
+           which also takes the stacked per-task losses;
   sumloss  one jax.grad of the summed loss (the trainer's `method=additive`).
 
 Warm-up (compilation) excluded; the variants are interleaved, in a rotating
-order, in each repetition. Prints medians and min-max, the ratios pcgrad/sum
-and pcgrad/sumloss, and each compiled step's memory analysis (peak estimate =
-arguments + outputs - aliased + temporaries). With --rss each variant also
-runs alone in a fresh subprocess that reports its peak resident memory.
-`python -m benchmarks.bench_steps` times the same steps (workloads additive, pcgrad)
-against PyTorch.
+order, in each repetition. Prints medians and min-max, every variant's ratio
+to sum and to sumloss, and each compiled step's memory analysis (peak
+estimate = arguments + outputs - aliased + temporaries) with its extra
+temporaries over sum. With --rss each variant also runs alone in a fresh
+subprocess that reports its peak resident memory. Each variant holds its own
+train state (params and AdamW moments): --variants picks some.
+`python -m benchmarks.bench_steps` times the sum and PCGrad steps against PyTorch.
 
     python -m benchmarks.bench_pcgrad --reps 5 --rss
+    python -m benchmarks.bench_pcgrad --variants sum,cagrad,sumloss --reps 5
     python -m benchmarks.bench_pcgrad --checkpoint tiny --length 16 --batch 4 --reps 1
 """
 
@@ -34,7 +41,12 @@ import time
 
 from benchmarks import bench_steps as bench
 
-VARIANTS = {"sum": "stacked_sum", "pcgrad": "pcgrad", "sumloss": "additive"}
+
+def all_variants() -> dict[str, str]:
+    """variant -> FlaxSide family (or workload). Imports JAX: after configure_process."""
+    combiner_names, weighting_names = bench.families()
+    return {"sum": "stacked_sum", "pcgrad": "pcgrad",
+            **{n: n for n in combiner_names + weighting_names}, "sumloss": "additive"}
 
 
 def fmt_bytes(n):
@@ -76,7 +88,7 @@ def run_alone(args):
     warm-up step by writing 5 to /proc/self/clear_refs (Linux).
     """
     flax, batches = setup(args)
-    call = flax.compile(VARIANTS[args.only], batches)[0]
+    call = flax.compile(all_variants()[args.only], batches)[0]
     call()
     before = _vm_hwm_bytes()
     with open("/proc/self/clear_refs", "w") as f:
@@ -94,13 +106,24 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dropout", action="store_true", help="dropout on (default off)")
     ap.add_argument("--rss", action="store_true", help="also peak RSS, one subprocess each")
-    ap.add_argument("--only", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default="",
+                    help="comma-separated variants (default all); sum is always included")
+    ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
         return run_alone(args)
 
     flax, batches = setup(args)
     import jax
+
+    known = all_variants()
+    chosen = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; known: {list(known)}")
+    variants = {v: f for v, f in known.items() if not chosen or v in chosen or v == "sum"}
+    names = list(variants)
+    width = max(map(len, names))
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {len(os.sched_getaffinity(0))} "
           f"CPUs; tasks {list(batches)}, batch {args.batch} x length {args.length} per task, "
@@ -109,40 +132,39 @@ def main():
     print(f"shared parameters {n / 1e6:.2f}M")
 
     calls, mem = {}, {}
-    for v, family in VARIANTS.items():
+    for v, family in variants.items():
         t0 = time.perf_counter()
         call, lower_s, compile_s, mem[v] = flax.compile(family, batches)
         call()  # warm-up
-        print(f"{v:8s} lower {lower_s:5.1f} s, compile {compile_s:5.1f} s, first step "
+        print(f"{v:{width}s} lower {lower_s:5.1f} s, compile {compile_s:5.1f} s, first step "
               f"{time.perf_counter() - t0 - lower_s - compile_s:5.2f} s")
         calls[v] = call
 
-    times = {v: [] for v in VARIANTS}
-    names = list(VARIANTS)
+    times = {v: [] for v in variants}
     for r in range(args.reps):
-        for v in names[r % 3:] + names[:r % 3]:
+        shift = r % len(names)
+        for v in names[shift:] + names[:shift]:
             times[v].append(bench.timed(calls[v]))
 
     print("\nstep time (s): median [min, max] over", args.reps, "interleaved repetitions")
-    for v in VARIANTS:
+    med = {v: statistics.median(times[v]) for v in variants}
+    for v in variants:
         ts = times[v]
-        print(f"  {v:8s} {statistics.median(ts):7.3f} [{min(ts):.3f}, {max(ts):.3f}]")
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    print(f"ratio pcgrad / sum     = {med['pcgrad'] / med['sum']:.3f}  (goal <= 1.15)")
-    print(f"ratio pcgrad / sumloss = {med['pcgrad'] / med['sumloss']:.3f}")
-    paired = [p / s for p, s in zip(times["pcgrad"], times["sum"], strict=True)]
-    print(f"per-repetition pcgrad/sum ratios: {', '.join(f'{x:.3f}' for x in paired)}")
+        ratios = f"/ sum {med[v] / med['sum']:6.3f}" + (
+            f"   / sumloss {med[v] / med['sumloss']:6.3f}" if "sumloss" in med else "")
+        print(f"  {v:{width}s} {med[v]:7.3f} [{min(ts):.3f}, {max(ts):.3f}]   {ratios}")
+    if "pcgrad" in med:
+        print(f"ratio pcgrad / sum = {med['pcgrad'] / med['sum']:.3f}  (goal <= 1.15)")
+        paired = [p / s for p, s in zip(times["pcgrad"], times["sum"], strict=True)]
+        print(f"per-repetition pcgrad/sum ratios: {', '.join(f'{x:.3f}' for x in paired)}")
 
     if all(mem.values()):
         print("\ncompiled memory analysis (peak estimate = args + outputs - aliased + temporaries)")
-        for v in VARIANTS:
+        for v in variants:
             m = mem[v]
-            print(f"  {v:8s} temp {fmt_bytes(m['temp'])}  args {fmt_bytes(m['argument'])}  "
-                  f"aliased {fmt_bytes(m['alias'])}  peak est. {fmt_bytes(m['peak_estimate'])}")
-        print(f"extra temp pcgrad - sum     = "
-              f"{fmt_bytes(mem['pcgrad']['temp'] - mem['sum']['temp'])}")
-        print(f"extra temp pcgrad - sumloss = "
-              f"{fmt_bytes(mem['pcgrad']['temp'] - mem['sumloss']['temp'])}")
+            print(f"  {v:{width}s} temp {fmt_bytes(m['temp'])}  args {fmt_bytes(m['argument'])}  "
+                  f"aliased {fmt_bytes(m['alias'])}  peak est. {fmt_bytes(m['peak_estimate'])}  "
+                  f"extra temp over sum {fmt_bytes(m['temp'] - mem['sum']['temp'])}")
         print(f"(one copy of the shared gradient: {fmt_bytes(4 * n)})")
 
     if args.rss:
@@ -151,16 +173,15 @@ def main():
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             x for x in (root, os.environ.get("PYTHONPATH")) if x))
-        for v in VARIANTS:
+        for v in variants:
             cmd = [sys.executable, __file__, "--only", v, "--checkpoint", args.checkpoint,
                    "--batch", str(args.batch), "--length", str(args.length)]
             cmd += ["--dropout"] if args.dropout else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                  env=env).stdout.strip().splitlines()[-1]
             rss[v] = int(out.split()[-1])
-            print(f"  {v:8s} {fmt_bytes(rss[v])}   ({out})")
-        print(f"extra RSS pcgrad - sum     = {fmt_bytes(rss['pcgrad'] - rss['sum'])}")
-        print(f"extra RSS pcgrad - sumloss = {fmt_bytes(rss['pcgrad'] - rss['sumloss'])}")
+            print(f"  {v:{width}s} {fmt_bytes(rss[v])}   extra over sum "
+                  f"{fmt_bytes(rss[v] - rss['sum'])}   ({out})")
 
 
 if __name__ == "__main__":

@@ -196,6 +196,15 @@ def bench_config(args):
     return c
 
 
+def families() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the combiners beside sum and PCGrad, the loss weightings): FlaxSide's families
+    beyond sum, pcgrad and stacked_sum. (Imports JAX: call after configure_process.)"""
+    from flaxpals import combiners, weighting
+
+    return (tuple(n for n in combiners.COMBINERS if n not in ("sum", "pcgrad")),
+            weighting.LOSS_WEIGHTINGS[1:])
+
+
 class FlaxSide:
     """flaxpals' model, jitted steps and train states, as the trainer builds them.
 
@@ -203,13 +212,15 @@ class FlaxSide:
     train_step, additive_step with the summed loss, predict_step), "pcgrad"
     (combiner pcgrad.pcgrad, per-task gradients stacked) and, for
     benchmarks/bench_pcgrad.py, "stacked_sum" (per-task gradients stacked, then
-    pcgrad.sum_combiner: PCGrad's step without the projection).
+    pcgrad.sum_combiner: PCGrad's step without the projection), and one per
+    other combiner and loss weighting (`families()`), each as the trainer
+    builds it from the config (`combiners.from_config`), on stacked gradients.
     """
 
     def __init__(self, config, num_steps: int = 1000):
         import jax
 
-        from flaxpals import build, pcgrad, task_params
+        from flaxpals import build, combiners, pcgrad, task_params
         from flaxpals.steps import Steps
 
         self.jax, self.config, self.num_steps = jax, config, num_steps
@@ -218,6 +229,13 @@ class FlaxSide:
         shared = task_params.shared_param_mask(self.params, tuple(self.specs))
         self._combiners = {"sum": None, "pcgrad": pcgrad.pcgrad(shared, seed=config.seed),
                            "stacked_sum": pcgrad.sum_combiner(shared)}
+        combiner_names, weighting_names = families()
+        for family in combiner_names + weighting_names:
+            cfg = config.train.copy_and_resolve_references()
+            weighting = family in weighting_names
+            cfg["loss_weighting" if weighting else "combiner"] = family
+            self._combiners[family] = combiners.from_config(
+                cfg, shared, len(self.specs), config.seed, "sum" if weighting else family)
         self._families, self.states = {}, {}
         tx = self._tx("sum")
         self.train_step, additive, self.predict_step = Steps(self.model, tx).jitted()
@@ -251,8 +269,8 @@ class FlaxSide:
         """(call, lower_s, compile_s, memory) of a workload; call() runs one step, blocking.
 
         name: train/<task> | predict/<task> (family "sum") | additive ("sum") |
-        pcgrad | stacked_sum. batch: a NumPy batch, or task -> batch for the
-        additive kinds.
+        pcgrad | stacked_sum | one of `families()`. batch: a NumPy batch, or
+        task -> batch for the additive kinds.
         """
         jax = self.jax
         dev = jax.device_put

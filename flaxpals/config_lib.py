@@ -20,7 +20,9 @@ from pathlib import Path
 import ml_collections
 
 from flaxpals import sampler
+from flaxpals.combiners import COMBINERS, MGDA_MAX_TASKS
 from flaxpals.tasks import tasks_of_config
+from flaxpals.weighting import LOSS_WEIGHTINGS
 
 # The sampler's methods, plus pcgrad: the additive schedule with PCGrad combining the
 # task gradients.
@@ -71,8 +73,20 @@ def base() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.method = "annealed"  # One of config_lib.METHODS (pcgrad = additive + PCGrad).
-    c.train.combiner = "sum"  # Task gradients of method=additive: sum | pcgrad.
+    # Task gradients of method=additive, one of combiners.COMBINERS: sum | pcgrad |
+    # gradvac | cagrad | mgda | imtl_g | aligned_mtl | nash_mtl (flaxpals/combiners.py).
+    c.train.combiner = "sum"
     c.train.pcgrad_reduction = "sum"  # PCGrad: sum (the paper) | mean.
+    c.train.gradvac_beta = 0.01  # GradVac: EMA rate of the cosine targets (the paper's 1e-2).
+    c.train.cagrad_c = 0.4  # CAGrad: radius c of the ball around the mean gradient, [0, 1).
+    # Additive method, combiner sum: none | uncertainty | dwa | famo, a learned or
+    # scheduled weighted sum of the task losses (flaxpals/weighting.py).
+    c.train.loss_weighting = "none"
+    c.train.uncertainty_lr = 1e-3  # Uncertainty weighting: Adam step size of the log-variances.
+    c.train.dwa_temperature = 2.0  # DWA: softmax temperature T (the paper's 2).
+    c.train.dwa_window = 100  # DWA: steps per loss average (the paper averages epochs).
+    c.train.famo_lr = 0.025  # FAMO: Adam step size of the weight logits (the paper's 0.025).
+    c.train.famo_decay = 1e-3  # FAMO: decay gamma of the logits (the paper's 1e-3).
     c.train.batch_size = 32  # Global batch size per task and step.
     c.train.num_epochs = 3  # Epochs; an epoch is steps_per_epoch steps.
     c.train.steps_per_epoch = -1  # -1: the sampler's default for the method.
@@ -223,11 +237,30 @@ def validate(c: ml_collections.ConfigDict) -> None:
     walk(c, reference, "")
     t = c.train
     _check("train.method", t.method in METHODS, f"{t.method!r} is not one of {METHODS}")
-    _check("train.combiner", t.combiner in ("sum", "pcgrad"), f"{t.combiner!r} is not sum|pcgrad")
+    _check("train.combiner", t.combiner in COMBINERS, f"{t.combiner!r} is not one of {COMBINERS}")
     _check("train.combiner", t.combiner == "sum" or t.method == "additive",
            f"{t.combiner} needs train.method=additive (it combines one gradient per task)")
+    _check("train.combiner", combiner(t) != "mgda" or len(c.tasks) <= MGDA_MAX_TASKS,
+           f"mgda's exact solver takes up to {MGDA_MAX_TASKS} tasks, got {len(c.tasks)}")
     _check("train.pcgrad_reduction", t.pcgrad_reduction in ("sum", "mean"),
            f"{t.pcgrad_reduction!r} is not sum|mean")
+    _check("train.gradvac_beta", 0 < t.gradvac_beta <= 1,
+           f"must be in (0, 1], got {t.gradvac_beta}")
+    _check("train.cagrad_c", 0 <= t.cagrad_c < 1, f"must be in [0, 1), got {t.cagrad_c}")
+    _check("train.loss_weighting", t.loss_weighting in LOSS_WEIGHTINGS,
+           f"{t.loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
+    _check("train.loss_weighting", t.loss_weighting == "none" or t.method == "additive",
+           f"{t.loss_weighting} needs train.method=additive (it weighs every task's loss)")
+    _check("train.loss_weighting", t.loss_weighting == "none" or t.combiner == "sum",
+           f"{t.loss_weighting} weights the summed gradient; it needs train.combiner=sum, "
+           f"got {t.combiner}")
+    _check("train.uncertainty_lr", t.uncertainty_lr > 0,
+           f"must be positive, got {t.uncertainty_lr}")
+    _check("train.dwa_temperature", t.dwa_temperature > 0,
+           f"must be positive, got {t.dwa_temperature}")
+    _check("train.dwa_window", t.dwa_window >= 1, f"must be >= 1, got {t.dwa_window}")
+    _check("train.famo_lr", t.famo_lr > 0, f"must be positive, got {t.famo_lr}")
+    _check("train.famo_decay", t.famo_decay >= 0, f"must be >= 0, got {t.famo_decay}")
     _check("train.batch_size", t.batch_size > 0, f"must be positive, got {t.batch_size}")
     _check("train.num_epochs", t.num_epochs > 0, f"must be positive, got {t.num_epochs}")
     _check("train.learning_rate", t.learning_rate > 0, f"must be positive, got {t.learning_rate}")

@@ -203,7 +203,16 @@ def make_optimizer(cfg, params, num_steps: int,
     tx = optax.chain(*parts)
     labels = trainable_labels(params, cfg.trainable)
     if not all(label == "train" for label in jax.tree_util.tree_leaves(labels)):
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+        tx = optax.multi_transform({"train": tx, "freeze": _zero_like_params()}, labels)
     if cfg.ema_decay > 0:
         tx = optax.chain(tx, ema_params_transform(cfg.ema_decay))
     return tx
+
+
+def _zero_like_params() -> optax.GradientTransformation:
+    """set_to_zero with the parameters' shapes: a combiner's gradients of frozen leaves
+    arrive stacked [tasks, ...], and their (zero) updates must still fit the params."""
+    def update_fn(updates, state, params=None):
+        return jax.tree.map(jnp.zeros_like, updates if params is None else params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -28,23 +28,22 @@ Algorithm 1 of the paper ("Gradient Surgery for Multi-Task Learning"), what we d
 
 How it is computed (a T x T coefficient matrix over the Gram matrix of the
 task gradients) and how it departs from popular implementations, and why:
-docs/design/pcgrad.md.
+docs/design/pcgrad.md. The Gram matrix, the shared mask and the combination by
+coefficients are gradmtl.py's, shared with the other combiners (combiners.py,
+weighting.py).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-Array = jax.Array
-PyTree = Any
-Mask = PyTree | Callable[[PyTree], PyTree]
+from flaxpals import gradmtl
+from flaxpals.gradmtl import Array, Mask, PyTree, gram_matrix
 
 REDUCTIONS = ("sum", "mean")
 COMBINERS = ("sum", "pcgrad")
@@ -86,33 +85,6 @@ def task_orders(key: Array, num_tasks: int) -> Array:
     return jax.vmap(row)(jnp.arange(t))
 
 
-def _gram_dtype():
-    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def gram_matrix(leaves: list[Array], num_tasks: int) -> Array:
-    """G[j, k] = <g_j, g_k> over the concatenation of `leaves` (each [T, *shape]). [T, T].
-
-    One fused reduction of g[j] * g[k] per pair j <= k and leaf, accumulated in
-    `_gram_dtype()`. Slicing (rather than one [T, n] x [n, T] product) lets XLA
-    read the per-task gradients where they are when the caller built the
-    stacked leaves with `jnp.stack` inside the same jit: the slice of a
-    concatenation simplifies to its operand, so the stack is never written.
-    """
-    dtype = _gram_dtype()
-    t = num_tasks
-    entries = {}
-    for j in range(t):
-        for k in range(j, t):
-            entries[j, k] = functools.reduce(
-                lambda a, b: a + b,
-                [jnp.sum(g[j].astype(dtype) * g[k].astype(dtype)) for g in leaves],
-                jnp.zeros((), dtype))
-    return jnp.stack([jnp.stack([entries[min(j, k), max(j, k)] for k in range(t)])
-                      for j in range(t)])
-
-
 @jax.jit
 def projection_weights(gram: Array, orders: Array, eps: float) -> Array:
     """Algorithm 1 in coefficient space: W [T, T] with g_i^PC = sum_j W[i, j] g_j.
@@ -137,47 +109,9 @@ def projection_weights(gram: Array, orders: Array, eps: float) -> Array:
     return jax.vmap(row)(jnp.arange(t), orders)
 
 
-def _broadcast_mask(mask: PyTree, updates: PyTree) -> list[bool]:
-    """The flat list of booleans, one per leaf of `updates` (mask may be a tree prefix)."""
-    try:
-        full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, updates)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            "pcgrad: the shared mask must have the parameters' tree structure (or a prefix "
-            f"of it) with bool leaves: {e}") from e
-    return jax.tree.leaves(full)
-
-
-def _num_tasks(leaves: list[Array]) -> int:
-    if not leaves:
-        raise ValueError("pcgrad: the updates tree has no leaves")
-    sizes = {g.shape[0] if g.ndim else None for g in leaves}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            "pcgrad: every update leaf needs the same leading task axis T, got leading "
-            f"sizes {sorted(s for s in sizes if s is not None)}"
-            f"{' and scalar leaves' if None in sizes else ''}")
-    return sizes.pop()
-
-
 def _check_reduction(reduction: str):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r} is not one of {REDUCTIONS}")
-
-
-def _combine_leaf(g: Array, coefs: Array | None, divide: int) -> Array:
-    """sum_t coefs[t] g[t] (plain sum when coefs is None), divided by `divide` if > 1.
-
-    Written as an unrolled left fold g[0] c[0] + g[1] c[1] + ...: on XLA:CPU
-    (jax 0.10) `jnp.sum(c[:, None] * g, axis=0)` on the [3, 30522, 384] word
-    embedding gradient took 88 s and `jnp.sum(g, axis=0)` 0.6 s, the fold
-    0.04 s. A weight of exactly 1 multiplies exactly, so with W = I the result
-    is bit for bit the plain fold g[0] + g[1] + ..., which is `sum_combine`.
-    """
-    terms = [g[t] if coefs is None else g[t] * coefs[t].astype(g.dtype)
-             for t in range(g.shape[0])]
-    out = functools.reduce(lambda a, b: a + b, terms)
-    return out / divide if divide > 1 else out
 
 
 def pcgrad_combine(grads_stacked: PyTree, shared_mask: PyTree, key: Array,
@@ -191,14 +125,14 @@ def pcgrad_combine(grads_stacked: PyTree, shared_mask: PyTree, key: Array,
     """
     _check_reduction(reduction)
     leaves, treedef = jax.tree.flatten(grads_stacked)
-    shared = _broadcast_mask(shared_mask, grads_stacked)
-    t = _num_tasks(leaves)
+    shared = gradmtl.broadcast_mask(shared_mask, grads_stacked)
+    t = gradmtl.num_tasks_of(leaves)
     shared_leaves = [g for g, s in zip(leaves, shared, strict=True) if s]
     gram = gram_matrix(shared_leaves, t)
     weights = projection_weights(gram, task_orders(key, t), eps)
     coefs = jnp.sum(weights, axis=0)  # the update is sum_j coefs[j] g_j
     divide = t if reduction == "mean" else 1
-    out = [_combine_leaf(g, coefs, divide) if s else _combine_leaf(g, None, 1)
+    out = [gradmtl.combine_leaf(g, coefs, divide) if s else gradmtl.combine_leaf(g, None, 1)
            for g, s in zip(leaves, shared, strict=True)]
     return jax.tree.unflatten(treedef, out)
 
@@ -208,44 +142,17 @@ def sum_combine(grads_stacked: PyTree, shared_mask: PyTree | None = None,
     """The additive combination: sum over the task axis (shared leaves averaged for "mean")."""
     _check_reduction(reduction)
     leaves, treedef = jax.tree.flatten(grads_stacked)
-    t = _num_tasks(leaves)
+    t = gradmtl.num_tasks_of(leaves)
     shared = ([True] * len(leaves) if shared_mask is None
-              else _broadcast_mask(shared_mask, grads_stacked))
+              else gradmtl.broadcast_mask(shared_mask, grads_stacked))
     divide = t if reduction == "mean" else 1
-    out = [_combine_leaf(g, None, divide if s else 1)
+    out = [gradmtl.combine_leaf(g, None, divide if s else 1)
            for g, s in zip(leaves, shared, strict=True)]
     return jax.tree.unflatten(treedef, out)
 
 
 # ---------------------------------------------------------------------------
 # Transformations
-
-
-def _resolve_mask(mask: Mask | None, params: PyTree | None, updates: PyTree) -> PyTree | None:
-    if callable(mask):
-        # Called on the parameters when given, else on the (stacked) updates: a mask
-        # function should depend only on the tree's paths.
-        return mask(params if params is not None else updates)
-    return mask
-
-
-def _seed_key(seed: int | Array) -> tuple[Callable[[], Array], str]:
-    """(a function making the seed's uint32 key data, the PRNG implementation's name)."""
-    if isinstance(seed, int | np.integer):
-        impl = jax.config.jax_default_prng_impl
-        return (lambda: jax.random.key_data(jax.random.key(int(seed), impl=impl))), impl
-    if isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
-        if seed.shape:
-            raise ValueError(f"pcgrad: seed must be a single key, got shape {seed.shape}")
-        data = jax.random.key_data(seed)
-        return (lambda: data), str(jax.random.key_impl(seed))
-    data = jnp.asarray(seed)
-    if data.dtype != jnp.uint32:
-        raise ValueError(f"pcgrad: seed must be an int, a typed key or uint32 key data, "
-                         f"got dtype {data.dtype}")
-    impl = jax.config.jax_default_prng_impl
-    jax.random.wrap_key_data(data, impl=impl)  # raises on a wrong shape
-    return (lambda: data), impl
 
 
 def pcgrad(shared: Mask, *, seed: int | Array = 0, reduction: str = "sum",
@@ -262,14 +169,14 @@ def pcgrad(shared: Mask, *, seed: int | Array = 0, reduction: str = "sum",
     [T, *param_shape]; returns parameter-shaped updates and the next state.
     """
     _check_reduction(reduction)
-    make_key, impl = _seed_key(seed)
+    make_key, impl = gradmtl.seed_key(seed)
 
     def init_fn(params):
         del params
         return PCGradState(key=make_key(), count=jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None):
-        mask = _resolve_mask(shared, params, updates)
+        mask = gradmtl.resolve_mask(shared, params, updates)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key, impl=impl), state.count)
         out = pcgrad_combine(updates, mask, key, reduction, eps)
         return out, PCGradState(key=state.key, count=optax.safe_increment(state.count))
@@ -287,7 +194,7 @@ def sum_combiner(shared: Mask | None = None, *,
     _check_reduction(reduction)
 
     def update_fn(updates, state, params=None):
-        mask = _resolve_mask(shared, params, updates)
+        mask = gradmtl.resolve_mask(shared, params, updates)
         return sum_combine(updates, mask, reduction), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

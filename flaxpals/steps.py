@@ -4,9 +4,9 @@
   compiles one function per task and bucket length. Only the shared encoder and
   this task's adapter and head move (`task_params.keep_other_tasks`).
 - `additive_step(state, batches)`: one batch of every task; each task's
-  gradient (`task_grads`), then the combiner over them (a sum, or PCGrad on
-  the gradients stacked on a leading task axis) and the optimiser
-  (`apply_combined`).
+  gradient (`task_grads`), then the combiner over them (a sum, or a combiner
+  or loss weighting on the gradients stacked on a leading task axis) and the
+  optimiser (`apply_combined`).
 - `predict_step(params, batch, task)`: model outputs (logits or scores) for evaluation.
 
 `jitted(mesh, state_sharding)` compiles them for data parallelism. The additive
@@ -69,8 +69,14 @@ def device_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
 class Steps:
     model: MultiTaskModel
     tx: optax.GradientTransformation
-    combiner: str = "sum"  # sum | pcgrad
+    combiner: str = "sum"  # config_lib.combiner(config.train) (combiners.COMBINERS)
+    loss_weighting: str = "none"  # config.train.loss_weighting (weighting.LOSS_WEIGHTINGS)
     smart: smart_lib.SmartOptions | None = None  # SMART regularisation; None: off
+
+    @property
+    def stacked(self) -> bool:
+        """Whether `tx` takes per-task gradients (and losses) rather than their sum."""
+        return self.combiner != "sum" or self.loss_weighting != "none"
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -114,25 +120,29 @@ class Steps:
                        grads: Mapping[str, Any]):
         """The combiner over every task's gradient (task order), then the optimiser.
 
-        The sum combiner gets the summed gradient (that of the summed loss);
-        PCGrad gets them stacked on a leading task axis: leaves [tasks, ...].
+        The sum combiner gets the summed gradient (that of the summed loss); the
+        other combiners and the loss weightings get them stacked on a leading task
+        axis, leaves [tasks, ...], and the losses stacked [tasks] as `losses=`.
         """
         names = self.task_names
         per_task = [grads[t] for t in names]
-        if self.combiner == "sum":
-            combined = jax.tree.map(lambda *g: sum(g[1:], g[0]), *per_task)
-        else:
-            combined = jax.tree.map(lambda *g: jnp.stack(g), *per_task)
-        return self._apply(state, combined, {f"loss/{t}": losses[t] for t in names})
+        metrics = {f"loss/{t}": losses[t] for t in names}
+        if not self.stacked:
+            return self._apply(state, jax.tree.map(lambda *g: sum(g[1:], g[0]), *per_task),
+                               metrics)
+        stacked = jax.tree.map(lambda *g: jnp.stack(g), *per_task)
+        return self._apply(state, stacked, metrics,
+                           losses=jnp.stack([losses[t] for t in names]))
 
     def additive_step(self, state: TrainState, batches: Mapping[str, Any]):
         """One batch of every task (task -> batch), as one pure function."""
         return additive_from_parts(self.task_grads, self.apply_combined, self.task_names,
                                    state, batches)
 
-    def _apply(self, state: TrainState, grads, metrics, task: str | None = None):
-        """The optimiser update; with `task`, other tasks' params and moments stay put."""
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    def _apply(self, state: TrainState, grads, metrics, task: str | None = None, **extra):
+        """The optimiser update; with `task`, other tasks' params and moments stay put.
+        `extra`: extra arguments for the transformations that take them (`losses`)."""
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         if task is not None:
             params, opt_state = keep_other_tasks((params, opt_state),

@@ -131,13 +131,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
         steps_per_epoch=None if config.train.steps_per_epoch < 0 else config.train.steps_per_epoch,
         temperature=config.train.temperature, seed=config.seed)
 
-    combiner = None
-    combiner_name = config_lib.combiner(config.train)
-    if combiner_name == "pcgrad":
-        from flaxpals import pcgrad
+    from flaxpals import combiners
 
-        combiner = pcgrad.pcgrad(task_params.shared_param_mask(params, names), seed=config.seed,
-                                 reduction=config.train.pcgrad_reduction)
+    # None for the plain sum: the additive step sums the gradients itself.
+    combiner_name = config_lib.combiner(config.train)
+    combiner = combiners.from_config(config.train, task_params.shared_param_mask(params, names),
+                                     len(names), config.seed, combiner_name)
     tx = optim.make_optimizer(config.train, params, sampler.total_steps, combiner)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=tx.init(params),
@@ -145,7 +144,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     state_sharding = parallel.state_shardings(state, mesh, config.parallel.fsdp)
     state = parallel.put(state, state_sharding)
     print(parallel.describe(state, state_sharding, mesh))
-    steps = Steps(model, tx, combiner_name, smart_lib.from_config(config.train))
+    steps = Steps(model, tx, combiner_name, config.train.loss_weighting,
+                  smart_lib.from_config(config.train))
     train_step, additive_step, predict_step = steps.jitted(mesh, state_sharding)
 
     ckpts = Checkpoints(workdir, config.checkpoint.keep)

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from flaxpals import gradmtl
 from flaxpals import pcgrad as pc
 
 # ---------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def make_problem(seed, t, dtype=np.float32):
 
 
 def flat_mask(mask, tree):
-    return pc._broadcast_mask(mask, tree)
+    return gradmtl.broadcast_mask(mask, tree)
 
 
 def check_against_reference(stacked, per_task, mask, key, reduction, atol, rtol):

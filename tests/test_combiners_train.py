@@ -1,0 +1,152 @@
+"""The combiners and loss weightings in the trainer: config keys, validation, end to end."""
+
+import json
+import re
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from flaxpals import combiners, config_lib, train, weighting
+from tests.conftest import epochs, tiny
+
+NEW_COMBINERS = [n for n in combiners.COMBINERS if n not in ("sum", "pcgrad")]
+WEIGHTINGS = list(weighting.LOSS_WEIGHTINGS[1:])
+
+# ---------------------------------------------------------------------------
+# Config
+
+
+def test_config_names_come_from_the_implementing_modules():
+    assert config_lib.COMBINERS is combiners.COMBINERS
+    assert config_lib.LOSS_WEIGHTINGS is weighting.LOSS_WEIGHTINGS
+    c = config_lib.base()
+    c.train.method = "additive"
+    for name in combiners.COMBINERS:
+        c.train.combiner = name
+        config_lib.validate(c)
+    c.train.combiner = "sum"
+    for name in weighting.LOSS_WEIGHTINGS:
+        c.train.loss_weighting = name
+        config_lib.validate(c)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"train.combiner": "graddrop"}, "train.combiner"),
+    ({"train.method": "sequential", "train.combiner": "mgda"}, "train.combiner"),
+    ({"tasks": tuple(f"t{i}" for i in range(13)), "train.combiner": "mgda"}, "train.combiner"),
+    ({"train.cagrad_c": 1.0}, "train.cagrad_c"),
+    ({"train.cagrad_c": -0.1}, "train.cagrad_c"),
+    ({"train.gradvac_beta": 0.0}, "train.gradvac_beta"),
+    ({"train.loss_weighting": "gradnorm"}, "train.loss_weighting"),
+    ({"train.loss_weighting": "dwa", "train.combiner": "cagrad"}, "train.loss_weighting"),
+    ({"train.loss_weighting": "famo", "train.method": "round_robin"}, "train.loss_weighting"),
+    ({"train.uncertainty_lr": 0.0}, "train.uncertainty_lr"),
+    ({"train.dwa_temperature": 0.0}, "train.dwa_temperature"),
+    ({"train.dwa_window": 0}, "train.dwa_window"),
+    ({"train.famo_lr": 0.0}, "train.famo_lr"),
+    ({"train.famo_decay": -1e-3}, "train.famo_decay"),
+])
+def test_validate_names_the_key(overrides, key):
+    c = config_lib.base()
+    c.train.method = "additive"
+    for path, value in overrides.items():
+        node = c
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    with pytest.raises(ValueError, match="^" + re.escape(f"config.{key}:")):
+        config_lib.validate(c)
+
+
+def test_from_config_passes_the_options():
+    c = config_lib.base().train
+    mask = {"w": True}
+    # the plain sum: no transformation
+    assert combiners.from_config(c, mask, 3, 0, config_lib.combiner(c)) is None
+    c.combiner, c.cagrad_c = "cagrad", 0.0
+    g = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    out, _ = combiners.from_config(c, mask, 3, 0, config_lib.combiner(c)).update(
+        {"w": g}, optax.EmptyState())
+    np.testing.assert_allclose(out["w"], g.mean(0), rtol=1e-6)  # c = 0: the mean
+    c.combiner, c.gradvac_beta = "gradvac", 0.5
+    tx = combiners.from_config(c, mask, 3, 0, config_lib.combiner(c))
+    assert tx.init(None).targets.shape == (3, 3)
+    c.combiner, c.loss_weighting, c.dwa_window = "sum", "dwa", 7
+    state = combiners.from_config(c, mask, 3, 0, config_lib.combiner(c)).init(None)
+    assert isinstance(state, weighting.DWAState)
+
+
+# ---------------------------------------------------------------------------
+# Through the trainer
+
+# Every run but one uses the baseline model (no adapters): its per-task
+# programs compile once and are then shared through the persistent cache, so
+# each run compiles little beside its own apply_combined (all nine runs with
+# PALs took far over the 90 s budget). The one PAL run covers the adapters'
+# task-specific leaves; like the other adapter runs (test_train_e2e.py) it
+# compiles programs of its own, so it runs in `make test-slow`.
+CASES = ([pytest.param("pal", "gradvac", "none", id="pal-gradvac", marks=pytest.mark.slow)]
+         + [pytest.param("baseline", n, "none", id=n) for n in NEW_COMBINERS if n != "gradvac"]
+         + [pytest.param("baseline", "sum", w, id=w) for w in WEIGHTINGS])
+STATE_MOVED = {  # a leaf of the transformation's state that training must have changed
+    "gradvac": "targets", "uncertainty": "log_vars", "dwa": "windows", "famo": "logits"}
+
+
+def _find(tree, name):
+    """The values under key `name` anywhere in a restored (dict/list) tree."""
+    found = []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            found += [v] if k == name else _find(v, name)
+    elif isinstance(tree, list | tuple):
+        for v in tree:
+            found += _find(v, name)
+    return found
+
+
+@pytest.mark.parametrize("model,name,loss_weighting", CASES)
+def test_trains_end_to_end(tmp_path, monkeypatch, model, name, loss_weighting):
+    """train_and_evaluate with each combiner and weighting: the configured
+    transformation is the one traced into the step (per-task gradients, and the
+    losses for a weighting), losses stay per task in the metrics and go down on a
+    fixed batch, and a stateful method's state moves and reaches the checkpoint."""
+    traced = []
+    real = combiners.from_config
+
+    def spy(train_cfg, shared, num_tasks, seed):
+        tx = real(train_cfg, shared, num_tasks, seed)
+
+        def update(updates, state, params=None, **extra):
+            traced.append((train_cfg.combiner, train_cfg.loss_weighting,
+                           jax.tree.leaves(updates)[0].shape[0], sorted(extra)))
+            return tx.update(updates, state, params, **extra)
+
+        return optax.GradientTransformationExtraArgs(tx.init, update)
+
+    monkeypatch.setattr(combiners, "from_config", spy)
+    c = tiny(model, "method=additive", **{
+        "train.combiner": name, "train.loss_weighting": loss_weighting,
+        "train.dwa_window": 2, "data.train_limit": 8, "train.num_epochs": 2,
+        "train.steps_per_epoch": 6, "eval.train_sample": 8, "checkpoint.every_steps": 100})
+    train.train_and_evaluate(c, tmp_path)
+
+    assert traced and all(t == (name, loss_weighting, 3, ["losses"]) for t in traced), traced
+    history = epochs(tmp_path)
+    assert [r["epoch"] for r in history] == [1, 2]
+    for task in c.tasks:
+        seen = [r[f"loss/{task}"] for r in history]
+        assert seen[-1] < seen[0], f"{name}/{loss_weighting}: {task} loss did not go down: {seen}"
+    assert np.isfinite(history[-1]["dev/average"])
+    if model == "pal":
+        assert json.loads((tmp_path / "params.json").read_text())["ratio_by_key"]["adapters"] > 1
+    key = STATE_MOVED.get(name if loss_weighting == "none" else loss_weighting)
+    if key:
+        step = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(tmp_path / "checkpoints" / str(step) / "train")
+        (value,) = _find(restored["opt_state"], key)
+        assert np.any(np.asarray(value) != 0), (key, value)
