@@ -144,9 +144,9 @@ def dwa(shared: Mask, num_tasks: int, *, temperature: float = 2.0, window: int =
         raise ValueError(f"dwa: needs temperature > 0 and window >= 1, got {temperature}, "
                          f"{window}")
 
-    def init():
-        zeros = jnp.zeros((num_tasks,), gradmtl.gram_dtype())
-        return DWAState(jnp.zeros((), jnp.int32), zeros, zeros, zeros,
+    def init():  # distinct arrays: a donated state must not hold one buffer twice
+        zeros = lambda: jnp.zeros((num_tasks,), gradmtl.gram_dtype())
+        return DWAState(jnp.zeros((), jnp.int32), zeros(), zeros(), zeros(),
                         jnp.zeros((), jnp.int32))
 
     def coefs_fn(_, state, losses):

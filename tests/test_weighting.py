@@ -192,6 +192,14 @@ def test_same_inputs_same_updates_and_state_round_trip(name, tmp_path):
         np.testing.assert_array_equal(shared_update(out, mask), first[step])
 
 
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_initial_state_can_be_donated(name):
+    """The trainer donates the state: no buffer may appear twice in it."""
+    _, stacked, mask, params, _ = make_problem(0, 3, "random")
+    tx = BUILD[name](mask, 3)
+    jax.jit(tx.update, donate_argnums=1)(stacked, tx.init(params), params, losses=jnp.ones(3))
+
+
 def test_losses_are_required_and_shaped():
     _, stacked, mask, params, _ = make_problem(0, 3, "random")
     tx = wt.famo(mask, 3)
