@@ -20,7 +20,7 @@ uncertainty  Kendall, Gal & Cipolla 2018, "Multi-Task Learning Using Uncertainty
              log sigma) losses are this one times 1/2, after the shift
              s -> s - log 2 for classification; both settle at w_i = 1 / L_i.
 dwa          Dynamic Weight Average, Liu, Johns & Davison 2019, "End-to-End
-             Multi-Task Learning with Attention", eq. 7:
+             Multi-Task Learning with Attention":
              w_i = K softmax_i(r / T), r_i = L_i(n-1) / L_i(n-2), where L_i(n) is
              task i's mean loss over window n; w = 1 for the first two windows.
              The paper's windows are epochs; ours are `window` steps (our runs

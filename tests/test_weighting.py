@@ -62,7 +62,7 @@ def uncertainty_reference(losses, lr):
 
 
 def dwa_reference(losses, temperature, window):
-    """Liu et al. eq. 7 with windows of `window` steps for epochs."""
+    """Liu et al.'s DWA with windows of `window` steps for epochs."""
     k = losses.shape[1]
     means, out = [], []
     for step, _ in enumerate(losses):
