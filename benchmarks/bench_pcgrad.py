@@ -16,13 +16,16 @@ them (`optim.make_optimizer`, `steps.Steps`, `combiners.from_config`):
            which also takes the stacked per-task losses;
   sumloss  one jax.grad of the summed loss (the trainer's `method=additive`).
 
-Warm-up (compilation) excluded; the variants are interleaved, in a rotating
-order, in each repetition. Prints medians and min-max, every variant's ratio
-to sum and to sumloss, and each compiled step's memory analysis (peak
-estimate = arguments + outputs - aliased + temporaries) with its extra
-temporaries over sum. With --rss each variant also runs alone in a fresh
-subprocess that reports its peak resident memory. Each variant holds its own
-train state (params and AdamW moments): --variants picks some.
+The per-task gradient programs are compiled once and shared by every variant
+(as the trainer's persistent compilation cache shares them), so the first
+variant's compile time includes them and the others' is their own
+`apply_combined`. Warm-up (compilation) excluded; the variants are
+interleaved, in a rotating order, in each repetition. Prints medians and
+min-max, every variant's ratio to sum and to sumloss, and each compiled step's
+memory analysis (peak estimate = arguments + outputs - aliased + temporaries)
+with its extra temporaries over sum. With --rss each variant also runs alone
+in a fresh subprocess that reports its peak resident memory. Each variant
+holds its own train state (params and AdamW moments): --variants picks some.
 `python -m benchmarks.bench_steps` times the sum and PCGrad steps against PyTorch.
 
     python -m benchmarks.bench_pcgrad --reps 5 --rss
@@ -61,7 +64,7 @@ def setup(args):
                               f"--lengths={args.length}", "--no-torch"]
                              + ([] if args.dropout else ["--no-dropout"]))
     bench.configure_process(bargs)
-    flax = bench.FlaxSide(bench.bench_config(bargs))
+    flax = bench.FlaxSide(bench.bench_config(bargs), share_task_grads=True)
     rng = np.random.default_rng(0)
     batches = {t: bench.synthetic_batch(flax.specs[t], bargs.pair_encoding, args.batch,
                                         args.length, flax.model.config.vocab_size, rng)

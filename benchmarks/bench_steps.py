@@ -217,7 +217,11 @@ class FlaxSide:
     builds it from the config (`combiners.from_config`), on stacked gradients.
     """
 
-    def __init__(self, config, num_steps: int = 1000):
+    def __init__(self, config, num_steps: int = 1000, share_task_grads: bool = False):
+        """share_task_grads: compile each task's gradient program once for all families
+        (it reads no optimiser state, so it is the same program), as the trainer's
+        persistent cache would; a family's compile time then counts it only if that
+        family compiled it first."""
         import jax
 
         from flaxpals import build, combiners, pcgrad, task_params
@@ -237,6 +241,7 @@ class FlaxSide:
             self._combiners[family] = combiners.from_config(
                 cfg, shared, len(self.specs), config.seed, "sum" if weighting else family)
         self._families, self.states = {}, {}
+        self._shared_grads = {} if share_task_grads else None
         tx = self._tx("sum")
         self.train_step, additive, self.predict_step = Steps(self.model, tx).jitted()
         self._families["sum"] = (tx, additive)
@@ -313,12 +318,18 @@ class FlaxSide:
         lower_s = compile_s = 0.0
         compiled_grads, out_info = {}, {}
         for t, b in batches.items():
+            key = (t, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(b.items())))
+            if self._shared_grads is not None and key in self._shared_grads:
+                compiled_grads[t], out_info[t] = self._shared_grads[key]
+                continue
             t0 = time.perf_counter()
             lowered = grads_fn.lower(for_gradients(state), b, t)
             t1 = time.perf_counter()
             compiled_grads[t] = lowered.compile()
             lower_s, compile_s = lower_s + t1 - t0, compile_s + time.perf_counter() - t1
             out_info[t] = lowered.out_info
+            if self._shared_grads is not None:
+                self._shared_grads[key] = compiled_grads[t], out_info[t]
         t0 = time.perf_counter()
         lowered = apply_fn.lower(state, {t: o[0] for t, o in out_info.items()},
                                  {t: o[1] for t, o in out_info.items()})

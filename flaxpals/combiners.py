@@ -16,13 +16,14 @@ gradvac      GradVac, Wang et al. 2021, "Gradient Vaccine", Algorithm 1. For eac
              then phi_hat[i, j] <- (1 - beta) phi_hat[i, j] + beta phi; d = sum_i g_i'.
              The targets phi_hat [T, T] (0 at first) live in the state. Cosines span
              all shared parameters at once (the paper also studies per-layer ones).
-cagrad       CAGrad, Liu et al. 2021, "Conflict-Averse Gradient Descent", eq. 5 and
-             its dual: g0 = mean_i g_i, phi = c^2 |g0|^2,
+cagrad       CAGrad, Liu et al. 2021, "Conflict-Averse Gradient Descent": the primal
+             max_d min_i g_i . d s.t. |d - g0| <= c |g0|, through its dual:
+             g0 = mean_i g_i, phi = c^2 |g0|^2,
                w* = argmin_{w in simplex} g_w . g0 + sqrt(phi) |g_w|,  g_w = sum_i w_i g_i,
                d = g0 + sqrt(phi) / |g_w*| g_w*.
              The dual is solved by `CAGRAD_STEPS` accelerated projected-gradient steps
              on the simplex (a step chosen each time among `CAGRAD_LADDER` sizes),
-             instead of the paper's scipy SLSQP. c = 0 gives the mean gradient.
+             instead of the authors' scipy solver. c = 0 gives the mean gradient.
 mgda         MGDA, Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective
              Optimization": d = the min-norm point of the convex hull of the g_i,
              w* = argmin_{w in simplex} w^T G w, solved exactly (every support's KKT

@@ -131,18 +131,6 @@ def seed_key(seed: int | Array) -> tuple[Callable[[], Array], str]:
     return (lambda: data), impl
 
 
-def combine(grads_stacked: PyTree, shared_mask: PyTree, coefs_of: Callable[[Array], Array]
-            ) -> PyTree:
-    """Shared leaves: sum_t c[t] g[t] with c = coefs_of(Gram of the shared leaves);
-    task-specific leaves: the sum over the task axis."""
-    leaves, treedef = jax.tree.flatten(grads_stacked)
-    shared = broadcast_mask(shared_mask, grads_stacked)
-    t = num_tasks_of(leaves)
-    coefs = coefs_of(gram_matrix([g for g, s in zip(leaves, shared, strict=True) if s], t))
-    out = [combine_leaf(g, coefs if s else None) for g, s in zip(leaves, shared, strict=True)]
-    return jax.tree.unflatten(treedef, out)
-
-
 def coefficient_transform(who: str, shared: Mask, num_tasks: int,
                           init_fn: Callable[[], Any], coefs_fn: CoefsFn, *,
                           needs_gram: bool = True, needs_losses: bool = False

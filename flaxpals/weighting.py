@@ -20,7 +20,7 @@ uncertainty  Kendall, Gal & Cipolla 2018, "Multi-Task Learning Using Uncertainty
              log sigma) losses are this one times 1/2, after the shift
              s -> s - log 2 for classification; both settle at w_i = 1 / L_i.
 dwa          Dynamic Weight Average, Liu, Johns & Davison 2019, "End-to-End
-             Multi-Task Learning with Attention", eq. 7:
+             Multi-Task Learning with Attention":
              w_i = K softmax_i(r / T), r_i = L_i(n-1) / L_i(n-2), where L_i(n) is
              task i's mean loss over window n; w = 1 for the first two windows.
              The paper's windows are epochs; ours are `window` steps (our runs
@@ -144,9 +144,9 @@ def dwa(shared: Mask, num_tasks: int, *, temperature: float = 2.0, window: int =
         raise ValueError(f"dwa: needs temperature > 0 and window >= 1, got {temperature}, "
                          f"{window}")
 
-    def init():
-        zeros = jnp.zeros((num_tasks,), gradmtl.gram_dtype())
-        return DWAState(jnp.zeros((), jnp.int32), zeros, zeros, zeros,
+    def init():  # distinct arrays: a donated state must not hold one buffer twice
+        zeros = lambda: jnp.zeros((num_tasks,), gradmtl.gram_dtype())
+        return DWAState(jnp.zeros((), jnp.int32), zeros(), zeros(), zeros(),
                         jnp.zeros((), jnp.int32))
 
     def coefs_fn(_, state, losses):

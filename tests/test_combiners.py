@@ -440,6 +440,14 @@ def test_same_seed_same_updates(name):
 
 
 @pytest.mark.parametrize("name", NEW)
+def test_initial_state_can_be_donated(name):
+    """The trainer donates the state: no buffer may appear twice in it."""
+    _, stacked, mask, params, _ = make_problem(0, 3, "random")
+    tx = cb.combiner(name, mask, 3)
+    jax.jit(tx.update, donate_argnums=1)(stacked, tx.init(params), params)
+
+
+@pytest.mark.parametrize("name", NEW)
 def test_heads_untouched_and_no_shared_leaves(name):
     per_task, stacked, mask, params, _ = make_problem(4, 3, "random")
     out, _ = run_combiner(name, stacked, mask, params, 3)

@@ -62,7 +62,7 @@ def uncertainty_reference(losses, lr):
 
 
 def dwa_reference(losses, temperature, window):
-    """Liu et al. eq. 7 with windows of `window` steps for epochs."""
+    """Liu et al.'s DWA with windows of `window` steps for epochs."""
     k = losses.shape[1]
     means, out = [], []
     for step, _ in enumerate(losses):
@@ -190,6 +190,14 @@ def test_same_inputs_same_updates_and_state_round_trip(name, tmp_path):
     for step, ell in enumerate(losses[4:], start=4):
         out, state = update(stacked, state, params, losses=ell)
         np.testing.assert_array_equal(shared_update(out, mask), first[step])
+
+
+@pytest.mark.parametrize("name", sorted(BUILD))
+def test_initial_state_can_be_donated(name):
+    """The trainer donates the state: no buffer may appear twice in it."""
+    _, stacked, mask, params, _ = make_problem(0, 3, "random")
+    tx = BUILD[name](mask, 3)
+    jax.jit(tx.update, donate_argnums=1)(stacked, tx.init(params), params, losses=jnp.ones(3))
 
 
 def test_losses_are_required_and_shaped():
