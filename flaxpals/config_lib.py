@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ml_collections
 
+from flaxpals import preemption
 from flaxpals.tasks import tasks_of_config
 
 METHODS = ("sequential", "round_robin", "additive", "pcgrad", "proportional", "sqrt",
@@ -77,6 +78,9 @@ def base() -> ml_collections.ConfigDict:
     c.train.adam_b1 = 0.9  # Adam beta1.
     c.train.adam_b2 = 0.999  # Adam beta2.
     c.train.adam_eps = 1e-8  # Adam epsilon.
+    # Wall-clock limit "HH:MM" ("H:MM:SS" too, for short runs); "": none. Before it runs
+    # out the run stops with a checkpoint, exit code 75; rerun to resume (preemption.py).
+    c.train.time_budget = ""
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128  # Global eval batch size.
@@ -196,6 +200,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("train.warmup_fraction", 0 <= t.warmup_fraction < 1,
            f"must be in [0, 1), got {t.warmup_fraction}")
     _check("train.temperature", t.temperature > 0, f"must be positive, got {t.temperature}")
+    try:
+        preemption.parse_budget(str(t.time_budget))
+    except ValueError as e:
+        raise ConfigError(f"config.train.time_budget: {e}") from None
     _check("tasks", len(c.tasks) > 0 and len(set(c.tasks)) == len(c.tasks),
            f"must be non-empty and without repeats, got {tuple(c.tasks)}")
     _check("data.buckets", list(c.data.buckets) == sorted(set(c.data.buckets))
