@@ -84,9 +84,12 @@ class LossSums:
 def _save_config(workdir: epath.Path, config) -> None:
     """Writes config.json; a run resumed with another model stops here, and a changed
     training config keeps the earlier file as config.<n>.json."""
-    if runs.has_run(workdir):
+    # Decided by process 0 before it writes, and read by all before it moves the file: a
+    # process looking on its own could find process 0's file half-written.
+    if parallel.host0_decides(runs.has_run(workdir)):
         saved = runs.read_config(workdir)
         runs.check_same_model(saved, config, str(workdir / "config.json"))
+        parallel.barrier("flaxpals-config-read")
         if saved.to_dict() != config.to_dict() and _host0():
             n = len(list(workdir.glob("config.*.json"))) + 1
             (workdir / "config.json").rename(workdir / f"config.{n}.json")
