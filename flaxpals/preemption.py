@@ -140,7 +140,9 @@ class Stopper:
         """Handles SIGTERM and SIGINT until `uninstall`; starts timing steps.
 
         save_seconds: the slowest checkpoint save so far, for the budget's margin.
-        Outside the main thread Python allows no handlers: only the budget applies.
+        Outside the main thread Python allows no handlers: only the budget applies. A
+        signal ignored when this is called stays ignored (as Python leaves SIGINT alone
+        when the parent ignored it, e.g. for a job started with `&` by a script).
         """
         if save_seconds is not None:
             self._save_seconds = save_seconds
@@ -151,7 +153,8 @@ class Stopper:
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
         """Puts back the handlers `install` found (SIG_DFL where one was set from C)."""

@@ -148,6 +148,16 @@ def test_handlers_are_restored_when_the_loop_raises(handlers):
     assert signal.getsignal(signal.SIGINT) is _previous_handler
 
 
+def test_an_ignored_signal_stays_ignored(handlers):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's `cmd &` leaves it
+    with preemption.Stopper() as stop:
+        stop.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is _previous_handler
+
+
 def test_outside_the_main_thread_only_the_budget_applies(handlers):
     clock, result = FakeClock(), {}
 
@@ -243,9 +253,15 @@ class Run:
         env = {**os.environ, "PYTHONPATH": str(ROOT),
                "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"), XLA_FLAGS])),
                **(env or {})}
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)
+        # The child inherits an ignored SIGINT (pytest started by a script's `cmd &`), and
+        # the trainer would keep ignoring it: start it with SIGINT handled, as from a shell.
+        sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with open(self.log, "w") as log:
+                self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
+                                             stderr=subprocess.STDOUT)
+        finally:
+            signal.signal(signal.SIGINT, sigint)
 
     def wait_for_checkpoint(self, step: int, timeout: float = 600) -> None:
         """Until the save of `step` has begun (or the run ended)."""
