@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import jax
@@ -101,7 +102,13 @@ class Checkpoints:
         workdir = epath.Path(workdir)
         if not workdir.is_absolute():  # (epath's absolute() mangles gs:// paths)
             workdir = workdir.absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # Seconds from a save's call to its last file written, at most (the time budget's
+        # margin, flaxpals/preemption.py); orbax writes in the background.
+        self.slowest_save = 0.0
+        self._save_started = 0.0
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._saved))
         self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=options,
                                             item_handlers=_handlers())
         self.best = ocp.CheckpointManager(
@@ -117,7 +124,11 @@ class Checkpoints:
             sampler=ocp.args.JsonSave(_jsonable(sampler_state)))
 
     def save(self, step: int, state, sampler_state: dict, force: bool = False) -> None:
+        self._save_started = time.monotonic()
         self.latest.save(step, args=self._args(state, sampler_state), force=force)
+
+    def _saved(self) -> None:  # in orbax's thread, when a save's files are written
+        self.slowest_save = max(self.slowest_save, time.monotonic() - self._save_started)
 
     def best_score(self) -> float | None:
         if self._best_file.exists():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ml_collections
 
-from flaxpals import sampler
+from flaxpals import preemption, sampler
 from flaxpals.combiners import COMBINERS, MGDA_MAX_TASKS
 from flaxpals.tasks import tasks_of_config
 from flaxpals.weighting import LOSS_WEIGHTINGS
@@ -118,6 +118,9 @@ def base() -> ml_collections.ConfigDict:
     # Bregman proximal point term: the divergence from the outputs of the EMA params
     # (needs train.ema_decay > 0, which is the paper's momentum beta); 0: off.
     c.train.smart_bregman_weight = 0.0
+    # Wall-clock limit "HH:MM" ("H:MM:SS" too, for short runs); "": none. Before it runs
+    # out the run stops with a checkpoint, exit code 75; rerun to resume (preemption.py).
+    c.train.time_budget = ""
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128  # Global eval batch size.
@@ -268,6 +271,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("train.warmup_fraction", 0 <= t.warmup_fraction < 1,
            f"must be in [0, 1), got {t.warmup_fraction}")
     _check("train.temperature", t.temperature > 0, f"must be positive, got {t.temperature}")
+    try:
+        preemption.parse_budget(str(t.time_budget))
+    except ValueError as e:
+        raise ConfigError(f"config.train.time_budget: {e}") from None
     _check("tasks", len(c.tasks) > 0 and len(set(c.tasks)) == len(c.tasks),
            f"must be non-empty and without repeats, got {tuple(c.tasks)}")
     _check("data.buckets", list(c.data.buckets) == sorted(set(c.data.buckets))

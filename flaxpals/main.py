@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from flaxpals import checkpointing, config_lib, evaluation, parallel, runs, train, weights
 from flaxpals.datasets.reader import DataFormatError, parse_columns
+from flaxpals.preemption import Stopped
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions.")
@@ -82,6 +83,14 @@ def main(argv):
         run(FLAGS.mode, FLAGS.workdir, FLAGS.config, FLAGS.step)
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
+    except Stopped as e:  # a signal or the time budget, with a checkpoint
+        print(e, file=sys.stderr, flush=True)
+        code = e.exit_code
+    else:
+        return
+    # Outside the except block, so the traceback and the stopped loop's frame are freed
+    # first: its tf.data iterators then close quietly, before the interpreter shuts down.
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -213,3 +213,9 @@ def host0_decides(flag: bool) -> bool:
     if jax.process_count() == 1:
         return bool(flag)
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.bool_)))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has called barrier(name) (nothing on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -40,6 +40,7 @@ from flaxpals import sampler as sampler_lib
 from flaxpals import smart as smart_lib
 from flaxpals.checkpointing import Checkpoints
 from flaxpals.evaluation import EvalSets, eval_record, record_splits
+from flaxpals.preemption import Stopper
 from flaxpals.steps import Steps, TrainState, device_batch
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,12 @@ class LossSums:
 def _save_config(workdir: epath.Path, config) -> None:
     """Writes config.json; a run resumed with another model stops here, and a changed
     training config keeps the earlier file as config.<n>.json."""
-    if runs.has_run(workdir):
+    # Decided by process 0 before it writes, and read by all before it moves the file: a
+    # process looking on its own could find process 0's file half-written.
+    if parallel.host0_decides(runs.has_run(workdir)):
         saved = runs.read_config(workdir)
         runs.check_same_model(saved, config, str(workdir / "config.json"))
+        parallel.barrier("flaxpals-config-read")
         if saved.to_dict() != config.to_dict() and _host0():
             n = len(list(workdir.glob("config.*.json"))) + 1
             (workdir / "config.json").rename(workdir / f"config.{n}.json")
@@ -97,8 +101,16 @@ def _save_config(workdir: epath.Path, config) -> None:
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
-    """Trains per `config`, writing checkpoints, metrics and logs under `workdir`."""
+    """Trains per `config`, writing checkpoints, metrics and logs under `workdir`.
+
+    SIGTERM, SIGINT or `config.train.time_budget` stop it after the step in flight with a
+    checkpoint of that step: it raises `preemption.Stopped` (flaxpals/preemption.py)."""
     config_lib.validate(config)
+    with Stopper(config.train.time_budget) as stop:  # the budget counts from here
+        return _train(config, workdir, stop)
+
+
+def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float]:
     mesh = parallel.make_mesh()
     batch_size = parallel.process_batch_size(config.train.batch_size, mesh, "train.batch_size")
     parallel.process_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
@@ -206,6 +218,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     bar = tqdm(total=sampler.total_steps, initial=sampler.step, desc="train", unit="step",
                disable=not _host0(), dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
+    stop.install(lambda: ckpts.slowest_save)
     while not sampler.done:
         epoch = sampler.epoch
         chosen = sampler.next()
@@ -236,8 +249,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
                                         "steps_per_second": rate})
             window_start, window_steps = time.perf_counter(), 0
         epoch_end = sampler.done or sampler.epoch != epoch
-        if step % config.checkpoint.every_steps == 0 or epoch_end:
-            ckpts.save(step, state, progress(), force=epoch_end)
+        stopping = stop.check(step)  # a signal or the time budget, agreed by all processes
+        if step % config.checkpoint.every_steps == 0 or epoch_end or stopping:
+            ckpts.save(step, state, progress(), force=epoch_end or stopping)
+        if stopping:  # this step is being saved: write it, flush, and go
+            bar.close()
+            writer.flush()
+            raise stop.stopped(step, ckpts)
         for hook in AFTER_STEP_HOOKS:
             hook(step, ckpts)
         if epoch_end:

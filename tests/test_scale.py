@@ -310,8 +310,9 @@ def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def _commands(stdout: str) -> list[list[str]]:
-    """The printed commands, each split into words as a POSIX shell would."""
-    lines = stdout.splitlines()
+    """The printed commands, each split into words as a POSIX shell would ("# " lines,
+    a dry run's notes, left out)."""
+    lines = [line for line in stdout.splitlines() if not line.startswith("# ")]
     assert lines and all(line.startswith("+ ") for line in lines), stdout
     return [shlex.split(line[2:]) for line in lines]
 
@@ -362,6 +363,106 @@ def test_tpu_dry_run_prints_the_whole_sequence(tmp_path):
     assert not (tmp_path / "out").exists()  # a dry run runs nothing
 
 
+RETRY_EXIT_CODE = '; echo "flaxpals.main exit code: $?"'
+
+
+def _main_with_exit_code(words: list[str]) -> list[str]:
+    """The flaxpals.main words of a --retry run's ssh --command, which must end by printing
+    the trainer's exit code."""
+    (command,) = [w for w in words if w.startswith("--command=")]
+    assert command.endswith(RETRY_EXIT_CODE), command
+    return shlex.split(command.removeprefix("--command=").removesuffix(RETRY_EXIT_CODE))
+
+
+def test_tpu_dry_run_with_retry_shows_one_round_of_the_loop(tmp_path):
+    result = _launch("tpu.sh", "--tpu=pals", "--zone=z", "--workdir=gs://bucket/run", "--spot",
+                     "--data=gs://bucket/data", "--retry=5", "--fetch=" + str(tmp_path / "out"),
+                     "--dry-run", "--", *FORWARDED)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    notes = [i for i, line in enumerate(lines) if line.startswith("# ")]
+    assert [lines[i] for i in notes] == [
+        "# dry run: as if run 1 exited 143 and the TPU VM were PREEMPTED",
+        "# dry run: as if run 2 exited 0 (finished)"]
+    commands = _commands(result.stdout)
+    tpu_vm, where = ["gcloud", "compute", "tpus", "tpu-vm"], ["--zone=z"]
+    # Packed at launch, so a recreated VM gets the code of the launch (no --install here).
+    assert commands[0][:2] == ["git", "-C"] and commands[0][3] == "archive"
+    data = _remote(commands[1])
+    assert data[-4:] == ["rsync", "--recursive", "gs://bucket/data", "~/flaxpals-data"]
+    train = commands[2]
+    assert train[:7] == [*tpu_vm, "ssh", "pals", *where] and "--worker=all" in train
+    assert "--ssh-flag=-oServerAliveInterval=30" in train  # a vanished VM ends the ssh
+    main = _main_with_exit_code(train)
+    assert main[main.index("python3"):] == ["python3", "-m", "flaxpals.main",
+                                            "--workdir=gs://bucket/run", "--distributed=yes",
+                                            *FORWARDED]
+    assert "FLAXPALS_DATA_DIR=~/flaxpals-data" in main
+    assert notes[0] == 3  # after the first run: the VM's state, then recreate it
+    assert commands[3] == [*tpu_vm, "describe", "pals", *where, "--format=value(state)"]
+    assert commands[4] == [*tpu_vm, "delete", "pals", *where, "--quiet"]
+    assert commands[5] == [*tpu_vm, "create", "pals", *where, "--accelerator-type=v4-8",
+                           "--version=tpu-ubuntu2204-base", "--spot"]
+    assert commands[6][:5] == [*tpu_vm, "scp"] and commands[6][6] == "pals:flaxpals-src.tar.gz"
+    assert "jax[tpu]" in _remote(commands[7])  # installed again: a new VM has nothing
+    assert commands[8] == commands[1]  # and its data again
+    assert commands[9] == train  # the same command, on the same gs:// workdir
+    assert commands[10:] == [["mkdir", "-p", str(tmp_path / "out")],
+                             ["gcloud", "storage", "rsync", "--recursive", "gs://bucket/run",
+                              str(tmp_path / "out")]]
+    assert not (tmp_path / "out").exists()
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# Stands for gcloud: logs each call; a run prints the next code of $FAKE_CODES ("none":
+# no line, as when a VM vanishes); describe prints the next state of $FAKE_STATES.
+echo "gcloud $*" >> "$FAKE_DIR/calls"
+next() {  # the n-th word of $1, n counted in $FAKE_DIR/$2
+  local n; n=$(( $(cat "$FAKE_DIR/$2" 2>/dev/null || echo 0) + 1 )); echo $n > "$FAKE_DIR/$2"
+  echo "$1" | cut -d' ' -f$n
+}
+case "$*" in
+  *"flaxpals.main exit code"*)
+    code=$(next "$FAKE_CODES" runs)
+    echo "training..."
+    if [[ $code != none ]]; then echo "flaxpals.main exit code: $code"; fi ;;
+  *" describe "*) next "$FAKE_STATES" states ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("retry,codes,states,expect_code,expect_runs,recreated", [
+    ("--retry", "143 0", "PREEMPTED", 0, 2, 1),  # preempted, recreated, finished
+    ("--retry", "none 143 0", "READY READY", 0, 3, 0),  # a lost ssh, a maintenance SIGTERM
+    ("--retry", "1", "READY", 1, 1, 0),  # an error is not retried
+    ("--retry", "75", "READY", 75, 1, 0),  # nor the time budget
+    ("--retry=2", "143 143 143", "PREEMPTED PREEMPTED", 143, 2, 1),  # gives up after 2 runs
+])
+def test_tpu_retry_loop_reads_the_exit_code_and_the_vm_state(tmp_path, retry, codes, states,
+                                                             expect_code, expect_runs, recreated):
+    (tmp_path / "bin").mkdir()
+    gcloud = tmp_path / "bin" / "gcloud"
+    gcloud.write_text(FAKE_GCLOUD)
+    gcloud.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+           "FAKE_DIR": str(tmp_path), "FAKE_CODES": codes, "FAKE_STATES": states,
+           "TMPDIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "tpu.sh"), "--tpu=t", "--zone=z",
+                             "--workdir=gs://b/run", retry, "--", "--config=configs/pal.py"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == expect_code, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sum("flaxpals.main exit code" in c for c in calls) == expect_runs
+    assert sum(" create t " in c for c in calls) == recreated
+    assert result.stdout.count("training...") == expect_runs
+    if expect_code == 0:
+        assert "running again" in result.stderr
+    elif expect_runs == 1:
+        assert f"the run exited {expect_code} (not a preemption): not retried" in result.stderr
+    else:
+        assert "--retry=2: giving up" in result.stderr
+
+
 def test_tpu_local_workdir_is_seeded_on_workers_and_fetched_from_worker_0(tmp_path):
     result = _launch("tpu.sh", "--tpu=t", "--zone=z", "--workdir=/home/me/run",
                      "--init-from=gs://bucket/old", "--fetch=" + str(tmp_path), "--dry-run")
@@ -380,6 +481,12 @@ def test_tpu_local_workdir_is_seeded_on_workers_and_fetched_from_worker_0(tmp_pa
 def test_launch_scripts_reject_missing_arguments():
     result = _launch("tpu.sh", "--zone=z", "--workdir=w", "--dry-run")
     assert result.returncode == 2 and "--tpu=... is required" in result.stderr
+    result = _launch("tpu.sh", "--tpu=t", "--zone=z", "--workdir=/home/me/run", "--retry",
+                     "--dry-run")
+    assert result.returncode == 2 and "--retry needs a gs:// workdir" in result.stderr
+    result = _launch("tpu.sh", "--tpu=t", "--zone=z", "--workdir=gs://b/r", "--retry=1",
+                     "--dry-run")
+    assert result.returncode == 2 and "--retry=N needs a number of runs N >= 2" in result.stderr
     result = _launch("gpu.sh", "--workdir=w", "--num-hosts=2", "--dry-run")
     assert result.returncode == 2 and "--host-id must be in 0..1" in result.stderr
     result = _launch("gpu.sh", "--workdir=w", "--bogus")
