@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -171,17 +170,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from flaxpals import cli
 
     flags.DEFINE_string("workdir", None, "A training run's workdir.", required=True)
     flags.DEFINE_string("out", None, "The model directory to write.", required=True)
     flags.DEFINE_integer("step", None, "This step of the latest checkpoints instead of the "
                          "best checkpoint.")
-
-    def _main(argv):
-        try:
-            main(argv)
-        except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
-
-    app.run(_main)
+    cli.run(main)

@@ -53,6 +53,7 @@ import numpy as np
 
 from flaxpals import batching, paths
 from flaxpals.datasets import cs224n, reader
+from flaxpals.heads import PAIR_ENCODINGS
 from flaxpals.tasks import Task
 from flaxpals.tf_util import import_tf
 
@@ -297,8 +298,8 @@ def load_split(task: Task, split: str, tokenizer, *, data_dir=None, cache_dir=No
     pair_encoding: "bi" or "cross" (ignored for single-sentence tasks).
     tfds_data_dir: where TFDS tasks are prepared (default <cache>/tfds).
     """
-    if pair_encoding not in ("bi", "cross"):
-        raise ValueError(f"pair_encoding must be 'bi' or 'cross', got {pair_encoding!r}")
+    if pair_encoding not in PAIR_ENCODINGS:
+        raise ValueError(f"pair_encoding must be one of {PAIR_ENCODINGS}, got {pair_encoding!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     task.split_source(split)  # raises for an unknown split

@@ -16,11 +16,11 @@ Every device is used (a ('data',) mesh); see launch/ for TPU pods and GPU hosts.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from flaxpals import checkpointing, config_lib, evaluation, parallel, runs, train, weights
-from flaxpals.datasets.reader import DataFormatError, parse_columns
+from flaxpals import cli, config_lib, evaluation, parallel, train
+from flaxpals.datasets.reader import parse_columns
 from flaxpals.preemption import Stopped
 
 FLAGS = flags.FLAGS
@@ -45,11 +45,6 @@ config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/pal
 flags.mark_flags_as_required(["workdir"])
 
 # Errors a user can fix from the message alone: one line, no traceback.
-USER_ERRORS = (config_lib.ConfigError, runs.ConfigMismatchError, DataFormatError,
-               checkpointing.CheckpointMismatchError, weights.CheckpointError,
-               FileNotFoundError)
-
-
 def check_overrides(argv: list[str]) -> None:
     """Names an unknown --config.<key> in one line, before ml_collections sees it."""
     for arg in argv:
@@ -75,14 +70,11 @@ def run(mode: str, workdir: str, config, step: int | None = None) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
     if FLAGS.eval_file and not FLAGS.task:
         raise app.UsageError("--eval_file needs --task (the trained task it is for)")
     parallel.initialize(FLAGS.distributed)  # before any JAX computation
     try:
         run(FLAGS.mode, FLAGS.workdir, FLAGS.config, FLAGS.step)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
     except Stopped as e:  # a signal or the time budget, with a checkpoint
         print(e, file=sys.stderr, flush=True)
         code = e.exit_code
@@ -98,4 +90,4 @@ if __name__ == "__main__":
         check_overrides(sys.argv[1:])
     except config_lib.ConfigError as e:
         sys.exit(f"error: {e}")
-    app.run(main)
+    cli.run(main)

@@ -332,14 +332,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from flaxpals import cli
 
     _define_flags()
-
-    def _main(argv):
-        try:
-            main(argv)
-        except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
-
-    app.run(_main)
+    cli.run(main, extra=(ValueError,))  # ValueError: a bad --task, --columns or input

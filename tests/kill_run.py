@@ -7,9 +7,7 @@ import os
 import signal
 import sys
 
-from absl import app
-
-from flaxpals import main, train
+from flaxpals import cli, main, train
 
 
 def kill_after(step: int):
@@ -23,4 +21,4 @@ def kill_after(step: int):
 
 if __name__ == "__main__":
     train.AFTER_STEP_HOOKS.append(kill_after(int(sys.argv.pop(1))))
-    app.run(main.main)
+    cli.run(main.main)

