@@ -232,9 +232,10 @@ def machine() -> dict[str, Any]:
 
 
 def comparable(cmd: list[str]) -> list[str]:
-    """What makes two runs of a row the same: config and overrides (not python, not paths)."""
-    return [x.replace(str(CONFIGS) + "/", "configs/") for x in cmd[1:]
-            if not x.startswith("--workdir=")]
+    """What makes two runs of a row the same: config and overrides (not the program that
+    runs them, not paths)."""
+    return [x.replace(str(CONFIGS) + "/", "configs/") for x in cmd
+            if x.startswith("--") and not x.startswith("--workdir=")]
 
 
 class RowRecord:
