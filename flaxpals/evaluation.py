@@ -174,7 +174,8 @@ def _with_file(task: tasks_lib.Task, path: str, columns: dict[str, str] | None,
                delimiter: str | None = None) -> tasks_lib.Task:
     """`task` read from one labelled file as its dev split, columns renamed by `columns`
     ({"id", "text", "text_pair", "label"} -> column name); the model side is unchanged."""
-    fields = {"id": task.id_field, "text": task.text_field,
+    # Without an id column the rows are numbered: metrics need no ids.
+    fields = {"id": None, "text": task.text_field,
               "text_pair": task.text_pair_field, "label": task.label_field}
     unknown = sorted(set(columns or {}) - set(fields))
     if unknown:

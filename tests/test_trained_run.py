@@ -118,8 +118,7 @@ def test_eval_on_a_file_with_its_own_columns(trained, tmp_path):
         for r in read_tsv("ids-sst-dev.csv")[:48]:
             w.writerow([r["id"], r["sentence"], f"{float(r['sentiment']):.1f}"])
     record = evaluation.evaluate_checkpoint(workdir, eval_file=str(path), task="sst",
-                                            columns={"id": "review_id", "text": "body",
-                                                     "label": "stars"})
+                                            columns={"text": "body", "label": "stars"})
     logged = runs.record_at(workdir, record["step"])
     assert record["dev/sst"] == pytest.approx(logged["dev/sst"], abs=1e-9)
     assert (workdir / f"eval-{record['step']}-reviews.json").exists()
