@@ -30,6 +30,7 @@ import ml_collections
 from etils import epath
 
 from flaxpals import config_lib
+from flaxpals.tasks import tasks_of_config
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ def _get(config, dotted: str):
 
 
 def _task_fields(config) -> dict[str, dict[str, Any]]:
-    from flaxpals.tasks import tasks_of_config  # tasks imports nothing of ours but config
-
     return {t.name: {f: getattr(t, f) for f in TASK_MODEL_FIELDS}
             for t in tasks_of_config(config)}
 
@@ -166,8 +165,9 @@ def config_for_restore(workdir: epath.PathLike,
         for section in DATA_SECTIONS:
             out[section] = given[section].copy_and_resolve_references()
         out.extra_tasks = given.extra_tasks.copy_and_resolve_references()
-    ignored = [k for k in _flat(saved) if not k.startswith(DATA_SECTIONS + ("extra_tasks",))
-               and k not in MODEL_FIELDS and _flat(saved)[k] != _flat(given).get(k)]
+    mine, theirs = _flat(saved), _flat(given)
+    ignored = [k for k, v in mine.items() if not k.startswith(DATA_SECTIONS + ("extra_tasks",))
+               and k not in MODEL_FIELDS and v != theirs.get(k)]
     if ignored:
         log.info("restoring %s: training fields are the saved run's; ignoring the given %s",
                  os.fspath(workdir), ", ".join(ignored))
