@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -19,6 +20,8 @@ from flaxpals import tasks as tasks_lib
 from flaxpals.adapters import AdapterConfig
 from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
 from flaxpals.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def encoder_config(model_cfg) -> tuple[bert.BertConfig, Any]:
@@ -114,7 +117,7 @@ def load_data(config, tasks, tokenizer, splits=("train", "dev"),
             except FileNotFoundError as e:
                 if split != "test":
                     raise
-                print(f"{task.name}: no test split ({e}); skipping it")
+                log.info("%s: no test split (%s); skipping it", task.name, e)
                 continue
             limit = config.data.train_limit if split == "train" else config.data.eval_limit
             data[task.name][split] = s.take(limit) if limits and limit > 0 else s

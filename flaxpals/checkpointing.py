@@ -179,8 +179,8 @@ class Checkpoints:
                 fallback = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else (
                     "no older checkpoint: starting from scratch")
                 kept = self._set_aside(step)
-                print(f"WARNING: checkpoint step {step} is unreadable ({type(e).__name__}); "
-                      f"moved to {kept}; {fallback}", flush=True)
+                log.warning("checkpoint step %s is unreadable (%s); moved to %s; %s", step,
+                            type(e).__name__, kept, fallback)
                 continue
             return step, state, sampler
         return None

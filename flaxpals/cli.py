@@ -1,5 +1,8 @@
 """What every flaxpals command shares: quiet library logs and one-line errors.
 
+flaxpals' own messages (logger "flaxpals.*") show at INFO, through absl's
+handler on stderr; other libraries' (orbax, TensorFlow, ...) from WARNING up.
+
     if __name__ == "__main__":
         cli.run(main)      # absl's app.run; an error the user can fix exits with one line
 
@@ -10,6 +13,7 @@ exit 1, with no traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 from collections.abc import Callable
 
@@ -24,9 +28,11 @@ USER_ERRORS = (config_lib.ConfigError, runs.ConfigMismatchError, DataFormatError
 
 
 def guarded(main: Callable, extra: tuple[type[Exception], ...] = ()) -> Callable:
-    """`main` with WARNING-level logs, and user errors turned into one line."""
+    """`main` with INFO logs from flaxpals, WARNING from the rest, and user errors turned
+    into one line."""
     def wrapped(argv):
         logging.set_verbosity(logging.WARNING)
+        std_logging.getLogger("flaxpals").setLevel(std_logging.INFO)
         try:
             return main(argv)
         except USER_ERRORS + extra as e:

@@ -146,6 +146,9 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2  # Latest checkpoints kept (the best is kept apart).
 
     c.log_every_steps = 50  # Train loss to TensorBoard/metrics every N steps.
+    # Keep compiled XLA programs in <data.cache_dir>/jax (flaxpals/compilation.py), so a
+    # rerun of the same config compiles nothing; False: compile every run afresh.
+    c.compilation_cache = True
     return c
 
 

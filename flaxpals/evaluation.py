@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -24,11 +25,13 @@ import jax
 import numpy as np
 from etils import epath
 
-from flaxpals import build, config_lib, heads, input_pipeline, parallel, runs
+from flaxpals import build, compilation, config_lib, heads, input_pipeline, parallel, runs
 from flaxpals import metrics as metrics_lib
 from flaxpals import tasks as tasks_lib
 from flaxpals.checkpointing import Checkpoints
 from flaxpals.steps import MODEL_KEYS, Steps
+
+log = logging.getLogger(__name__)
 
 
 class EvalSets:
@@ -155,6 +158,7 @@ def restore(workdir, config=None, step: int | None = None) -> Restored:
     """The best checkpoint of `workdir` (or `step` among the latest), built from the
     run's config.json; `config`, if given, may change data and evaluation only."""
     config = runs.config_for_restore(workdir, config)
+    compilation.enable_cache(config)
     mesh = parallel.make_mesh()
     parallel.process_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     model, shapes, tokenizer, tasks = build.abstract_model(config)
@@ -246,7 +250,7 @@ def write_predictions(workdir, config=None, step: int | None = None) -> list[epa
         _, preds = evaluate(r.predict_step, r.params, eval_sets, r.tasks, split)
         for task in r.tasks:
             if task.name not in preds:
-                print(f"{task.name}: no {split} file; no predictions written")
+                log.info("%s: no %s file; no predictions written", task.name, split)
                 continue
             prefix, column = PREDICTION_FILES.get(task.name, (task.name, "Predicted"))
             path = out_dir / f"{prefix}-{split}-output.csv"
@@ -256,5 +260,6 @@ def write_predictions(workdir, config=None, step: int | None = None) -> list[epa
                     for example_id, p in preds[task.name].items():
                         f.write(f"{example_id} , {p} \n")
             written.append(path)
-            print(f"wrote {path} ({len(preds[task.name])} predictions, checkpoint step {r.step})")
+            log.info("wrote %s (%d predictions, checkpoint step %s)", path,
+                     len(preds[task.name]), r.step)
     return written

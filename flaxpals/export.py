@@ -29,7 +29,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from flaxpals import build, config_lib, evaluation, parallel, runs, task_params, weights
+from flaxpals import (
+    build,
+    compilation,
+    config_lib,
+    evaluation,
+    parallel,
+    runs,
+    task_params,
+    weights,
+)
 from flaxpals.checkpointing import CheckpointMismatchError, tree_differences
 from flaxpals.steps import Steps
 
@@ -146,6 +155,7 @@ def restore_exported(directory) -> evaluation.Restored:
     values = meta["config"]
     values["model"]["encoder"] = str(directory)  # the exported encoder and vocabulary
     config = config_lib.from_dict(values)
+    compilation.enable_cache(config)
     model, shapes, tokenizer, tasks = build.abstract_model(config)
     _, encoder, _ = weights.load_pretrained(directory)
     params = {**_unflatten(load_file(str(directory / TASKS_FILE))), "encoder": encoder}

@@ -89,6 +89,16 @@ def num_tasks_of(leaves: list[Array]) -> int:
     return sizes.pop()
 
 
+def task_sum(terms) -> Array:
+    """The sum of per-task gradient leaves, as the left fold terms[0] + terms[1] + ...
+
+    The one definition of the additive combination: `combine_leaf` (stacked
+    leaves) and `Steps.apply_combined` (unstacked ones, with no [T, ...] copy)
+    both sum through it, so the two give the same bits.
+    """
+    return functools.reduce(lambda a, b: a + b, terms)
+
+
 def combine_leaf(g: Array, coefs: Array | None, divide: int = 1) -> Array:
     """sum_t coefs[t] g[t] (plain sum when coefs is None), divided by `divide` if > 1.
 
@@ -100,7 +110,7 @@ def combine_leaf(g: Array, coefs: Array | None, divide: int = 1) -> Array:
     """
     terms = [g[t] if coefs is None else g[t] * coefs[t].astype(g.dtype)
              for t in range(g.shape[0])]
-    out = functools.reduce(lambda a, b: a + b, terms)
+    out = task_sum(terms)
     return out / divide if divide > 1 else out
 
 

@@ -95,8 +95,8 @@ def initialize(mode: str = "auto") -> bool:
             kwargs[arg] = int(os.environ[var])
     log.info("jax.distributed.initialize(%s): %s", kwargs, reason)
     jax.distributed.initialize(**kwargs)
-    print(f"process {jax.process_index()} of {jax.process_count()}: "
-          f"{jax.local_device_count()} local of {jax.device_count()} devices ({reason})")
+    log.info("process %d of %d: %d local of %d devices (%s)", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count(), reason)
     return True
 
 

@@ -4,6 +4,8 @@
     <workdir>/params.json     parameter counts
     <workdir>/metrics.jsonl   one JSON line per evaluated epoch (`append_metrics`, `read_metrics`)
     <workdir>/best.json       {"step", "metric", "score"} of the best checkpoint (`read_best`)
+    <workdir>/timings.jsonl   one JSON line per training invocation: where its wall time
+                              went (flaxpals.timing; `append_timings`, `read_timings`)
 
 A workdir describes its run: every command that restores one (eval, predict,
 export, `Predictor.from_workdir`) builds the model from the saved
@@ -83,15 +85,14 @@ def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     return config
 
 
-def append_metrics(workdir: epath.PathLike, record: dict) -> None:
+def _append(workdir: epath.PathLike, name: str, record: dict) -> None:
     if _host0():
-        with (epath.Path(workdir) / "metrics.jsonl").open("a") as f:
+        with (epath.Path(workdir) / name).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(workdir: epath.PathLike) -> list[dict]:
-    """The epoch records of metrics.jsonl, in order ([] when there are none)."""
-    path = epath.Path(workdir) / "metrics.jsonl"
+def _read_lines(workdir: epath.PathLike, name: str) -> list[dict]:
+    path = epath.Path(workdir) / name
     if not path.exists():
         return []
     records = []
@@ -102,6 +103,24 @@ def read_metrics(workdir: epath.PathLike) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not JSON ({e})") from None
     return records
+
+
+def append_metrics(workdir: epath.PathLike, record: dict) -> None:
+    _append(workdir, "metrics.jsonl", record)
+
+
+def read_metrics(workdir: epath.PathLike) -> list[dict]:
+    """The epoch records of metrics.jsonl, in order ([] when there are none)."""
+    return _read_lines(workdir, "metrics.jsonl")
+
+
+def append_timings(workdir: epath.PathLike, record: dict) -> None:
+    _append(workdir, "timings.jsonl", record)
+
+
+def read_timings(workdir: epath.PathLike) -> list[dict]:
+    """One record per training invocation (a resumed run has several), in order."""
+    return _read_lines(workdir, "timings.jsonl")
 
 
 def read_best(workdir: epath.PathLike) -> dict | None:

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from flaxpals import heads, optim, parallel
+from flaxpals import gradmtl, heads, optim, parallel
 from flaxpals import smart as smart_lib
 from flaxpals.models import MultiTaskModel
 from flaxpals.task_params import keep_other_tasks
@@ -128,7 +128,7 @@ class Steps:
         per_task = [grads[t] for t in names]
         metrics = {f"loss/{t}": losses[t] for t in names}
         if not self.stacked:
-            return self._apply(state, jax.tree.map(lambda *g: sum(g[1:], g[0]), *per_task),
+            return self._apply(state, jax.tree.map(lambda *g: gradmtl.task_sum(g), *per_task),
                                metrics)
         stacked = jax.tree.map(lambda *g: jnp.stack(g), *per_task)
         return self._apply(state, stacked, metrics,

