@@ -89,9 +89,13 @@ def test_from_config_passes_the_options():
 # PALs took far over the 90 s budget). The one PAL run covers the adapters'
 # task-specific leaves; like the other adapter runs (test_train_e2e.py) it
 # compiles programs of its own, so it runs in `make test-slow`.
-CASES = ([pytest.param("pal", "gradvac", "none", id="pal-gradvac", marks=pytest.mark.slow)]
-         + [pytest.param("baseline", n, "none", id=n) for n in NEW_COMBINERS if n != "gradvac"]
-         + [pytest.param("baseline", "sum", w, id=w) for w in WEIGHTINGS])
+# All run in `make test-slow` (and CI): the first run on a worker compiles the shared
+# per-task programs (about 150 s here), which kept the default suite over its 10 minutes.
+_SLOW = pytest.mark.slow
+CASES = ([pytest.param("pal", "gradvac", "none", id="pal-gradvac", marks=_SLOW)]
+         + [pytest.param("baseline", n, "none", id=n, marks=_SLOW)
+            for n in NEW_COMBINERS if n != "gradvac"]
+         + [pytest.param("baseline", "sum", w, id=w, marks=_SLOW) for w in WEIGHTINGS])
 STATE_MOVED = {  # a leaf of the transformation's state that training must have changed
     "gradvac": "targets", "uncertainty": "log_vars", "dwa": "windows", "famo": "logits"}
 
