@@ -90,7 +90,7 @@ def test_from_config_passes_the_options():
 # task-specific leaves; like the other adapter runs (test_train_e2e.py) it
 # compiles programs of its own, so it runs in `make test-slow`.
 # All run in `make test-slow` (and CI): the first run on a worker compiles the shared
-# per-task programs (about 150 s here), which kept the default suite over its 10 minutes.
+# per-task programs, which kept the default suite over its 10 minutes.
 _SLOW = pytest.mark.slow
 CASES = ([pytest.param("pal", "gradvac", "none", id="pal-gradvac", marks=_SLOW)]
          + [pytest.param("baseline", n, "none", id=n, marks=_SLOW)
