@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flaxpals import config_lib
+
 WORKLOADS = ("sst", "multitask")
 TASKS = ("sst", "quora", "sts")
 
@@ -148,8 +150,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=WORKLOADS, default="sst")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--train_sample", type=int, default=1000,
-                   help="train rows per task scored each epoch on both sides (0: off)")
+    p.add_argument("--train_sample", type=int, default=config_lib.base().eval.train_sample,
+                   help="train rows per task scored each epoch on both sides (0: off; "
+                   "default: the config's eval.train_sample)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flaxpals_flag", action="append", default=[],
                    help="an extra flag for the flaxpals command (repeatable)")

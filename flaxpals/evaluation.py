@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from flaxpals import build, compilation, config_lib, heads, input_pipeline, parallel, runs
+from flaxpals import batching, build, compilation, config_lib, heads, input_pipeline, parallel, runs
 from flaxpals import metrics as metrics_lib
 from flaxpals import tasks as tasks_lib
 from flaxpals.checkpointing import Checkpoints
@@ -55,17 +55,30 @@ class EvalSets:
         """
         key = (task, split, limit)
         if key not in self._cache:
-            s = self._data[task].get(split)
+            s = self.select(task, split, limit)
             if s is None:
                 return None
-            if limit > 0 and split == "train" and self._config.eval.train_sample_from == "random":
-                s = s.sample(limit, self._config.seed)  # the same rows every epoch
-            elif limit > 0:
-                s = s.take(limit)
             self._cache[key] = s, list(input_pipeline.eval_batches(
                 s, self._batch_size, buckets=tuple(self._config.data.buckets),
                 process_index=jax.process_index(), process_count=jax.process_count()))
         return self._cache[key]
+
+    def select(self, task: str, split: str, limit: int = -1):
+        """The rows `get` evaluates (a Split), without batching them; None if no such split."""
+        s = self._data[task].get(split)
+        if s is None:
+            return None
+        if limit > 0 and split == "train" and self._config.eval.train_sample_from == "random":
+            return s.sample(limit, self._config.seed)  # the same rows every epoch
+        return s.take(limit) if limit > 0 else s
+
+    def lengths(self, task: str, split: str, limit: int = -1) -> list[int]:
+        """The padded lengths of `get`'s batches, in their order (bucket by bucket)."""
+        s = self.select(task, split, limit)
+        if s is None:
+            return []
+        buckets = tuple(self._config.data.buckets)
+        return [buckets[k] for k in np.unique(batching.bucket_ids(s.lengths(), buckets))]
 
     def to_device(self, batch: dict) -> dict[str, jax.Array]:
         """The model inputs and row indices of a batch as global arrays."""
@@ -115,13 +128,19 @@ def evaluate(predict_step, params, eval_sets: EvalSets, tasks, split: str,
 
 def record_splits(config, tag: str = "") -> tuple[tuple[str, str], ...]:
     """(split, prefix) pairs an epoch records: dev, val (data.validation_fraction > 0) and
-    the train sample; with a `tag` ("_ema"), dev{tag} and val{tag} alone."""
+    the train sample (eval.train_sample > 0); with a `tag` ("_ema"), dev{tag} and val{tag}
+    alone."""
     out = [("dev", "dev" + tag)]
     if config.data.validation_fraction > 0:
         out.append(("val", "val" + tag))
-    if not tag:
+    if not tag and config.eval.train_sample > 0:
         out.append(("train", "train"))
     return tuple(out)
+
+
+def split_limit(config, split: str) -> int:
+    """Rows of `split` an epoch scores: eval.train_sample of train, all (-1) of the others."""
+    return config.eval.train_sample if split == "train" else -1
 
 
 def eval_record(predict_step, params, eval_sets, tasks, config,
@@ -132,7 +151,7 @@ def eval_record(predict_step, params, eval_sets, tasks, config,
     record = {}
     metric_of = {t.name: t.metric for t in tasks}
     for split, prefix in splits or record_splits(config):
-        limit = config.eval.train_sample if split == "train" else -1
+        limit = split_limit(config, split)
         scores, _ = evaluate(predict_step, params, eval_sets, tasks, split, limit)
         record.update({f"{prefix}/{t}": v for t, v in scores.items()})
         record.update({f"{prefix}/{k}": v for k, v in metrics_lib.summary(scores,

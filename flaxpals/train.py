@@ -36,8 +36,10 @@ from etils import epath
 from tqdm import tqdm
 
 from flaxpals import (
+    batching,
     build,
     compilation,
+    compile_ahead,
     config_lib,
     input_pipeline,
     optim,
@@ -48,7 +50,7 @@ from flaxpals import (
 from flaxpals import sampler as sampler_lib
 from flaxpals import smart as smart_lib
 from flaxpals.checkpointing import Checkpoints
-from flaxpals.evaluation import EvalSets, eval_record, record_splits
+from flaxpals.evaluation import EvalSets, eval_record, record_splits, split_limit
 from flaxpals.preemption import Stopper
 from flaxpals.steps import Steps, TrainState, device_batch
 from flaxpals.timing import RunTimer
@@ -180,10 +182,13 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         loss_sums = LossSums(sampler_state.pop(LossSums.KEY, None))
         sampler.load_state_dict(sampler_state)
         log.info("resumed from checkpoint step %d (epoch %d)", step0, sampler.epoch)
-    iters = {t: input_pipeline.train_batches(
-        data[t]["train"], batch_size, seed=config.seed + i, buckets=tuple(config.data.buckets),
-        process_index=jax.process_index(), process_count=processes,
-        start_batch=sampler.positions[t]) for i, t in enumerate(names)}
+    plan_args = {t: dict(seed=config.seed + i, buckets=tuple(config.data.buckets),
+                         process_index=jax.process_index(), process_count=processes)
+                 for i, t in enumerate(names)}
+    iters = {t: input_pipeline.train_batches(data[t]["train"], batch_size,
+                                             start_batch=sampler.positions[t], **plan_args[t])
+             for t in names}
+    ahead = None  # the compile-ahead worker, started after the first step
 
     best = ckpts.best_score()
     history = []
@@ -257,6 +262,14 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         step = sampler.step
         step_metrics = jax.device_get(step_metrics)
         timer.step_done()
+        if ahead is None and config.compile_ahead:
+            plans = {t: batching.TrainPlan(data[t]["train"].lengths(), batch_size=batch_size,
+                                           **plan_args[t]) for t in names}
+            ahead = compile_ahead.for_training(
+                config, (train_step, additive_step, predict_step), model, state, mesh, data,
+                plans, sampler.positions, eval_sets,
+                [(split, split_limit(config, split)) for split, _ in record_splits(config)],
+                done={(t, b["input_ids"].shape[1]) for t, b in batches.items()})
         losses = {k: float(v) for k, v in step_metrics.items() if k.startswith("loss/")}
         bad = [k for k, v in losses.items() if not np.isfinite(v)]
         if bad:
@@ -280,6 +293,8 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         if step % config.checkpoint.every_steps == 0 or epoch_end or stopping:
             ckpts.save(step, state, progress(), force=epoch_end or stopping)
         if stopping:  # this step is being saved: write it, flush, and go
+            if ahead is not None:
+                ahead.cancel()  # no new compile; the one running dies with the process
             bar.close()
             writer.flush()
             write_timings()
@@ -289,6 +304,9 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         if epoch_end:
             finish_epoch(epoch, step, loss_sums)
             loss_sums = LossSums()
+    if ahead is not None:
+        ahead.cancel()
+        ahead.join()
     bar.close()
     ckpts.wait()
     ckpts.close()

@@ -4,8 +4,10 @@ Under CI (CI=true) a missing optional dependency fails the test instead of
 skipping it, so a green CI never hides a parity check that did not run.
 """
 
+import atexit
 import csv
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Tests build the same small steps many times (every training method compiles
 # the same per-task step, subprocesses too): a persistent compilation cache,
 # shared through the environment, compiles each once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="flaxpals-jax-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # subprocesses inherit the parent's
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="flaxpals-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])

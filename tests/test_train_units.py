@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from flaxpals import config_lib, metrics, optim, parallel, pcgrad, task_params
+from flaxpals import config_lib, evaluation, metrics, optim, parallel, pcgrad, task_params
 from flaxpals.adapters import AdapterConfig
 from flaxpals.bert import tiny_config
 from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
@@ -71,11 +71,25 @@ def test_bad_keys_and_values_are_named():
     with pytest.raises(ValueError, match=r"config\.eval\.train_sample_from: 'first' is not"):
         config_lib.validate(c)
     c = load_config("baseline")
+    c.eval.train_sample = -1
+    with pytest.raises(ValueError, match=r"config\.eval\.train_sample: must be >= 0"):
+        config_lib.validate(c)
+    c = load_config("baseline")
     c.data.max_length = 512
     with pytest.raises(ValueError, match=r"config\.data\.max_length"):
         config_lib.validate(c)
     with pytest.raises(ValueError, match=r"model\.pooling='max'"):
         ModelOptions(pooling="max")
+
+
+def test_train_sample_zero_scores_no_train_split():
+    # 0 once meant "no limit" and scored the whole train split every epoch.
+    c = load_config("baseline")
+    assert ("train", "train") in evaluation.record_splits(c)
+    c.eval.train_sample = 0
+    assert evaluation.record_splits(c) == (("dev", "dev"),)
+    c.data.validation_fraction = 0.1
+    assert evaluation.record_splits(c) == (("dev", "dev"), ("val", "val"))
 
 
 TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classification"),
