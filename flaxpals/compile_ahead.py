@@ -1,9 +1,12 @@
 """Compiling the train step's other bucket shapes on a background thread.
 
-    shapes = compile_ahead.train_shapes(plans, start_batches)   # [(task, length), ...]
-    worker = compile_ahead.start(jobs)                          # jobs: [(name, fn), ...]
-    ...                                                         # the training loop
-    worker.join()
+    worker = compile_ahead.for_training(config, fns, model, state, mesh, data, plans,
+                                        start_batches, eval_sets, eval_splits, done)
+    ...                                   # the training loop, from its second step
+    worker.cancel(); worker.join()
+
+    compile_ahead.train_shapes(plans, start_batches)   # [(task, length), ...] in first-use order
+    compile_ahead.start([(name, fn), ...])             # any lower-and-compile jobs, in order
 
 Every (task, bucket length) pair the run will train on is its own program (one
 per shape; `data.buckets`). Compiled on demand, each stalls the loop the first
@@ -12,7 +15,10 @@ persistent cache). `start` runs `fn.lower(*abstract_args).compile()` for each on
 a daemon thread instead, in the order the shapes first come up, while the main
 thread trains on the shapes it has: `jax.jit` keeps what the thread compiled,
 and the later call compiles nothing. A job that fails is logged and left to the
-call, which then compiles (and raises) as it would have.
+call, which then compiles (and raises) as it would have. However the loop
+ends (done, stopped by a signal or the time budget, an error), it waits for
+the compile in flight: one cannot be interrupted, and a process that exits
+during one aborts.
 
 Batch shapes come from the batch plans (`batching.TrainPlan`): the set of
 lengths an epoch uses depends only on the bucket counts, so one epoch's plan
@@ -61,15 +67,6 @@ def train_shapes(plans: Mapping[str, batching.TrainPlan],
     for k in range(max((len(v) for v in per_task.values()), default=0)):
         shapes += [(task, lengths[k]) for task, lengths in per_task.items() if k < len(lengths)]
     return shapes
-
-
-def abstract_batch(batch: Mapping[str, jax.Array], length: int) -> dict[str, Any]:
-    """`batch`'s structure at padded length `length`: ShapeDtypeStructs (sharding kept)
-    with axis 1 of every [B, L, ...] array set to `length`."""
-    def spec(x):
-        shape = (x.shape[0], length, *x.shape[2:]) if x.ndim >= 2 else x.shape
-        return jax.ShapeDtypeStruct(shape, x.dtype, sharding=getattr(x, "sharding", None))
-    return {k: spec(v) for k, v in batch.items()}
 
 
 def abstract(tree: Any) -> Any:

@@ -250,63 +250,64 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         log.info(RunTimer.summary(record))
 
     timer.loop_started()
-    while not sampler.done:
-        epoch = sampler.epoch
-        chosen = sampler.next()
-        batches = {t: parallel.global_batch(device_batch(next(iters[t])), mesh) for t in chosen}
-        if len(chosen) > 1:  # the additive schedule: a batch of every task
-            state, step_metrics = additive_step(state, batches)
-        else:
-            (task,) = chosen
-            state, step_metrics = train_step(state, batches[task], task)
-        step = sampler.step
-        step_metrics = jax.device_get(step_metrics)
-        timer.step_done()
-        if ahead is None and config.compile_ahead:
-            plans = {t: batching.TrainPlan(data[t]["train"].lengths(), batch_size=batch_size,
-                                           **plan_args[t]) for t in names}
-            ahead = compile_ahead.for_training(
-                config, (train_step, additive_step, predict_step), model, state, mesh, data,
-                plans, sampler.positions, eval_sets,
-                [(split, split_limit(config, split)) for split, _ in record_splits(config)],
-                done={(t, b["input_ids"].shape[1]) for t, b in batches.items()})
-        losses = {k: float(v) for k, v in step_metrics.items() if k.startswith("loss/")}
-        bad = [k for k, v in losses.items() if not np.isfinite(v)]
-        if bad:
-            ckpts.wait()
-            raise TrainingError(
-                f"non-finite loss at step {step} (epoch {epoch}) for task(s) "
-                f"{', '.join(k.split('/', 1)[1] for k in bad)}: {losses}; the newest checkpoint "
-                f"in {workdir / 'checkpoints'} (step {ckpts.latest.latest_step()}) is the last "
-                "good state")
-        loss_sums.add(losses)
-        bar.update(1)
-        window_steps += 1
-        bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
-        if step % config.log_every_steps == 0:
-            rate = window_steps / (time.perf_counter() - window_start)
-            writer.write_scalars(step, {**losses, "grad_norm": float(step_metrics["grad_norm"]),
-                                        "steps_per_second": rate})
-            window_start, window_steps = time.perf_counter(), 0
-        epoch_end = sampler.done or sampler.epoch != epoch
-        stopping = stop.check(step)  # a signal or the time budget, agreed by all processes
-        if step % config.checkpoint.every_steps == 0 or epoch_end or stopping:
-            ckpts.save(step, state, progress(), force=epoch_end or stopping)
-        if stopping:  # this step is being saved: write it, flush, and go
-            if ahead is not None:
-                ahead.cancel()  # no new compile; the one running dies with the process
-            bar.close()
-            writer.flush()
-            write_timings()
-            raise stop.stopped(step, ckpts)
-        for hook in AFTER_STEP_HOOKS:
-            hook(step, ckpts)
-        if epoch_end:
-            finish_epoch(epoch, step, loss_sums)
-            loss_sums = LossSums()
-    if ahead is not None:
-        ahead.cancel()
-        ahead.join()
+    try:
+        while not sampler.done:
+            epoch = sampler.epoch
+            chosen = sampler.next()
+            batches = {t: parallel.global_batch(device_batch(next(iters[t])), mesh) for t in chosen}
+            if len(chosen) > 1:  # the additive schedule: a batch of every task
+                state, step_metrics = additive_step(state, batches)
+            else:
+                (task,) = chosen
+                state, step_metrics = train_step(state, batches[task], task)
+            step = sampler.step
+            step_metrics = jax.device_get(step_metrics)
+            timer.step_done()
+            if ahead is None and config.compile_ahead:
+                plans = {t: batching.TrainPlan(data[t]["train"].lengths(), batch_size=batch_size,
+                                               **plan_args[t]) for t in names}
+                ahead = compile_ahead.for_training(
+                    config, (train_step, additive_step, predict_step), model, state, mesh, data,
+                    plans, sampler.positions, eval_sets,
+                    [(split, split_limit(config, split)) for split, _ in record_splits(config)],
+                    done={(t, b["input_ids"].shape[1]) for t, b in batches.items()})
+            losses = {k: float(v) for k, v in step_metrics.items() if k.startswith("loss/")}
+            bad = [k for k, v in losses.items() if not np.isfinite(v)]
+            if bad:
+                ckpts.wait()
+                raise TrainingError(
+                    f"non-finite loss at step {step} (epoch {epoch}) for task(s) "
+                    f"{', '.join(k.split('/', 1)[1] for k in bad)}: {losses}; the newest "
+                    f"checkpoint in {workdir / 'checkpoints'} (step "
+                    f"{ckpts.latest.latest_step()}) is the last good state")
+            loss_sums.add(losses)
+            bar.update(1)
+            window_steps += 1
+            bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in losses.items()},
+                            refresh=False)
+            if step % config.log_every_steps == 0:
+                rate = window_steps / (time.perf_counter() - window_start)
+                writer.write_scalars(step, {**losses, "grad_norm": float(step_metrics["grad_norm"]),
+                                            "steps_per_second": rate})
+                window_start, window_steps = time.perf_counter(), 0
+            epoch_end = sampler.done or sampler.epoch != epoch
+            stopping = stop.check(step)  # a signal or the time budget, agreed by all processes
+            if step % config.checkpoint.every_steps == 0 or epoch_end or stopping:
+                ckpts.save(step, state, progress(), force=epoch_end or stopping)
+            if stopping:  # this step is being saved: write it, flush, and go
+                bar.close()
+                writer.flush()
+                write_timings()
+                raise stop.stopped(step, ckpts)
+            for hook in AFTER_STEP_HOOKS:
+                hook(step, ckpts)
+            if epoch_end:
+                finish_epoch(epoch, step, loss_sums)
+                loss_sums = LossSums()
+    finally:  # a compile still running when the process exits aborts it
+        if ahead is not None:
+            ahead.cancel()
+            ahead.join()
     bar.close()
     ckpts.wait()
     ckpts.close()
