@@ -5,7 +5,7 @@
 
 Tokenization is timed into a fresh temporary cache (parse + tokenize, nothing
 cached), then the cached load is timed. Pipeline throughput is measured on
-train_batches after a warm-up batch (graph building excluded), and on one
+train_batches after a warm-up batch, and on one
 eval_batches pass; padding efficiency is real tokens / padded tokens.
 """
 

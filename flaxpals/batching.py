@@ -4,7 +4,7 @@ The plans are pure functions of (example lengths, buckets, batch size, seed,
 epoch, process), so batch k of a run can be computed without producing
 batches 0..k-1: resuming at batch 10,000 costs one epoch's plan (a
 permutation, milliseconds), not 10,000 batches. `input_pipeline` turns a plan
-into padded arrays with tf.data.
+into padded NumPy arrays.
 
 Buckets: an example of length n (tokens, specials included) goes to the
 smallest bucket length >= n; one longer than the largest bucket goes to the

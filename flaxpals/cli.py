@@ -38,7 +38,7 @@ def guarded(main: Callable, extra: tuple[type[Exception], ...] = ()) -> Callable
         except USER_ERRORS + extra as e:
             message = f"error: {e}"
         # Exit outside the except block: the traceback's frames are freed first, so
-        # open tf.data iterators close quietly before the interpreter shuts down.
+        # open batch iterators close before the interpreter shuts down.
         sys.exit(message)
 
     return wrapped

@@ -15,8 +15,8 @@ Encodings of a pair task: "bi" tokenizes the two sentences separately
 bi-encoder), "cross" as one sequence `[CLS] a [SEP] b [SEP]` with token
 types 0/1, truncated longest-first (a cross-encoder).
 
-Batches (batching.py decides which examples, tf.data gathers and pads them on
-a background thread and prefetches) are dicts of NumPy arrays:
+Batches (batching.py decides which examples; NumPy gathers and pads them on
+a background thread, a few batches ahead) are dicts of NumPy arrays:
 
   input_ids, attention_mask, token_type_ids   int32 [B, L]; L a bucket length
   input_ids_2, attention_mask_2, token_type_ids_2
@@ -37,6 +37,7 @@ avoid that; load_split's max_length already caps the lengths).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -45,7 +46,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,6 @@ from flaxpals import batching, paths
 from flaxpals.datasets import cs224n, reader
 from flaxpals.heads import PAIR_ENCODINGS
 from flaxpals.tasks import Task
-from flaxpals.tf_util import import_tf
 
 log = logging.getLogger(__name__)
 
@@ -382,70 +383,65 @@ def split_from_parsed(task: Task, split: str, parsed: reader.ParsedSplit, tokeni
 # ---------------------------------------------------------------- batches
 
 
-def _gather_fn(split: Split) -> Callable:
-    """A tf.function body: (indices [B], length) -> padded int32 arrays [B, length]."""
-    tf = import_tf()
+def _pad(ragged: Ragged, rows: np.ndarray, length: int, pad_id: int):
+    """Rows of `ragged` cut or padded to `length`: (values, mask), int32 [len(rows), length]."""
+    starts = ragged.offsets[rows]
+    n = np.minimum(ragged.offsets[rows + 1] - starts, length)
+    mask = np.arange(length) < n[:, None]
+    values = np.full(mask.shape, pad_id, np.int32)
+    values[mask] = ragged.values[(starts[:, None] + np.arange(length))[mask]]
+    return values, mask.astype(np.int32)
 
-    def ragged(r: Ragged):
-        return tf.RaggedTensor.from_row_splits(tf.constant(r.values), tf.constant(r.offsets),
-                                               validate=False)
 
-    seqs = [("", ragged(split.input_ids), ragged(split.token_type_ids))]
+def _gather(split: Split, index: np.ndarray, length: int) -> dict[str, np.ndarray]:
+    """The batch of rows `index` (-1: a padding row), padded to `length`."""
+    padding = index < 0
+    rows = np.maximum(index, 0)
+    batch = {"index": index, "mask": (~padding).astype(np.float32)}
+    seqs = [("", split.input_ids, split.token_type_ids)]
     if split.input_ids_2 is not None:
-        seqs.append(("_2", ragged(split.input_ids_2), ragged(split.token_type_ids_2)))
-    pad_id = split.pad_id
+        seqs.append(("_2", split.input_ids_2, split.token_type_ids_2))
+    for suffix, ids, types in seqs:
+        input_ids, attention = _pad(ids, rows, length, split.pad_id)
+        token_types, _ = _pad(types, rows, length, 0)
+        # A padding row is [CLS] [SEP], attended, so the model stays finite on it.
+        input_ids[padding] = split.pad_id
+        input_ids[padding, :2] = (split.cls_id, split.sep_id)
+        attention[padding] = 0
+        attention[padding, :2] = 1
+        token_types[padding] = 0
+        batch["input_ids" + suffix] = input_ids
+        batch["attention_mask" + suffix] = attention
+        batch["token_type_ids" + suffix] = token_types
+    if split.labels is not None:
+        labels = split.labels[rows]
+        labels[padding] = 0
+        batch["labels"] = labels
+    ids = split.ids[rows]
+    ids[padding] = ""
+    batch["ids"] = ids
+    return batch
 
-    @tf.autograph.experimental.do_not_convert
-    def gather(index, length):
-        rows = tf.maximum(index, 0)  # padding rows (-1) gather row 0, overwritten later
-        length64 = tf.cast(length, tf.int64)
-        shape = tf.stack([tf.size(index, out_type=tf.int64), length64])
-        out = {}
-        for suffix, ids, types in seqs:
-            picked = tf.gather(ids, rows)
-            out["input_ids" + suffix] = picked.to_tensor(default_value=pad_id, shape=shape)
-            out["token_type_ids" + suffix] = tf.gather(types, rows).to_tensor(
-                default_value=0, shape=shape)
-            out["attention_mask" + suffix] = tf.sequence_mask(
-                tf.minimum(picked.row_lengths(), length64), length, dtype=tf.int32)
-        return index, out
 
-    return gather
+def _batches(split: Split, plan: Iterator[tuple[np.ndarray, int]],
+             prefetch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Gathers the plan's batches on one background thread, `prefetch` ahead, in order.
 
-
-def _batches(split: Split, plan: Callable[[], Iterator[tuple[np.ndarray, int]]],
-             batch_size: int, prefetch: int) -> Iterator[dict[str, np.ndarray]]:
-    tf = import_tf()
-    ds = tf.data.Dataset.from_generator(plan, output_signature=(
-        tf.TensorSpec([batch_size], tf.int64), tf.TensorSpec([], tf.int32)))
-    ds = ds.map(_gather_fn(split), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    options = tf.data.Options()
-    options.deterministic = True
-    options.threading.max_intra_op_parallelism = 1  # leave the cores to the model
-    ds = ds.prefetch(prefetch).with_options(options)
-    for index, arrays in ds.as_numpy_iterator():
-        batch = dict(arrays)
-        padding = index < 0
-        rows = np.maximum(index, 0)
-        batch["index"] = index
-        batch["mask"] = (~padding).astype(np.float32)
-        ids = split.ids[rows]
-        if split.labels is not None:
-            labels = split.labels[rows]
-            labels[padding] = 0
-            batch["labels"] = labels
-        if padding.any():
-            ids[padding] = ""
-            for suffix in ("", "_2") if split.input_ids_2 is not None else ("",):
-                for name in ("input_ids", "attention_mask", "token_type_ids"):
-                    batch[name + suffix] = batch[name + suffix].copy()  # TF's are read-only
-                batch["input_ids" + suffix][padding] = split.pad_id
-                batch["input_ids" + suffix][padding, :2] = (split.cls_id, split.sep_id)
-                batch["attention_mask" + suffix][padding] = 0
-                batch["attention_mask" + suffix][padding, :2] = 1
-                batch["token_type_ids" + suffix][padding] = 0
-        batch["ids"] = ids
-        yield batch
+    Closing the iterator (or dropping it) cancels the batches not started; the
+    thread finishes the one in hand (a millisecond) and exits, so an abandoned
+    iterator never holds up the interpreter's exit.
+    """
+    pool = futures.ThreadPoolExecutor(1, thread_name_prefix="flaxpals-batches")
+    pending: collections.deque[futures.Future] = collections.deque()
+    try:
+        for index, length in plan:
+            pending.append(pool.submit(_gather, split, np.asarray(index), int(length)))
+            if len(pending) > prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def train_batches(split: Split, batch_size: int, *, seed: int,
@@ -472,7 +468,7 @@ def train_batches(split: Split, batch_size: int, *, seed: int,
             yield plan.batch(k)
             k += 1
 
-    return _batches(split, indices, batch_size, prefetch)
+    return _batches(split, indices(), prefetch)
 
 
 def eval_batches(split: Split, batch_size: int, *, buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -484,10 +480,10 @@ def eval_batches(split: Split, batch_size: int, *, buckets: Sequence[int] = DEFA
     bucket is padded to batch_size with rows whose `mask` is 0; every process
     yields the same number of batches.
     """
-    # Planned now (cheap): bad arguments raise here, not inside tf.data.
+    # Planned now (cheap): bad arguments raise here, not at the first batch.
     plan = list(batching.eval_plan(split.lengths(), buckets, batch_size,
                                    process_index=process_index, process_count=process_count))
-    return _batches(split, lambda: iter(plan), batch_size, prefetch)
+    return _batches(split, iter(plan), prefetch)
 
 
 def batches_per_epoch(split: Split, batch_size: int, *, process_count: int = 1) -> int:

@@ -81,7 +81,7 @@ def main(argv):
     else:
         return
     # Outside the except block, so the traceback and the stopped loop's frame are freed
-    # first: its tf.data iterators then close quietly, before the interpreter shuts down.
+    # first: its batch iterators then close before the interpreter shuts down.
     sys.exit(code)
 
 

@@ -6,6 +6,7 @@ encodings.
 """
 
 import itertools
+import threading
 import time
 
 import numpy as np
@@ -263,3 +264,44 @@ def test_the_trainers_train_sample_is_the_seeded_one(tok, cache):
     assert list(sampled.ids) == list(sst.sample(c.eval.train_sample, seed=5).ids)
     assert sum(int((b["index"] >= 0).sum()) for b in batches) == c.eval.train_sample
     assert list(sets.get("sst", "dev", 100)[0].ids) == list(dev.ids[:100])
+
+
+def test_batches_match_a_row_by_row_reference(tok, cache):
+    # Reference: each row's token list, cut to the bucket, then padded, one row at a time.
+    split = load("quora", "dev", tok, cache, pair_encoding="bi")
+    batches = _take(ip.train_batches(split, 8, seed=5, buckets=(16, 32)), 10)
+    batches += list(ip.eval_batches(split.take(21), 8, buckets=(16, 32)))  # padding rows
+    for batch in batches:
+        length = batch["input_ids"].shape[1]
+        for row, i in enumerate(batch["index"]):
+            for suffix, ids, types in (("", split.input_ids, split.token_type_ids),
+                                       ("_2", split.input_ids_2, split.token_type_ids_2)):
+                if i < 0:
+                    want = [tok.cls_id, tok.sep_id]
+                    want_types = [0, 0]
+                else:
+                    want = ids[i][:length].tolist()
+                    want_types = types[i][:length].tolist()
+                pad = length - len(want)
+                assert batch["input_ids" + suffix][row].tolist() == want + [tok.pad_id] * pad
+                assert batch["token_type_ids" + suffix][row].tolist() == want_types + [0] * pad
+                assert batch["attention_mask" + suffix][row].tolist() == [1] * len(want) + [0] * pad
+            assert batch["labels"][row] == (split.labels[i] if i >= 0 else 0)
+            assert batch["ids"][row] == (split.ids[i] if i >= 0 else "")
+    assert any((b["index"] < 0).any() for b in batches)
+
+
+def test_an_abandoned_iterator_stops_its_thread(tok, cache):
+    def workers():
+        return {t for t in threading.enumerate() if t.name.startswith("flaxpals-batches")}
+
+    split = load("sts", "dev", tok, cache)
+    before = workers()
+    it = ip.train_batches(split, 8, seed=0)  # infinite
+    next(it)
+    mine = workers() - before
+    assert len(mine) == 1
+    it.close()
+    thread = mine.pop()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
