@@ -31,7 +31,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metric_writers
 from etils import epath
 from tqdm import tqdm
 
@@ -53,6 +52,7 @@ from flaxpals.checkpointing import Checkpoints
 from flaxpals.evaluation import EvalSets, eval_record, record_splits, split_limit
 from flaxpals.preemption import Stopper
 from flaxpals.steps import Steps, TrainState, device_batch
+from flaxpals.summary_writer import SummaryWriter
 from flaxpals.timing import RunTimer
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _save_config(workdir, config)
-    writer = metric_writers.create_default_writer(str(workdir / "tensorboard"),
-                                                  just_logging=not _host0())
+    writer = SummaryWriter(workdir / "tensorboard", enabled=_host0())
 
     model, params, tokenizer, tasks = build.build_model(config)
     names = tuple(t.name for t in tasks)
@@ -311,7 +310,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     bar.close()
     ckpts.wait()
     ckpts.close()
-    writer.flush()
+    writer.close()
     write_timings()
     return history[-1] if history else {}
 
