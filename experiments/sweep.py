@@ -2,6 +2,7 @@
 
     python -m experiments.sweep --results=results                # every row, the CPU budget
     python -m experiments.sweep --results=results --only=pal-pcgrad,separate-sts
+    python -m experiments.sweep --results=results --only=best-proportional --seeds=0,1,2
     python -m experiments.sweep --results=results --report-only  # table and plots only
     python -m experiments.sweep --results=/tmp/smoke --budget=smoke   # tiny config, seconds a row
     python -m experiments.sweep --dry-run                         # print each row's command
@@ -9,6 +10,11 @@
 Each row is one `python -m flaxpals.main --config=... --workdir=<results>/<slug>`
 subprocess (the trainer's own CLI, so every row's command is printed and can
 be rerun alone), its output appended to `<results>/<slug>/train.log`.
+
+Seeds: `--seeds=0,1,2` runs each row once per seed (`config.seed`: init,
+dropout, shuffling, task sampling), seed 0 in `<results>/<slug>` and seed s in
+`<results>/<slug>-seed<s>`; the report gives each figure as the mean over the
+seeds run ± their standard deviation, and the plots the spread as a band.
 
 Resuming: a row whose metrics.jsonl already holds its last epoch is skipped;
 any other row is started again in the same workdir, where the trainer resumes
@@ -18,8 +24,10 @@ interrupted invocation still counts); a row whose recorded command differs
 from the current one is refused (another budget or --set in the same folder),
 naming both.
 
-After the rows (or with --report-only) `<results>/RESULTS.md` gets the table
-(train and dev metric per task at the best epoch by dev/average, both average
+After the rows (or with --report-only) `experiments/sweep_report.py` writes
+`<results>/RESULTS.md`: the table
+(train and dev metric per task at the best epoch by the run's
+`eval.best_metric`, mean ± std over the seeds run, both average
 formulas, the parameter ratio, the wall time), `results.json` the same data,
 and two plots: `dev_per_epoch.png` (dev metric per epoch per row, a panel per
 task) and `train_vs_dev.png` (train-sample against dev per epoch, a panel per
@@ -31,14 +39,19 @@ weight decay); the weight-decay row differs only by decay 0.01. The separate
 single-task models use the standard fine-tuning recipe of the PyTorch
 reference measured on this project's machines (`REFERENCE_RECIPE`, see
 docs/experiments.md: cross-encoded pairs, [CLS] head, AdamW 5e-5 with 10% warm-up and linear decay,
-decay 0.01, 3 epochs), so that they calibrate the trainer against it. The
+decay 0.01, 3 epochs), so that they calibrate the trainer against it; the
+`torch-<task>` rows run that reference itself (`experiments.torch_finetune`,
+its own seeds), and where they have run the report compares against them
+instead of the fixed figures in `PYTORCH_REFERENCE`. The
 "best" rows are candidates (PAL with cross-encoded pairs, mean pooling and the
 warm-up schedule; annealed sampling for 2 epochs, and proportional sampling for
 3); change `ROWS` when the sweep finds better. The report's last table sets each
 three-task row against the PyTorch figures and against the separate models.
 
 Cost of `--budget=cpu`: 35 min to 1 h 30 min a row on 2 cores, about 10 hours
-and 6 GB of checkpoints for all twelve rows (measured: docs/experiments.md).
+and 6 GB of checkpoints for the twelve flaxpals rows (measured:
+docs/experiments.md), and about 1 h 10 min for the three PyTorch rows; each
+further seed as much again.
 """
 
 from __future__ import annotations
@@ -92,10 +105,20 @@ class Row:
     epochs: int | None = None  # its own epoch count, where the budget allows (row_epochs)
 
 
+VAL_SPLIT = (("data.validation_fraction", 0.1), ("eval.best_metric", "val/average"))
+
+
 def _separate(task: str) -> Row:
     # 3 epochs, as the PyTorch reference they calibrate against.
     return Row(f"separate-{task}", f"Separate model: {task}", "baseline.py", "method=sequential",
                "separate", (("tasks", (task,)),), epochs=3)
+
+
+def _torch(task: str) -> Row:
+    # experiments.torch_finetune: the separate models' recipe in PyTorch + transformers,
+    # run by the sweep so that its seeds and spread are measured like flaxpals' rows.
+    return Row(f"torch-{task}", f"PyTorch reference: {task}", "", "", "torch",
+               (("task", task),), epochs=3)
 
 
 ROWS: tuple[Row, ...] = (
@@ -109,6 +132,7 @@ ROWS: tuple[Row, ...] = (
         "method=sequential", "table1", (("train.weight_decay", 0.01),)),
     Row("pal-annealed", "PAL + annealed", "pal.py", "method=annealed", "table1"),
     _separate("sst"), _separate("quora"), _separate("sts"),
+    _torch("sst"), _torch("quora"), _torch("sts"),
     Row("best", "Best candidate: PAL + annealed, cross pairs, mean pooling, warm-up 5e-5",
         "pal.py", "method=annealed", "best"),
     # The annealed candidate above fell short on Quora only (.850 against .856), and the
@@ -117,6 +141,20 @@ ROWS: tuple[Row, ...] = (
     # three separate models' total examples, with one encoder.
     Row("best-proportional", "Best candidate 2: PAL + proportional, cross pairs, mean "
         "pooling, warm-up 5e-5, 3 epochs", "pal.py", "method=proportional", "best", epochs=3),
+    # Issue #20's rows (docs/results/PLAN.md), added before any of them ran: the recipe
+    # above with 10% of each train file held out to choose the epoch (so dev stays a
+    # test), then one technique each on top of it.
+    Row("best-val", "Best recipe, epoch chosen on a validation split", "pal.py",
+        "method=proportional", "best", VAL_SPLIT, epochs=3),
+    Row("best-val-ema", "Best recipe, val split, + weight EMA 0.999 (scored as EMA)", "pal.py",
+        "method=proportional", "best", VAL_SPLIT + (
+            ("train.ema_decay", 0.999), ("eval.use_ema", True),
+            ("eval.best_metric", "val_ema/average")), epochs=3),
+    Row("best-val-lld", "Best recipe, val split, + layer-wise lr decay 0.9", "pal.py",
+        "method=proportional", "best", VAL_SPLIT + (("train.layer_decay", 0.9),), epochs=3),
+    Row("best-val-smart", "Best recipe, val split, + SMART (weight 1, 1 ascent step)",
+        "pal.py", "method=proportional", "best", VAL_SPLIT + (("train.smart_weight", 1.0),),
+        epochs=3),
 )
 
 
@@ -126,19 +164,24 @@ class Budget:
     overrides: dict[str, Any]
     about: str
     row_epochs: bool = False  # whether a row's own `epochs` replaces the budget's
+    torch_args: tuple[tuple[str, Any], ...] = ()  # experiments.torch_finetune flags
 
 
 BUDGETS = {
     "cpu": Budget("", {"train.num_epochs": 2, "checkpoint.keep": 1},
                   "embedded all-MiniLM-L6-v2, all training data, 2 epochs (separate models: "
                   "3, as the PyTorch reference; a row may set its own), batch 32, "
-                  "buckets 16/32/64/128", row_epochs=True),
+                  "buckets 16/32/64/128", row_epochs=True,
+                  torch_args=(("train_sample", 500),)),
     "smoke": Budget("tiny", {"train.num_epochs": 2, "train.steps_per_epoch": 4,
                              "data.train_limit": 32, "data.eval_limit": 32,
                              "eval.train_sample": 16, "checkpoint.every_steps": 1000,
                              "checkpoint.keep": 1},
-                    "tiny random-init encoder, 32 examples a task, 2 epochs of 4 steps: "
-                    "tests the machinery, the numbers mean nothing"),
+                    "tiny random-init encoder, 32 examples a task, 2 epochs of 4 steps "
+                    "(PyTorch rows: MiniLM, 32 examples, 2 epochs): "
+                    "tests the machinery, the numbers mean nothing",
+                    torch_args=(("epochs", 2), ("train_limit", 32), ("eval_limit", 32),
+                                ("train_sample", 16))),
 }
 
 
@@ -182,9 +225,38 @@ def _flag_value(v: Any) -> str:
         else str(v)
 
 
+def torch_args(row: Row, budget: Budget, extra: dict[str, Any]) -> dict[str, Any]:
+    """A PyTorch row's `experiments.torch_finetune` flags: its task, epochs, seed and the
+    separate models' recipe (REFERENCE_RECIPE); --set's flaxpals config keys do not apply
+    to it, except the seed."""
+    recipe = REFERENCE_RECIPE  # the separate models' recipe, so that they calibrate
+    assert recipe["train.schedule"] == "warmup_linear" and recipe["model.pair_encoding"] == \
+        "cross", "torch_finetune trains with warm-up + linear decay on cross-encoded pairs"
+    args = {"task": dict(row.overrides)["task"], "epochs": row.epochs or 3,
+            "pooling": recipe["model.pooling"], "learning_rate": recipe["train.learning_rate"],
+            "weight_decay": recipe["train.weight_decay"],
+            "warmup_fraction": recipe["train.warmup_fraction"]}
+    args.update(budget.torch_args)
+    if "seed" in extra:
+        args["seed"] = extra["seed"]
+    return args
+
+
+def num_epochs(row: Row, budget: Budget, extra: dict[str, Any]) -> int:
+    """The row's epochs, its config validated (flaxpals rows) before anything runs."""
+    if row.group == "torch":
+        return int(torch_args(row, budget, extra)["epochs"])
+    return build_config(row, budget, extra).train.num_epochs
+
+
 def command(row: Row, budget: Budget, extra: dict[str, Any], workdir: Path,
             python: str = sys.executable, display: bool = False) -> list[str]:
-    """The row's `flaxpals.main` command (display: relative config path, `python`)."""
+    """The row's `flaxpals.main` (or `experiments.torch_finetune`) command (display:
+    relative config path, `python`)."""
+    if row.group == "torch":
+        return ([("python" if display else python), "-m", "experiments.torch_finetune",
+                 f"--workdir={workdir}"]
+                + [f"--{k}={v}" for k, v in torch_args(row, budget, extra).items()])
     config = (Path("configs") if display else CONFIGS) / config_spec(row, budget)
     return ([("python" if display else python), "-m", "flaxpals.main", f"--config={config}",
              f"--workdir={workdir}"]
@@ -209,6 +281,12 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- running rows
+
+
+def seed_workdir(results: Path, slug: str, seed: int) -> Path:
+    """Seed 0 runs in `<results>/<slug>` (the rows run before seeds were), seed s in
+    `<results>/<slug>-seed<s>`."""
+    return results / slug if seed == 0 else results / f"{slug}-seed{seed}"
 
 
 def is_done(workdir: Path, num_epochs: int) -> bool:
@@ -302,315 +380,6 @@ def run_row(row: Row, cmd: list[str], record: RowRecord, workdir: Path,
     return run["status"]
 
 
-# ---------------------------------------------------------------- report
-
-
-def best_record(records: list[dict], key: str = "dev/average") -> dict | None:
-    scored = [r for r in records if key in r]
-    return max(scored, key=lambda r: r[key]) if scored else None
-
-
-def _task_metric(name: str) -> str:
-    from flaxpals import tasks
-
-    return tasks.get_task(name).metric
-
-
-def collect(results: Path) -> list[dict]:
-    """Everything the report needs, one dict per row of ROWS (run or not)."""
-    out = []
-    for row in ROWS:
-        workdir = results / row.slug
-        records = runs.read_metrics(workdir)
-        sweep = json.loads((workdir / "sweep.json").read_text()) \
-            if (workdir / "sweep.json").exists() else {}
-        params = json.loads((workdir / "params.json").read_text()) \
-            if (workdir / "params.json").exists() else None
-        config = json.loads((workdir / "config.json").read_text()) \
-            if (workdir / "config.json").exists() else {}
-        num_epochs = config.get("train", {}).get("num_epochs")
-        out.append({"slug": row.slug, "name": row.name, "group": row.group, "records": records,
-                    "best": best_record(records), "params": params,
-                    "param_ratio": (params["ratio_by_key"].get("adapters", 1.0)
-                                    if params else None),
-                    "seconds": sweep.get("seconds"), "runs": sweep.get("runs", []),
-                    "budget": sweep.get("budget"),
-                    "command": sweep.get("command"), "num_epochs": num_epochs,
-                    # configs written before the field existed evaluated the file's head
-                    "train_sample_from": (config.get("eval", {}).get("train_sample_from", "head")
-                                          if config else None),
-                    "done": bool(num_epochs) and is_done(workdir, num_epochs)})
-    return out
-
-
-def combined_separate(rows: list[dict]) -> dict | None:
-    """The separate models as one row: each task from its own model (best epoch)."""
-    from flaxpals import metrics
-
-    sep = [r for r in rows if r["group"] == "separate" and r["best"]]
-    if not sep:
-        return None
-    best = {}
-    for r in sep:
-        for k, v in r["best"].items():
-            if k.startswith(("dev/", "train/")) and k.split("/")[1] in TASK_ORDER:
-                best[k] = v
-    for split in ("dev", "train"):
-        scores = {k.split("/")[1]: v for k, v in best.items() if k.startswith(split + "/")}
-        best.update({f"{split}/{k}": v for k, v in metrics.summary(
-            scores, {t: _task_metric(t) for t in scores}).items()})
-    ratios = [r["param_ratio"] for r in sep if r["param_ratio"] is not None]
-    return {"name": f"Separate models ({len(sep)} of 3 tasks, each its best epoch)",
-            "best": best, "param_ratio": sum(ratios) if ratios else None,
-            "seconds": sum(r["seconds"] or 0 for r in sep), "epoch": "-", "done": True,
-            "train_sample_from": ("head" if any(r.get("train_sample_from") == "head" for r in sep)
-                                  else "random")}
-
-
-def _fmt(v, digits=3) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def _hms(seconds) -> str:
-    if not seconds:
-        return "–"
-    m = int(round(seconds / 60))
-    return f"{m // 60}:{m % 60:02d}"
-
-
-HEAD_MARK = "ʰ"  # a train figure from the file's first rows (eval.train_sample_from=head)
-HEAD_NOTE = (f"{HEAD_MARK} train = the file's first `eval.train_sample` rows, not a random "
-             "sample: the row ran before the sample was drawn at random "
-             "(`eval.train_sample_from=head`). SST's train file is sorted by label, its first "
-             "1,000 rows 80% classes 3 and 4 against 42% in the whole file, so those SST train "
-             "figures (and their dashed lines in train_vs_dev.png) do not stand for the training "
-             "set; the Quora and STS heads match their "
-             "files' label mix. Dev figures are unaffected.")
-
-
-def table(rows: list[dict]) -> str:
-    cols = [f"{TASK_LABELS[t]} {s}" for t in TASK_ORDER for s in ("train", "dev")]
-    head = (["Configuration"] + cols + ["dev average (seed)", "dev overall (CS224N)",
-                                         "params / encoder", "best epoch", "wall h:mm"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    combined = combined_separate(rows)
-    order = ([r for r in rows if r["group"] in ("table1", "separate")]
-             + ([combined] if combined else []) + [r for r in rows if r["group"] == "best"])
-    for r in order:
-        b = r["best"]
-        if b is None:
-            lines.append("| " + " | ".join([r["name"], "not run yet"] + [""] * (len(head) - 2))
-                         + " |")
-            continue
-        mark = HEAD_MARK if r.get("train_sample_from") == "head" else ""
-        cells = [_fmt(b.get(f"{s}/{t}")) + (mark if s == "train" and f"{s}/{t}" in b else "")
-                 for t in TASK_ORDER for s in ("train", "dev")]
-        # The averages are over the three tasks: left empty for a row with fewer.
-        full = all(f"dev/{t}" in b for t in TASK_ORDER)
-        epochs = r.get("epoch") or f"{b.get('epoch')} of {r.get('num_epochs')}"
-        if not r.get("done"):
-            epochs += " (unfinished)"
-        ratio = f"{r['param_ratio']:.3f}×" if r["param_ratio"] is not None else "–"
-        lines.append("| " + " | ".join(
-            [r["name"]] + cells + [_fmt(b.get("dev/average") if full else None),
-                                   _fmt(b.get("dev/overall") if full else None), ratio,
-                                   str(epochs), _hms(r["seconds"])]) + " |")
-    return "\n".join(lines)
-
-
-def calibration(rows: list[dict]) -> list[str]:
-    """The separate models against the same recipe in PyTorch (PYTORCH_REFERENCE)."""
-    out = []
-    for r in rows:
-        if r["group"] != "separate" or not r["best"]:
-            continue
-        task = r["slug"].split("-", 1)[1]
-        ours = r["best"].get(f"dev/{task}")
-        if ours is not None and task in PYTORCH_REFERENCE:
-            ref = PYTORCH_REFERENCE[task]
-            out.append(f"| {TASK_LABELS[task]} | {ours:.3f} | {ref:.3f} | "
-                       f"{100 * (ours - ref):+.1f} |")
-    if not out:
-        return []
-    return (["## Calibration: separate models against PyTorch", "",
-             "The same single-task recipe in PyTorch + transformers on these files "
-             "(docs/experiments.md, best epoch of 3); only meaningful for the `cpu` budget.",
-             "", "| task (dev) | flaxpals | PyTorch | difference (points) |", "|---|---|---|---|"]
-            + out + [""])
-
-
-def against_references(rows: list[dict]) -> list[str]:
-    """Each three-task row's dev scores against PyTorch and against the separate models.
-
-    The two questions the experiments ask of one encoder: does it reach or beat the
-    single-task PyTorch figures on every task, and on how many tasks is it within one
-    point (or better) of flaxpals' own separate models.
-    """
-    combined = combined_separate(rows)
-    sep = combined["best"] if combined else {}
-    head = ["Configuration"] + [f"{TASK_LABELS[t]}: dev, vs PyTorch, vs separate"
-                                for t in TASK_ORDER] + [
-        "reaches PyTorch on", "within 1 pt of separate on"]
-    out = []
-    for r in rows:
-        b = r["best"]
-        if r["group"] == "separate" or not b or not all(f"dev/{t}" in b for t in TASK_ORDER):
-            continue
-        cells, reached, close = [], 0, 0
-        for t in TASK_ORDER:
-            ours = b[f"dev/{t}"]
-            ref, own = PYTORCH_REFERENCE.get(t), sep.get(f"dev/{t}")
-            vs_ref = "–" if ref is None else f"{100 * (ours - ref):+.1f}"
-            vs_own = "–" if own is None else f"{100 * (ours - own):+.1f}"
-            # Compared at the printed precision: .489 against .489 reaches it.
-            reached += ref is not None and round(ours, 3) >= ref
-            close += own is not None and round(100 * (ours - own), 1) >= -1.0
-            cells.append(f"{ours:.3f}, {vs_ref}, {vs_own}")
-        unfinished = "" if r.get("done") else " (unfinished)"
-        out.append("| " + " | ".join([r["name"] + unfinished] + cells + [
-            f"{reached} of 3", f"{close} of 3" if sep else "–"]) + " |")
-    if not out:
-        return []
-    return (["## Multi-task rows against the references", "",
-             "Dev scores at each row's best epoch; differences in points against the "
-             "single-task PyTorch reference (`PYTORCH_REFERENCE`) and against "
-             "flaxpals' separate models above (each task's own model).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + out + [""])
-
-
-def plot(rows: list[dict], results: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    ran = [r for r in rows if r["records"]]
-    written = []
-    panels = list(TASK_ORDER) + ["average"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
-    # One color per row in every panel, so that the shared legend names each line.
-    row_color = {r["slug"]: f"C{i % 10}" for i, r in enumerate(ran)}
-    for ax, key in zip(axes[0], panels, strict=True):
-        drawn = 0
-        for r in ran:
-            pts = [(x["epoch"], x[f"dev/{key}"]) for x in r["records"] if f"dev/{key}" in x]
-            if pts and not (key == "average" and r["group"] == "separate"):
-                ax.plot(*zip(*pts, strict=True), marker="o", label=r["name"],
-                        color=row_color[r["slug"]])
-                drawn += 1
-        if not drawn:
-            ax.text(0.5, 0.5, "no row with all three tasks yet" if key == "average"
-                    else "no row yet", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-        ax.set_title(f"dev {TASK_LABELS.get(key, 'average (seed)')}")
-        ax.set_xlabel("epoch")
-    legend = {}
-    for ax in axes[0]:
-        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, h)
-    handles, labels = list(legend.values()), list(legend)
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(labels) // 3), 1, 1))
-    written.append(results / "dev_per_epoch.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-
-    ncols = min(4, max(len(ran), 1))
-    nrows = max(1, -(-len(ran) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
-    colors = {"sst": "C0", "quora": "C1", "sts": "C2"}
-    for i, ax in enumerate(axes.flat):
-        if i >= len(ran):
-            ax.axis("off")
-            continue
-        r = ran[i]
-        for t in TASK_ORDER:
-            for split, style in (("train", "--"), ("dev", "-")):
-                pts = [(x["epoch"], x[f"{split}/{t}"]) for x in r["records"]
-                       if f"{split}/{t}" in x]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), style, marker="o", color=colors[t],
-                            label=f"{TASK_LABELS[t]} {split}")
-        ax.set_title(r["name"], fontsize=8)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.suptitle("train sample (dashed) against dev (solid) per epoch")
-    fig.tight_layout()
-    written.append(results / "train_vs_dev.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-    return written
-
-
-def _shown(path: Path | str) -> str:
-    """A path as the report shows it: relative to the working directory when inside it."""
-    path = Path(path)
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def report(results: Path, budget_name: str) -> Path:
-    rows = collect(results)
-    plots = plot(rows, results) if any(r["records"] for r in rows) else []
-    machines = {json.dumps(run["machine"], sort_keys=True) for r in rows for run in r["runs"]
-                if "machine" in run}
-    used = {r["budget"] for r in rows if r["budget"]}
-    if len(used) == 1:
-        budget_name = used.pop()
-    elif used:
-        budget_name = "mixed: " + ", ".join(sorted(used))
-    about = "; ".join(f"`{b}`: {BUDGETS[b].about}" for b in BUDGETS if b in budget_name)
-    lines = [
-        "# Results", "",
-        f"Written by `python -m experiments.sweep --results={_shown(results)} "
-        f"--budget={budget_name}` on "
-        f"{datetime.date.today().isoformat()}; every figure comes from the rows' "
-        "`metrics.jsonl` in this folder.", "",
-        f"Budget {about}.", "",
-        "Each row: train-sample and dev metrics at the row's best epoch by dev average (the "
-        "epoch whose checkpoint `best/` keeps); train = a fixed sample of "
-        "`eval.train_sample` training examples. dev average (seed) = mean of SST accuracy, "
-        "Quora accuracy and STS Pearson r; dev overall (CS224N) = the same with r mapped to "
-        "(r + 1) / 2. params / encoder = (encoder + all task adapters) / encoder, heads "
-        "excluded (the PALs paper's figure); the separate models count three encoders. Wall "
-        "time = every invocation of the row, evaluation included.", "",
-        "Quora is a stand-in: train and dev are both carved out of the official "
-        "`quora-dev.csv` (about 16k / 2k pairs, by a hash of the id), so its accuracies are "
-        "not comparable with figures on the official dev set, and the encoder saw Quora "
-        "duplicates in its own training.", "",
-        table(rows), "",
-    ]
-    if any(r.get("train_sample_from") == "head" and r["best"] for r in rows):
-        lines += [HEAD_NOTE, ""]
-    lines += calibration(rows)
-    lines += against_references(rows)
-    lines += [f"![{p.stem}]({p.name})" for p in plots]
-    lines += ["", "## Machines", ""]
-    lines += [f"- {', '.join(f'{k} {v}' for k, v in json.loads(m).items())}"
-              for m in sorted(machines)] or ["- none recorded"]
-    lines += ["", "## Commands", "", "Each row alone (the sweep runs exactly these):", ""]
-    for r in rows:
-        if r["command"]:
-            cmd = ["python"] + [
-                f"--workdir={_shown(x.partition('=')[2])}" if x.startswith("--workdir=")
-                else x.replace(str(CONFIGS) + "/", "configs/") for x in r["command"][1:]]
-            lines += [f"- {r['name']}: `{shlex.join(cmd)}`"]
-    out = results / "RESULTS.md"
-    out.write_text("\n".join(lines) + "\n")
-    (results / "results.json").write_text(json.dumps(
-        [{k: v for k, v in r.items()} for r in rows], indent=2, default=str) + "\n")
-    return out
-
-
 # ---------------------------------------------------------------- CLI
 
 
@@ -623,6 +392,17 @@ def select(only: str | None) -> list[Row]:
     if unknown:
         raise SystemExit(f"--only: unknown row(s) {unknown}; rows: {list(known)}")
     return [known[w] for w in wanted]
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"--seeds={text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise SystemExit(f"--seeds={text!r}: expected distinct integers >= 0, e.g. 0,1,2")
+    return seeds
 
 
 def exit_on_sigterm() -> None:
@@ -639,6 +419,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated row slugs")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every row, e.g. data.train_limit=8000")
+    ap.add_argument("--seeds", default="0",
+                    help="comma-separated seeds, each row run once per seed (config.seed); "
+                         "seed 0 in <results>/<slug>, seed s in <results>/<slug>-seed<s>")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
@@ -646,37 +429,48 @@ def main(argv=None) -> int:
     budget = BUDGETS[args.budget]
     extra = parse_set(args.set)
     rows = select(args.only)
+    seeds = parse_seeds(args.seeds)
+    if "seed" in extra:
+        raise SystemExit("--set seed=...: use --seeds, which gives each seed its own workdir")
     failed = []
     if not args.report_only:
         plans = []
-        for row in rows:  # every config built and validated before the first run
-            config = build_config(row, budget, extra)
-            plans.append((row, config.train.num_epochs,
-                          command(row, budget, extra, results / row.slug)))
-        for row, num_epochs, cmd in plans:
-            workdir = results / row.slug
+        # Every config built and validated before the first run; all rows' seed 0 first,
+        # so that a sweep stopped early has one run of each row rather than three of one.
+        for seed in seeds:
+            seeded = {**extra, "seed": seed} if seed else extra  # seed 0: the config's
+            for row in rows:
+                workdir = seed_workdir(results, row.slug, seed)
+                plans.append((row, seed, seeded, workdir, num_epochs(row, budget, seeded),
+                              command(row, budget, seeded, workdir)))
+        for row, seed, seeded, workdir, epochs, cmd in plans:
+            name = workdir.name
             if args.dry_run:
-                print(shlex.join(command(row, budget, extra, Path(args.results) / row.slug,
+                print(shlex.join(command(row, budget, seeded,
+                                         seed_workdir(Path(args.results), row.slug, seed),
                                          display=True)))
                 continue
             workdir.mkdir(parents=True, exist_ok=True)
             record = RowRecord(workdir, row, args.budget, cmd)
-            if is_done(workdir, num_epochs):
-                print(f"[{row.slug}] done ({num_epochs} epochs in metrics.jsonl): skipped")
+            if is_done(workdir, epochs):
+                print(f"[{name}] done ({epochs} epochs in metrics.jsonl): skipped")
                 continue
-            print(f"[{row.slug}] running {row.name} (log: {workdir / 'train.log'})", flush=True)
+            print(f"[{name}] running {row.name}, seed {seed} (log: {workdir / 'train.log'})",
+                  flush=True)
             status = run_row(row, cmd, record, workdir)
-            if status == "finished" and not is_done(workdir, num_epochs):
+            if status == "finished" and not is_done(workdir, epochs):
                 status = (f"incomplete: the trainer exited 0 but metrics.jsonl has no epoch "
-                          f"{num_epochs} record (killed during the last evaluation?)")
-            print(f"[{row.slug}] {status}, {record.data['runs'][-1]['seconds']:.0f} s",
+                          f"{epochs} record (killed during the last evaluation?)")
+            print(f"[{name}] {status}, {record.data['runs'][-1]['seconds']:.0f} s",
                   flush=True)
             if status != "finished":
-                failed.append(row.slug)
+                failed.append(name)
     if args.dry_run:
         return 0
     if results.exists():
-        path = report(results, args.budget)
+        from experiments import sweep_report  # imports this module
+
+        path = sweep_report.report(results, args.budget)
         print(f"wrote {path}")
     if failed:
         print(f"rows not finished: {failed}; run the same command again to resume them "

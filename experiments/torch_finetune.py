@@ -2,13 +2,17 @@
 
     python -m experiments.torch_finetune --task=sst --workdir=DIR [--epochs=1 --seed=0]
 
+A rerun in the same workdir starts over (there is no resuming); the earlier
+run's metrics.jsonl is kept as metrics.jsonl.<n>.
+
 The same job as `python -m flaxpals.main --config=configs/baseline.py:method=sequential
 --config.tasks=<task>`, written the way a transformers user writes it:
 - the same files, parsed by `flaxpals.datasets.reader` (the same rows kept);
 - `BertTokenizerFast.from_pretrained` on the encoder's directory, pairs cross-encoded
   (`[CLS] a [SEP] b [SEP]`), truncated to 128 tokens, each batch padded to its longest
   row (dynamic padding);
-- `BertModel` + mean pooling over real tokens + dropout 0.1 + a linear head (5
+- `BertModel` + mean pooling over real tokens (or `--pooling=cls`, the tanh pooler
+  over [CLS]) + dropout 0.1 + a linear head (5
   classes, one pair logit with BCE, or one score with MSE), as flaxpals' defaults;
 - AdamW 5e-5, weight decay 0.01 except biases and LayerNorms, 10% linear warm-up then
   linear decay, gradient clipping at norm 1, batch 32, shuffled each epoch;
@@ -24,6 +28,7 @@ frameworks alike. It imports neither JAX nor TensorFlow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -50,19 +55,26 @@ def encoder_dir(name: str) -> str:
 class Model(torch.nn.Module):
     """BertModel, mean pooling, dropout and a linear head."""
 
-    def __init__(self, directory: str, outputs: int, dropout: float = 0.1):
+    def __init__(self, directory: str, outputs: int, dropout: float = 0.1,
+                 pooling: str = "mean"):
         super().__init__()
-        self.bert = transformers.BertModel.from_pretrained(directory, add_pooling_layer=False)
+        self.pooling = pooling
+        self.bert = transformers.BertModel.from_pretrained(directory,
+                                                           add_pooling_layer=pooling == "cls")
         self.drop = torch.nn.Dropout(dropout)
         self.head = torch.nn.Linear(self.bert.config.hidden_size, outputs)
         torch.nn.init.normal_(self.head.weight, std=0.02)
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, batch):
-        hidden = self.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           token_type_ids=batch["token_type_ids"]).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        out = self.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        token_type_ids=batch["token_type_ids"])
+        if self.pooling == "cls":  # BertModel's tanh pooler over [CLS], as flaxpals' "cls"
+            pooled = out.pooler_output
+        else:
+            hidden = out.last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         out = self.head(self.drop(pooled))
         return out[:, 0] if out.shape[-1] == 1 else out
 
@@ -108,6 +120,25 @@ def evaluate(model, task, tokenizer, parsed, rows, batch_size, max_length) -> fl
     return metrics_lib.task_metric(task.metric, np.concatenate(preds), labels)
 
 
+def head(parsed: reader.ParsedSplit, n: int) -> reader.ParsedSplit:
+    """The first n examples (flaxpals' data.train_limit / eval_limit)."""
+    cut = {k: getattr(parsed, k)[:n] for k in ("ids", "texts", "text_pairs", "labels", "lines")
+           if getattr(parsed, k) is not None}
+    return dataclasses.replace(parsed, **cut)
+
+
+def set_aside_unfinished(workdir: Path) -> None:
+    """This script cannot resume: an earlier run's records move to metrics.jsonl.<n>
+    (kept, not appended to), so the new run's metrics.jsonl holds its epochs only."""
+    old = workdir / "metrics.jsonl"
+    if old.exists():
+        n = 1
+        while (workdir / f"metrics.jsonl.{n}").exists():
+            n += 1
+        old.rename(workdir / f"metrics.jsonl.{n}")
+        print(f"{old} held an earlier run's epochs: moved to metrics.jsonl.{n}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True)
@@ -120,25 +151,33 @@ def main(argv=None) -> int:
     p.add_argument("--weight_decay", type=float, default=0.01)
     p.add_argument("--warmup_fraction", type=float, default=0.1)
     p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--pooling", choices=("mean", "cls"), default="mean",
+                   help="mean over real tokens, or cls: BertModel's tanh pooler over [CLS]")
     p.add_argument("--train_sample", type=int, default=0,
                    help="also score this many random train rows each epoch (0: off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train_limit", type=int, default=0, help="first N train rows (0: all)")
+    p.add_argument("--eval_limit", type=int, default=0, help="first N dev rows (0: all)")
     args = p.parse_args(argv)
 
     timer = RunTimer()
     torch.manual_seed(args.seed)  # head init and dropout; the order comes from rng below
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    set_aside_unfinished(workdir)
     (workdir / "config.json").write_text(json.dumps({"framework": "pytorch", **vars(args)},
                                                     indent=2))
     task = get_task(args.task)
     files = dict(task.splits)
     data = {s: reader.read_file(paths.data_dir() / files[s], task, s) for s in ("train", "dev")}
+    for split, limit in (("train", args.train_limit), ("dev", args.eval_limit)):
+        if limit:
+            data[split] = head(data[split], limit)
     directory = encoder_dir(args.encoder)
     tokenizer = transformers.BertTokenizerFast.from_pretrained(directory)
     tokenizer.model_max_length = args.max_length
     outputs = task.num_labels if task.kind == "classification" else 1
-    model = Model(directory, outputs)
+    model = Model(directory, outputs, pooling=args.pooling)
     model.train()
 
     no_decay = [n for n, _ in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]

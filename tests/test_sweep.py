@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from experiments import sweep
+from experiments import sweep, sweep_report
 from flaxpals import runs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require
 
 ROW = "separate-sst"  # one task: the cheapest row to compile (a cold compile dominates)
 
@@ -102,7 +102,7 @@ def test_references_section_counts_reached_and_close_tasks(monkeypatch):
             # under the separate .854, so close on 2 of 3.
             _row("best", "cand", {"sst": 0.4891, "quora": 0.842, "sts": 0.860}, done=False),
             _row("table1", "partial", {"sst": 0.5})]  # fewer than three tasks: not listed
-    md = "\n".join(sweep.against_references(rows))
+    md = "\n".join(sweep_report.against_references(rows))
     cells = table_row(md, "cand (unfinished)")
     assert cells[1:] == ["0.489, +0.0, +0.9", "0.842, -1.4, -1.2", "0.860, +0.5, +0.9",
                          "2 of 3", "2 of 3"]
@@ -120,7 +120,7 @@ def test_train_figures_from_the_files_head_are_marked():
     sep = _row("separate", "separate-sst", {"sst": 0.48})
     sep["best"]["train/sst"] = 0.6
     sep["train_sample_from"] = "head"
-    md = sweep.table([old, new, sep])
+    md = sweep_report.table([old, new, sep])
     assert table_row(md, "PAL + annealed")[1:7] == ["0.703ʰ", "0.430", "0.500ʰ", "0.453",
                                                      "0.600ʰ", "0.492"]
     assert table_row(md, "PAL + PCGrad")[1:7] == ["0.450", "0.440", "0.470", "0.460",
@@ -162,3 +162,144 @@ def test_sigterm_marks_the_row_interrupted_and_stops_its_trainer(tmp_path):
         for _ in range(100):
             os.kill(child_pid, 0)
             time.sleep(0.1)
+
+
+def _fake_run(workdir, dev_by_epoch, best_metric="dev/average", val_by_epoch=None,
+              task="sst"):
+    """A finished single-task run's files, as the trainer writes them."""
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(
+        {"train": {"num_epochs": len(dev_by_epoch)}, "eval": {"best_metric": best_metric,
+                                                               "train_sample_from": "random"}}))
+    for epoch, dev in enumerate(dev_by_epoch, start=1):
+        record = {"epoch": epoch, "step": 10 * epoch, f"dev/{task}": dev, "dev/average": dev,
+                  f"train/{task}": dev + 0.1}
+        if val_by_epoch:
+            record["val/average"] = val_by_epoch[epoch - 1]
+        runs.append_metrics(workdir, record)
+
+
+def test_seeds_are_reported_as_mean_and_std(tmp_path):
+    import statistics
+
+    # separate-sst over seeds 0, 1, 2: best epochs 2, 1, 2 by dev
+    _fake_run(tmp_path / "separate-sst", [0.40, 0.48])
+    _fake_run(tmp_path / "separate-sst-seed1", [0.47, 0.45])
+    _fake_run(tmp_path / "separate-sst-seed2", [0.41, 0.50])
+    # a validation split chooses the epoch, not dev: epoch 1 although dev is higher at 2
+    _fake_run(tmp_path / "separate-sts", [0.80, 0.85], best_metric="val/average",
+              val_by_epoch=[0.9, 0.7], task="sts")
+    rows = {r["slug"]: r for r in sweep_report.collect(tmp_path)}
+    sst, sts = rows["separate-sst"], rows["separate-sts"]
+    assert sst["n_seeds"] == 3 and sorted(sst["seeds"]) == [0, 1, 2]
+    best = [0.48, 0.47, 0.50]
+    assert sst["best"]["dev/sst"] == pytest.approx(statistics.mean(best))
+    assert sst["std"]["dev/sst"] == pytest.approx(statistics.stdev(best))
+    assert sts["n_seeds"] == 1 and sts["best"]["dev/sts"] == 0.80 and not sts["std"]
+    md = sweep_report.table(list(rows.values()))
+    cells = table_row(md, "Separate model: sst")
+    assert cells[2] == f"{statistics.mean(best):.3f} ± {statistics.stdev(best):.3f}"
+    assert cells[10] == "2,1,2 of 2" and cells[12] == "3"
+    assert table_row(md, "Separate model: sts")[6] == "0.800"
+    # the per-epoch curve behind the plot's band
+    assert sweep_report.epoch_curve(sst, "dev/sst") == [
+        (1, pytest.approx(statistics.mean([0.40, 0.47, 0.41])),
+         pytest.approx(statistics.stdev([0.40, 0.47, 0.41]))),
+        (2, pytest.approx(statistics.mean([0.48, 0.45, 0.50])),
+         pytest.approx(statistics.stdev([0.48, 0.45, 0.50])))]
+    path = sweep_report.report(tmp_path, "smoke")
+    text = path.read_text()
+    assert "± " in text and (tmp_path / "dev_per_epoch.png").stat().st_size > 10_000
+
+
+def test_every_row_gets_its_own_line_style():
+    styles = sweep_report.row_styles(len(sweep.ROWS) + 10)
+    keys = [(s["color"], s["linestyle"], s["marker"]) for s in styles]
+    assert len(set(keys)) == len(keys)
+    assert len({s["color"] for s in styles[:20]}) == 20  # 20 distinct colours first
+
+
+def test_seeds_flag_runs_each_row_once_per_seed(tmp_path, capsys):
+    argv = [f"--results={tmp_path}", "--budget=smoke", "--only=separate-sst,separate-sts",
+            "--seeds=0,2", "--dry-run"]
+    assert sweep.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    workdirs = [next(x for x in line.split() if x.startswith("--workdir=")) for line in lines]
+    assert [w.rsplit("/", 1)[1] for w in workdirs] == [
+        "separate-sst", "separate-sts", "separate-sst-seed2", "separate-sts-seed2"]
+    assert ["--config.seed=2" in line for line in lines] == [False, False, True, True]
+    for bad in ("0,0", "a", "-1", ""):
+        with pytest.raises(SystemExit, match="--seeds"):
+            sweep.main(argv[:3] + [f"--seeds={bad}", "--dry-run"])
+    with pytest.raises(SystemExit, match="--seeds"):
+        sweep.main(argv + ["--set", "seed=3"])
+
+
+def _fake_torch_run(workdir, dev_by_epoch, task="sst"):
+    """experiments.torch_finetune's files: its own config.json, flaxpals' metrics.jsonl."""
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(
+        {"framework": "pytorch", "task": task, "epochs": len(dev_by_epoch)}))
+    for epoch, dev in enumerate(dev_by_epoch, start=1):
+        runs.append_metrics(workdir, {"epoch": epoch, "step": epoch, f"dev/{task}": dev,
+                                      "dev/average": dev})
+
+
+def test_pytorch_rows_replace_the_fixed_reference(tmp_path):
+    _fake_run(tmp_path / "separate-sst", [0.40, 0.48])
+    _fake_torch_run(tmp_path / "torch-sst", [0.47, 0.49])
+    _fake_torch_run(tmp_path / "torch-sst-seed1", [0.50, 0.45])
+    rows = sweep_report.collect(tmp_path)
+    torch_sst = next(r for r in rows if r["slug"] == "torch-sst")
+    assert torch_sst["done"] and torch_sst["n_seeds"] == 2
+    ref = sweep_report.pytorch_reference(rows)
+    assert ref["sst"][0] == pytest.approx(0.495) and ref["sst"][2] == "2 seed(s)"
+    assert ref["quora"] == (sweep.PYTORCH_REFERENCE["quora"], None, "fixed")  # not run
+    md = "\n".join(sweep_report.calibration(rows))
+    assert table_row(md, "SST acc")[1:] == ["0.480", "0.495 ± 0.007 (2 seed(s))", "-1.5"]
+    table = sweep_report.table(rows)
+    assert table_row(table, "PyTorch reference: sst")[2] == "0.495 ± 0.007"
+    assert table_row(table, "PyTorch reference models (1 of 3 tasks, each its best epoch)")
+
+
+def test_pytorch_rows_run_the_reference_script(tmp_path, capsys):
+    assert sweep.main([f"--results={tmp_path}", "--only=torch-sts,separate-sts",
+                       "--seeds=0,1", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("python -m experiments.torch_finetune ")
+    assert "--task=sts" in lines[0] and "--epochs=3" in lines[0] and "--seed" not in lines[0]
+    assert "--train_sample=500" in lines[0] and lines[1].startswith("python -m flaxpals.main")
+    assert "--seed=1" in lines[2] and "torch-sts-seed1" in lines[2]
+
+
+@pytest.mark.slow
+def test_smoke_pytorch_row_runs_and_reports(tmp_path):
+    # MiniLM in PyTorch on 32 SST examples, 2 epochs: the row the sweep really runs.
+    require("torch")
+    require("transformers")
+    argv = [f"--results={tmp_path}", "--budget=smoke", "--only=torch-sst"]
+    assert sweep.main(argv) == 0
+    records = runs.read_metrics(tmp_path / "torch-sst")
+    assert [r["epoch"] for r in records] == [1, 2]
+    report = (tmp_path / "RESULTS.md").read_text()
+    best = max(r["dev/sst"] for r in records)
+    assert float(table_row(report, "PyTorch reference: sst")[2]) == pytest.approx(best, abs=6e-4)
+    # A rerun of an unfinished row starts over and keeps the earlier records aside.
+    lines = (tmp_path / "torch-sst" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "torch-sst" / "metrics.jsonl").write_text(lines[0] + "\n")
+    assert sweep.main(argv) == 0
+    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "torch-sst")] == [1, 2]
+    assert (tmp_path / "torch-sst" / "metrics.jsonl.1").read_text() == lines[0] + "\n"
+
+
+def test_an_ema_row_is_reported_by_its_ema_figures(tmp_path):
+    workdir = tmp_path / "best-val-ema"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps(
+        {"train": {"num_epochs": 2}, "eval": {"best_metric": "val_ema/average"}}))
+    for epoch, (raw, ema, val_ema) in enumerate([(0.5, 0.6, 0.9), (0.55, 0.58, 0.8)], 1):
+        runs.append_metrics(workdir, {"epoch": epoch, "dev/sst": raw, "dev_ema/sst": ema,
+                                      "val_ema/average": val_ema})
+    row = next(r for r in sweep_report.collect(tmp_path) if r["slug"] == "best-val-ema")
+    # epoch 1 by val_ema; the checkpoint kept holds the EMA weights: their dev score
+    assert row["best_epochs"] == [1] and row["best"]["dev/sst"] == 0.6

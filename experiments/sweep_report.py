@@ -1,0 +1,471 @@
+"""The sweep's report: each row's seeds collected, the table, the references, the plots.
+
+    from experiments import sweep_report
+    sweep_report.report(Path("results"), "cpu")   # writes RESULTS.md, results.json, 2 PNGs
+
+`python -m experiments.sweep` calls `report` after its rows (or alone, with
+--report-only). Every figure comes from the rows' workdirs: `metrics.jsonl`
+(epoch records), `config.json`, `params.json` and the sweep's own `sweep.json`.
+A row's seeds are aggregated by `aggregate`: each metric at each seed's best
+epoch (by the run's `eval.best_metric`), then the mean and sample standard
+deviation over the seeds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from experiments import sweep
+from flaxpals import runs
+
+
+def best_record(records: list[dict], key: str = "dev/average") -> dict | None:
+    scored = [r for r in records if key in r]
+    return max(scored, key=lambda r: r[key]) if scored else None
+
+
+def _task_metric(name: str) -> str:
+    from flaxpals import tasks
+
+    return tasks.get_task(name).metric
+
+
+def _seeds_run(results: Path, slug: str) -> list[int]:
+    seeds = [0] if (results / slug).is_dir() else []
+    for path in results.glob(f"{slug}-seed*"):
+        suffix = path.name[len(slug) + len("-seed"):]
+        if suffix.isdigit() and path.is_dir():
+            seeds.append(int(suffix))
+    return sorted(seeds)
+
+
+def _one_run(workdir: Path) -> dict:
+    """One seed's workdir: its epoch records, the best one, parameters, time, command."""
+    records = runs.read_metrics(workdir)
+    row_record = json.loads((workdir / "sweep.json").read_text()) \
+        if (workdir / "sweep.json").exists() else {}
+    params = json.loads((workdir / "params.json").read_text()) \
+        if (workdir / "params.json").exists() else None
+    config = json.loads((workdir / "config.json").read_text()) \
+        if (workdir / "config.json").exists() else {}
+    torch = config.get("framework") == "pytorch"  # experiments.torch_finetune's config
+    num_epochs = config.get("epochs") if torch else config.get("train", {}).get("num_epochs")
+    # The epoch the run itself chose (eval.best_metric: dev, or the validation split).
+    key = config.get("eval", {}).get("best_metric", "dev/average")
+    if "_ema/" in key:  # the run keeps (and is scored by) its EMA weights' figures
+        records = [{**x, **{s.replace("_ema/", "/"): v for s, v in x.items() if "_ema/" in s}}
+                   for x in records]
+        key = key.replace("_ema/", "/")
+    return {"records": records, "best": best_record(records, key), "best_metric": key,
+            "params": params,
+            "param_ratio": params["ratio_by_key"].get("adapters", 1.0) if params else None,
+            "seconds": row_record.get("seconds"), "runs": row_record.get("runs", []),
+            "budget": row_record.get("budget"), "command": row_record.get("command"),
+            "num_epochs": num_epochs,
+            # configs written before the field existed evaluated the file's head
+            "train_sample_from": ("random" if torch else
+                                  config.get("eval", {}).get("train_sample_from", "head")
+                                  if config else None),
+            "done": bool(num_epochs) and sweep.is_done(workdir, num_epochs)}
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def aggregate(seeds: dict[int, dict]) -> dict[str, Any]:
+    """A row's figures over its seeds: each metric's mean (`best`) and std (`std`) over
+    the seeds' best epochs; the time summed; done when every seed is."""
+    scored = {s: r for s, r in seeds.items() if r["best"]}
+    best, std = None, {}
+    if scored:
+        keys = set.intersection(*(set(r["best"]) for r in scored.values()))
+        best = {}
+        for k in sorted(keys):
+            values = [r["best"][k] for r in scored.values()]
+            if all(isinstance(v, (int, float)) for v in values) and k != "step":
+                best[k], sd = mean_std([float(v) for v in values])
+                if sd is not None:
+                    std[k] = sd
+    first = seeds[min(seeds)] if seeds else {}
+    return {"seeds": seeds, "n_seeds": len(scored), "best": best, "std": std,
+            "records": first.get("records", []), "params": first.get("params"),
+            "param_ratio": first.get("param_ratio"),
+            "seconds": sum(r["seconds"] or 0 for r in seeds.values()) or None,
+            "runs": [run for r in seeds.values() for run in r["runs"]],
+            "budget": first.get("budget"), "command": first.get("command"),
+            "commands": {s: r["command"] for s, r in seeds.items() if r["command"]},
+            "num_epochs": first.get("num_epochs"),
+            "best_epochs": [int(r["best"]["epoch"]) for r in scored.values()
+                            if "epoch" in r["best"]],
+            "train_sample_from": ("head" if any(r["train_sample_from"] == "head"
+                                                for r in seeds.values())
+                                  else first.get("train_sample_from")),
+            "done": bool(seeds) and all(r["done"] for r in seeds.values())}
+
+
+def collect(results: Path) -> list[dict]:
+    """Everything the report needs, one dict per row of sweep.ROWS (run or not), its seeds
+    aggregated (`aggregate`)."""
+    out = []
+    for row in sweep.ROWS:
+        seeds = {s: _one_run(sweep.seed_workdir(results, row.slug, s))
+                 for s in _seeds_run(results, row.slug)}
+        out.append({"slug": row.slug, "name": row.name, "group": row.group,
+                    **aggregate(seeds)})
+    return out
+
+
+COMBINED_NAMES = {"separate": "Separate models", "torch": "PyTorch reference models"}
+
+
+def combined_separate(rows: list[dict], group: str = "separate") -> dict | None:
+    """A group of single-task rows (flaxpals' separate models, or the PyTorch reference)
+    as one row: each task from its own model (best epoch)."""
+    from flaxpals import metrics
+
+    sep = [r for r in rows if r["group"] == group and r["best"]]
+    if not sep:
+        return None
+    best, std = {}, {}
+    for r in sep:
+        for k, v in r["best"].items():
+            if k.startswith(("dev/", "train/")) and k.split("/")[1] in sweep.TASK_ORDER:
+                best[k] = v
+                if k in r.get("std", {}):
+                    std[k] = r["std"][k]
+    for split in ("dev", "train"):
+        scores = {k.split("/")[1]: v for k, v in best.items() if k.startswith(split + "/")}
+        best.update({f"{split}/{k}": v for k, v in metrics.summary(
+            scores, {t: _task_metric(t) for t in scores}).items()})
+    ratios = [r["param_ratio"] for r in sep if r["param_ratio"] is not None]
+    return {"name": f"{COMBINED_NAMES[group]} ({len(sep)} of 3 tasks, each its best epoch)",
+            "group": f"{group}-combined",
+            "best": best, "std": std, "param_ratio": sum(ratios) if ratios else None,
+            "n_seeds": min(r.get("n_seeds", 1) for r in sep),
+            "seconds": sum(r["seconds"] or 0 for r in sep), "epoch": "-", "done": True,
+            "train_sample_from": ("head" if any(r.get("train_sample_from") == "head" for r in sep)
+                                  else "random")}
+
+
+def _fmt(v, digits=3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _hms(seconds) -> str:
+    if not seconds:
+        return "–"
+    m = int(round(seconds / 60))
+    return f"{m // 60}:{m % 60:02d}"
+
+
+HEAD_MARK = "ʰ"  # a train figure from the file's first rows (eval.train_sample_from=head)
+HEAD_NOTE = (f"{HEAD_MARK} train = the file's first `eval.train_sample` rows, not a random "
+             "sample: the row ran before the sample was drawn at random "
+             "(`eval.train_sample_from=head`). SST's train file is sorted by label, its first "
+             "1,000 rows 80% classes 3 and 4 against 42% in the whole file, so those SST train "
+             "figures (and their dashed lines in train_vs_dev.png) do not stand for the training "
+             "set; the Quora and STS heads match their "
+             "files' label mix. Dev figures are unaffected.")
+
+
+def _cell(r: dict, key: str) -> str:
+    """A metric at the row's best epoch: the mean over seeds, ± their std when several."""
+    v = r["best"].get(key)
+    sd = r.get("std", {}).get(key)
+    return _fmt(v) if sd is None or v is None else f"{v:.3f} ± {sd:.3f}"
+
+
+def table(rows: list[dict]) -> str:
+    cols = [f"{sweep.TASK_LABELS[t]} {s}" for t in sweep.TASK_ORDER for s in ("train", "dev")]
+    head = (["Configuration"] + cols + ["dev average (seed)", "dev overall (CS224N)",
+                                         "params / encoder", "best epoch", "wall h:mm",
+                                         "seeds"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = [r for r in rows if r["group"] in ("table1", "separate")]
+    order += [c for c in [combined_separate(rows)] if c]
+    order += [r for r in rows if r["group"] == "torch"]
+    order += [c for c in [combined_separate(rows, "torch")] if c]
+    order += [r for r in rows if r["group"] == "best"]
+    for r in order:
+        b = r["best"]
+        if not b:
+            lines.append("| " + " | ".join([r["name"], "not run yet"] + [""] * (len(head) - 2))
+                         + " |")
+            continue
+        mark = HEAD_MARK if r.get("train_sample_from") == "head" else ""
+        cells = [_cell(r, f"{s}/{t}") + (mark if s == "train" and f"{s}/{t}" in b else "")
+                 for t in sweep.TASK_ORDER for s in ("train", "dev")]
+        # The averages are over the three tasks: left empty for a row with fewer.
+        full = all(f"dev/{t}" in b for t in sweep.TASK_ORDER)
+        chosen = r.get("best_epochs") or [b.get("epoch")]
+        epochs = r.get("epoch") or (f"{','.join(str(e) for e in chosen)} of "
+                                    f"{r.get('num_epochs')}")
+        if not r.get("done"):
+            epochs += " (unfinished)"
+        ratio = f"{r['param_ratio']:.3f}×" if r["param_ratio"] is not None else "–"
+        lines.append("| " + " | ".join(
+            [r["name"]] + cells + [_cell(r, "dev/average") if full else "–",
+                                   _cell(r, "dev/overall") if full else "–", ratio,
+                                   str(epochs), _hms(r["seconds"]),
+                                   str(r.get("n_seeds", 1))]) + " |")
+    return "\n".join(lines)
+
+
+def pytorch_reference(rows: list[dict]) -> dict[str, tuple[float, float | None, str]]:
+    """task -> (dev score, std over seeds or None, source): the sweep's own PyTorch rows
+    (torch-<task>, mean over their seeds) where run, else `sweep.PYTORCH_REFERENCE`
+    (one seed, measured before the sweep ran PyTorch rows)."""
+    out = {t: (v, None, "fixed") for t, v in sweep.PYTORCH_REFERENCE.items()}
+    for r in rows:
+        if r["group"] == "torch" and r["best"]:
+            task = r["slug"].split("-", 1)[1]
+            if f"dev/{task}" in r["best"]:
+                out[task] = (r["best"][f"dev/{task}"], r.get("std", {}).get(f"dev/{task}"),
+                             f"{r.get('n_seeds', 1)} seed(s)")
+    return out
+
+
+def _pm(value: float, std: float | None) -> str:
+    return f"{value:.3f}" if std is None else f"{value:.3f} ± {std:.3f}"
+
+
+def calibration(rows: list[dict]) -> list[str]:
+    """The separate models against the same recipe in PyTorch (`pytorch_reference`)."""
+    reference = pytorch_reference(rows)
+    out = []
+    for r in rows:
+        if r["group"] != "separate" or not r["best"]:
+            continue
+        task = r["slug"].split("-", 1)[1]
+        ours = r["best"].get(f"dev/{task}")
+        if ours is not None and task in reference:
+            ref, ref_std, source = reference[task]
+            out.append(f"| {sweep.TASK_LABELS[task]} | {_cell(r, f'dev/{task}')} | "
+                       f"{_pm(ref, ref_std)} ({source}) | {100 * (ours - ref):+.1f} |")
+    if not out:
+        return []
+    return (["## Calibration: separate models against PyTorch", "",
+             "The same single-task recipe in PyTorch + transformers on these files, best "
+             "epoch of 3: the `torch-*` rows of this sweep where run (mean ± std over their "
+             "seeds), else the fixed one-seed figures of docs/experiments.md. Only "
+             "meaningful for the `cpu` budget.", "",
+             "| task (dev) | flaxpals | PyTorch (source) | difference (points) |",
+             "|---|---|---|---|"] + out + [""])
+
+
+def against_references(rows: list[dict]) -> list[str]:
+    """Each three-task row's dev scores against PyTorch and against the separate models.
+
+    The two questions the experiments ask of one encoder: does it reach or beat the
+    single-task PyTorch figures on every task, and on how many tasks is it within one
+    point (or better) of flaxpals' own separate models.
+    """
+    combined = combined_separate(rows)
+    sep = combined["best"] if combined else {}
+    reference = {t: v[0] for t, v in pytorch_reference(rows).items()}
+    head = ["Configuration"] + [f"{sweep.TASK_LABELS[t]}: dev, vs PyTorch, vs separate"
+                                for t in sweep.TASK_ORDER] + [
+        "reaches PyTorch on", "within 1 pt of separate on"]
+    out = []
+    for r in rows:
+        b = r["best"]
+        if (r["group"] in ("separate", "torch") or not b
+                or not all(f"dev/{t}" in b for t in sweep.TASK_ORDER)):
+            continue
+        cells, reached, close = [], 0, 0
+        for t in sweep.TASK_ORDER:
+            ours = b[f"dev/{t}"]
+            ref, own = reference.get(t), sep.get(f"dev/{t}")
+            vs_ref = "–" if ref is None else f"{100 * (ours - ref):+.1f}"
+            vs_own = "–" if own is None else f"{100 * (ours - own):+.1f}"
+            # Compared at the printed precision: .489 against .489 reaches it.
+            reached += ref is not None and round(ours, 3) >= ref
+            close += own is not None and round(100 * (ours - own), 1) >= -1.0
+            cells.append(f"{ours:.3f}, {vs_ref}, {vs_own}")
+        unfinished = "" if r.get("done") else " (unfinished)"
+        out.append("| " + " | ".join([r["name"] + unfinished] + cells + [
+            f"{reached} of 3", f"{close} of 3" if sep else "–"]) + " |")
+    if not out:
+        return []
+    return (["## Multi-task rows against the references", "",
+             "Dev scores at each row's best epoch; differences in points against the "
+             "single-task PyTorch reference (as in the calibration above) and against "
+             "flaxpals' separate models above (each task's own model).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + out + [""])
+
+
+def row_styles(n: int) -> list[dict[str, Any]]:
+    """n distinct (colour, line style, marker) for matplotlib: 20 colours (tab20), each
+    with a different style once they repeat."""
+    from matplotlib import colormaps
+
+    colors = colormaps["tab20"].colors
+    linestyles = ("-", "--", "-.", ":")
+    markers = ("o", "s", "^", "D", "v", "P", "X", "*")
+    return [{"color": colors[(i * 2) % 20 + (i // 10) % 2], "linestyle": linestyles[i % 4],
+             "marker": markers[i % 8]} for i in range(n)]
+
+
+def epoch_curve(r: dict, key: str) -> list[tuple[int, float, float | None]]:
+    """(epoch, mean over the row's seeds, std or None) of a metric, epoch by epoch."""
+    by_epoch: dict[int, list[float]] = {}
+    for run in (r.get("seeds") or {0: r}).values():
+        for x in run["records"]:
+            if key in x:
+                by_epoch.setdefault(int(x["epoch"]), []).append(float(x[key]))
+    return [(e, *mean_std(v)) for e, v in sorted(by_epoch.items())]
+
+
+def plot(rows: list[dict], results: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ran = [r for r in rows if r["records"]]
+    written = []
+    panels = list(sweep.TASK_ORDER) + ["average"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    # Each row its own colour, line style and marker in every panel, so that the shared
+    # legend names each line; the spread over seeds (mean ± std) shows as a band.
+    styles = dict(zip((r["slug"] for r in ran), row_styles(len(ran)), strict=True))
+    for ax, key in zip(axes[0], panels, strict=True):
+        drawn = 0
+        for r in ran:
+            if key == "average" and r["group"] == "separate":
+                continue
+            curve = epoch_curve(r, f"dev/{key}")
+            if curve:
+                x, mean, std = zip(*curve, strict=True)
+                ax.plot(x, mean, label=r["name"], **styles[r["slug"]])
+                if any(sd is not None for sd in std):
+                    lo = [m - (sd or 0) for m, sd in zip(mean, std, strict=True)]
+                    hi = [m + (sd or 0) for m, sd in zip(mean, std, strict=True)]
+                    ax.fill_between(x, lo, hi, color=styles[r["slug"]]["color"], alpha=0.15,
+                                    linewidth=0)
+                drawn += 1
+        if not drawn:
+            ax.text(0.5, 0.5, "no row with all three tasks yet" if key == "average"
+                    else "no row yet", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        ax.set_title(f"dev {sweep.TASK_LABELS.get(key, 'average (seed)')}")
+        ax.set_xlabel("epoch")
+    legend = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, h)
+    handles, labels = list(legend.values()), list(legend)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(labels) // 3), 1, 1))
+    written.append(results / "dev_per_epoch.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    ncols = min(4, max(len(ran), 1))
+    nrows = max(1, -(-len(ran) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
+    colors = {"sst": "C0", "quora": "C1", "sts": "C2"}
+    for i, ax in enumerate(axes.flat):
+        if i >= len(ran):
+            ax.axis("off")
+            continue
+        r = ran[i]
+        for t in sweep.TASK_ORDER:
+            for split, style in (("train", "--"), ("dev", "-")):
+                pts = [(x["epoch"], x[f"{split}/{t}"]) for x in r["records"]
+                       if f"{split}/{t}" in x]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, marker="o", color=colors[t],
+                            label=f"{sweep.TASK_LABELS[t]} {split}")
+        ax.set_title(r["name"], fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("train sample (dashed) against dev (solid) per epoch")
+    fig.tight_layout()
+    written.append(results / "train_vs_dev.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def _shown(path: Path | str) -> str:
+    """A path as the report shows it: relative to the working directory when inside it."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def report(results: Path, budget_name: str) -> Path:
+    rows = collect(results)
+    plots = plot(rows, results) if any(r["records"] for r in rows) else []
+    machines = {json.dumps(run["machine"], sort_keys=True) for r in rows for run in r["runs"]
+                if "machine" in run}
+    used = {r["budget"] for r in rows if r["budget"]}
+    if len(used) == 1:
+        budget_name = used.pop()
+    elif used:
+        budget_name = "mixed: " + ", ".join(sorted(used))
+    about = "; ".join(f"`{b}`: {sweep.BUDGETS[b].about}" for b in sweep.BUDGETS if b in budget_name)
+    lines = [
+        "# Results", "",
+        f"Written by `python -m experiments.sweep --results={_shown(results)} "
+        f"--budget={budget_name}` on "
+        f"{datetime.date.today().isoformat()}; every figure comes from the rows' "
+        "`metrics.jsonl` in this folder.", "",
+        f"Budget {about}.", "",
+        "Each row: train-sample and dev metrics at the row's best epoch by its "
+        "`eval.best_metric` (dev average unless a validation split chooses; the epoch whose "
+        "checkpoint `best/` keeps). With several seeds (`--seeds`, column seeds) a cell is "
+        "the mean over seeds ± their sample standard deviation, each seed at its own best "
+        "epoch; a difference between rows counts only beyond those spreads. "
+        "train = a fixed sample of "
+        "`eval.train_sample` training examples. dev average (seed) = mean of SST accuracy, "
+        "Quora accuracy and STS Pearson r; dev overall (CS224N) = the same with r mapped to "
+        "(r + 1) / 2. params / encoder = (encoder + all task adapters) / encoder, heads "
+        "excluded (the PALs paper's figure); the separate models count three encoders. Wall "
+        "time = every invocation of the row, evaluation included.", "",
+        "Quora is a stand-in: train and dev are both carved out of the official "
+        "`quora-dev.csv` (about 16k / 2k pairs, by a hash of the id), so its accuracies are "
+        "not comparable with figures on the official dev set, and the encoder saw Quora "
+        "duplicates in its own training.", "",
+        table(rows), "",
+    ]
+    if any(r.get("train_sample_from") == "head" and r["best"] for r in rows):
+        lines += [HEAD_NOTE, ""]
+    lines += calibration(rows)
+    lines += against_references(rows)
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "## Machines", ""]
+    lines += [f"- {', '.join(f'{k} {v}' for k, v in json.loads(m).items())}"
+              for m in sorted(machines)] or ["- none recorded"]
+    lines += ["", "## Commands", "", "Each row alone (the sweep runs exactly these):", ""]
+    for r in rows:
+        for seed, command_run in sorted(r.get("commands", {}).items()):
+            cmd = ["python"] + [
+                f"--workdir={_shown(x.partition('=')[2])}" if x.startswith("--workdir=")
+                else x.replace(str(sweep.CONFIGS) + "/", "configs/") for x in command_run[1:]]
+            label = r["name"] + (f", seed {seed}" if len(r["commands"]) > 1 else "")
+            lines += [f"- {label}: `{shlex.join(cmd)}`"]
+    out = results / "RESULTS.md"
+    out.write_text("\n".join(lines) + "\n")
+    (results / "results.json").write_text(json.dumps(
+        [{k: v for k, v in r.items()} for r in rows], indent=2, default=str) + "\n")
+    return out
