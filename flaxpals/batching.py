@@ -79,8 +79,9 @@ class TrainPlan:
 
     def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """(indices [batches_per_epoch, batch_size] into the split, lengths [batches])."""
-        if self._cached is not None and self._cached[0] == e:
-            return self._cached[1], self._cached[2]
+        cached = self._cached  # read once: another thread may replace it
+        if cached is not None and cached[0] == e:
+            return cached[1], cached[2]
         rng = np.random.Generator(np.random.PCG64([self.seed, self.process_index, e]))
         perm = rng.permutation(len(self.shard))
         in_bucket = self._bucket[perm]

@@ -458,6 +458,14 @@ def train_batches(split: Split, batch_size: int, *, seed: int,
     """
     plan = batching.TrainPlan(split.lengths(), buckets, batch_size, seed=seed,
                               process_index=process_index, process_count=process_count)
+    return planned_batches(split, plan, start_batch=start_batch, num_epochs=num_epochs,
+                           prefetch=prefetch)
+
+
+def planned_batches(split: Split, plan: batching.TrainPlan, *, start_batch: int = 0,
+                    num_epochs: int | None = None,
+                    prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """train_batches from a plan already built (the trainer shares it with compile_ahead)."""
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     stop = None if num_epochs is None else num_epochs * plan.batches_per_epoch

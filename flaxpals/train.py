@@ -181,11 +181,12 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         loss_sums = LossSums(sampler_state.pop(LossSums.KEY, None))
         sampler.load_state_dict(sampler_state)
         log.info("resumed from checkpoint step %d (epoch %d)", step0, sampler.epoch)
-    plan_args = {t: dict(seed=config.seed + i, buckets=tuple(config.data.buckets),
-                         process_index=jax.process_index(), process_count=processes)
-                 for i, t in enumerate(names)}
-    iters = {t: input_pipeline.train_batches(data[t]["train"], batch_size,
-                                             start_batch=sampler.positions[t], **plan_args[t])
+    plans = {t: batching.TrainPlan(data[t]["train"].lengths(), tuple(config.data.buckets),
+                                   batch_size, seed=config.seed + i,
+                                   process_index=jax.process_index(), process_count=processes)
+             for i, t in enumerate(names)}
+    iters = {t: input_pipeline.planned_batches(data[t]["train"], plans[t],
+                                               start_batch=sampler.positions[t])
              for t in names}
     ahead = None  # the compile-ahead worker, started after the first step
 
@@ -263,8 +264,6 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
             step_metrics = jax.device_get(step_metrics)
             timer.step_done()
             if ahead is None and config.compile_ahead:
-                plans = {t: batching.TrainPlan(data[t]["train"].lengths(), batch_size=batch_size,
-                                               **plan_args[t]) for t in names}
                 ahead = compile_ahead.for_training(
                     config, (train_step, additive_step, predict_step), model, state, mesh, data,
                     plans, sampler.positions, eval_sets,
