@@ -435,7 +435,8 @@ def _batches(split: Split, plan: Iterator[tuple[np.ndarray, int]],
     pending: collections.deque[futures.Future] = collections.deque()
     try:
         for index, length in plan:
-            pending.append(pool.submit(_gather, split, np.asarray(index), int(length)))
+            # A copy: the plan's index rows are views of its cached epoch.
+            pending.append(pool.submit(_gather, split, np.array(index, np.int64), int(length)))
             if len(pending) > prefetch:
                 yield pending.popleft().result()
         while pending:

@@ -16,6 +16,7 @@ first) writes nothing.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import time
@@ -24,6 +25,8 @@ from collections.abc import Mapping
 from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
+
+_WRITERS = itertools.count()
 
 
 class SummaryWriter:
@@ -35,7 +38,10 @@ class SummaryWriter:
             return
         logdir = epath.Path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+        # The counter keeps two writers of one process in one second from sharing a file
+        # (the second would truncate the first's events).
+        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                f"{os.getpid()}.{next(_WRITERS)}")
         self.path = logdir / name
         self._records = RecordWriter(self.path.open("wb"))
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))

@@ -48,3 +48,14 @@ def test_training_imports_no_tensorflow():
             "print(sorted(m for m in sys.modules if m.startswith(('tensorflow', 'clu'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_two_writers_in_one_second_keep_both_files(tmp_path):
+    first = SummaryWriter(tmp_path / "tb")
+    first.write_scalars(1, {"a": 1.0})
+    first.close()
+    second = SummaryWriter(tmp_path / "tb")
+    second.write_scalars(2, {"a": 2.0})
+    second.close()
+    assert first.path != second.path
+    assert _scalars(tmp_path / "tb") == {"a": [(1, 1.0), (2, 2.0)]}
