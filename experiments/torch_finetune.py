@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from tqdm import tqdm
 
 from flaxpals import metrics as metrics_lib
 from flaxpals import paths
@@ -200,7 +201,9 @@ def main(argv=None) -> int:
     for epoch in range(1, args.epochs + 1):
         order = rng.permutation(len(train))[:steps_per_epoch * args.batch_size]
         losses = []
-        for batch, _ in batches(tokenizer, train, order, args.batch_size, args.max_length):
+        bar = tqdm(batches(tokenizer, train, order, args.batch_size, args.max_length),
+                   total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", mininterval=5)
+        for batch, _ in bar:
             loss = loss_fn(task.kind, model(batch), batch["labels"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
