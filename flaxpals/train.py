@@ -292,9 +292,8 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
             stopping = stop.check(step)  # a signal or the time budget, agreed by all processes
             if step % config.checkpoint.every_steps == 0 or epoch_end or stopping:
                 ckpts.save(step, state, progress(), force=epoch_end or stopping)
-            if stopping:  # this step is being saved: write it, flush, and go
+            if stopping:  # this step is being saved: write it and go
                 bar.close()
-                writer.flush()
                 write_timings()
                 raise stop.stopped(step, ckpts)
             for hook in AFTER_STEP_HOOKS:
@@ -306,10 +305,10 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         if ahead is not None:
             ahead.cancel()
             ahead.join()
+        writer.close()  # however the loop ends: a stop or an error keeps the events too
     bar.close()
     ckpts.wait()
     ckpts.close()
-    writer.close()
     write_timings()
     return history[-1] if history else {}
 
