@@ -422,6 +422,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0",
                     help="comma-separated seeds, each row run once per seed (config.seed); "
                          "seed 0 in <results>/<slug>, seed s in <results>/<slug>-seed<s>")
+    ap.add_argument("--ensemble", action="store_true",
+                    help="after the rows, average each row's --seeds (all finished) as one "
+                         "model: row <slug>-ensemble (flaxpals rows, 2 seeds or more)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
@@ -465,6 +468,11 @@ def main(argv=None) -> int:
                   flush=True)
             if status != "finished":
                 failed.append(name)
+        if args.ensemble:
+            from experiments import sweep_ensemble  # imports this module
+
+            sweep_ensemble.run_ensembles(rows, seeds, results, {p[0].slug: p[4] for p in plans},
+                                         failed, dry_run=args.dry_run)
     if args.dry_run:
         return 0
     if results.exists():

@@ -19,7 +19,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from experiments import sweep
+from experiments import sweep, sweep_ensemble
 from flaxpals import runs
 
 
@@ -121,6 +121,8 @@ def collect(results: Path) -> list[dict]:
                  for s in _seeds_run(results, row.slug)}
         out.append({"slug": row.slug, "name": row.name, "group": row.group,
                     **aggregate(seeds)})
+    # Ensembles of a row's seeds (experiments.sweep --ensemble), after every row.
+    out += [e for e in (sweep_ensemble.collect(results, row) for row in sweep.ROWS) if e]
     return out
 
 
@@ -194,7 +196,7 @@ def table(rows: list[dict]) -> str:
     order += [c for c in [combined_separate(rows)] if c]
     order += [r for r in rows if r["group"] == "torch"]
     order += [c for c in [combined_separate(rows, "torch")] if c]
-    order += [r for r in rows if r["group"] == "best"]
+    order += [r for r in rows if r["group"] in ("best", "ensemble")]
     for r in order:
         b = r["best"]
         if not b:

@@ -256,13 +256,28 @@ PREDICTION_FILES = {"sst": ("sst", "Predicted_Sentiment"),
                     "cfimdb": ("cfimdb", "Predicted_Sentiment")}
 
 
+def write_prediction_file(out_dir, task: tasks_lib.Task, split: str, preds: dict,
+                          what: str) -> epath.Path:
+    """<out_dir>/predictions/<prefix>-<split>-output.csv in the CS224N format, from
+    {example id: prediction}; `what` names the model in the log line."""
+    directory = epath.Path(out_dir) / "predictions"
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix, column = PREDICTION_FILES.get(task.name, (task.name, "Predicted"))
+    path = directory / f"{prefix}-{split}-output.csv"
+    if jax.process_index() == 0:
+        with path.open("w") as f:
+            f.write(f"id \t {column} \n")
+            for example_id, p in preds.items():
+                f.write(f"{example_id} , {p} \n")
+    log.info("wrote %s (%d predictions, %s)", path, len(preds), what)
+    return path
+
+
 def write_predictions(workdir, config=None, step: int | None = None) -> list[epath.Path]:
     """`--mode=predict`: CS224N prediction files for dev and test in <workdir>/predictions."""
     r = restore(workdir, config, step)
     data = build.load_data(r.config, r.tasks, r.tokenizer, splits=("dev", "test"),
                            limits=False)
-    out_dir = epath.Path(workdir) / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     eval_sets = EvalSets(data, r.config, r.mesh)
     for split in ("dev", "test"):
@@ -271,14 +286,6 @@ def write_predictions(workdir, config=None, step: int | None = None) -> list[epa
             if task.name not in preds:
                 log.info("%s: no %s file; no predictions written", task.name, split)
                 continue
-            prefix, column = PREDICTION_FILES.get(task.name, (task.name, "Predicted"))
-            path = out_dir / f"{prefix}-{split}-output.csv"
-            if jax.process_index() == 0:
-                with path.open("w") as f:
-                    f.write(f"id \t {column} \n")
-                    for example_id, p in preds[task.name].items():
-                        f.write(f"{example_id} , {p} \n")
-            written.append(path)
-            log.info("wrote %s (%d predictions, checkpoint step %s)", path,
-                     len(preds[task.name]), r.step)
+            written.append(write_prediction_file(workdir, task, split, preds[task.name],
+                                                 f"checkpoint step {r.step}"))
     return written

@@ -7,6 +7,9 @@
     python -m flaxpals.main --workdir=DIR --mode=eval --eval_file=my.csv --task=sst \
         --columns=text=review,label=stars                     # other labelled data
     python -m flaxpals.main --workdir=DIR --mode=predict      # CS224N prediction files
+    python -m flaxpals.main --mode=eval --ensemble=RUN1,RUN2,RUN3 --workdir=OUT
+                          # averaged runs (flaxpals/ensemble.py): OUT/eval-ensemble.json;
+                          # --mode=predict: their CS224N files in OUT/predictions
     python -m flaxpals.main --config=configs/pal.py --workdir=gs://B/run --distributed=yes  # pod
 
 Eval and predict build the model from the workdir's config.json; a `--config`
@@ -37,6 +40,8 @@ flags.DEFINE_string("columns", None, "eval: the file's column names, e.g. "
                     "the task's own).")
 flags.DEFINE_string("name", None, "eval: names the output eval-<step>-<name>.json "
                     "(default: the file's or data directory's name).")
+flags.DEFINE_list("ensemble", None, "eval/predict: several training runs' workdirs, "
+                  "comma-separated; their averaged outputs are scored or written to --workdir.")
 flags.DEFINE_enum("distributed", "auto", list(parallel.DISTRIBUTED_MODES),
                   "Join a multi-process JAX job (jax.distributed.initialize): auto (when "
                   "the environment says so, see flaxpals/parallel.py), yes or no.")
@@ -54,7 +59,18 @@ def check_overrides(argv: list[str]) -> None:
 
 
 def run(mode: str, workdir: str, config, step: int | None = None) -> None:
-    if mode == "train":
+    if FLAGS.ensemble:
+        from flaxpals import ensemble
+
+        if mode == "train" or config is not None or FLAGS.eval_file:
+            raise app.UsageError("--ensemble goes with --mode=eval or --mode=predict alone "
+                                 "(no --config, no --eval_file): each member uses its own "
+                                 "config.json")
+        if mode == "eval":
+            ensemble.evaluate_ensemble(FLAGS.ensemble, workdir, step)
+        else:
+            ensemble.write_ensemble_predictions(FLAGS.ensemble, workdir, step)
+    elif mode == "train":
         if config is None:
             raise config_lib.ConfigError("--config is required to train, e.g. "
                                          "--config=configs/pal.py")

@@ -8,6 +8,7 @@
                                                      # {"label": [1], "probability": [1]}
     p.predict("sts", ["a man sings"], pairs=["a man is singing"])   # {"score": [1]}
     p.embed(["a sentence"], task=None)               # [1, hidden] sentence vectors
+    Ensemble.from_workdirs(["runs/s0", "runs/s1"]).predict(...)   # flaxpals.ensemble
 
 Outputs are NumPy arrays in input order: class ids and class probabilities
 (softmax) for classification; the paraphrase probability (sigmoid of the pair
@@ -25,6 +26,7 @@ extension or --format, keeping any id column):
     python -m flaxpals.predict --workdir=runs/pal --task=sst --input=reviews.csv \
         --columns=text=body --output=preds.jsonl
     printf 'a fine film\\nawful\\n' | python -m flaxpals.predict --workdir=runs/pal --task=sst
+    python -m flaxpals.predict --ensemble=runs/s0,runs/s1,runs/s2 --task=sst --input=reviews.csv
 """
 
 from __future__ import annotations
@@ -134,6 +136,11 @@ class Predictor:
         if task.kind == "pair_classification":
             return {"label": labels, "probability": heads.probabilities(task.kind, outputs)}
         return {"score": labels.astype(np.float32)}
+
+    def predict_parsed(self, task: Task, parsed: reader.ParsedSplit):
+        """(the Split of parsed rows, its predictions): `predict` for rows read from a file."""
+        split = self._tokenize(task, parsed)
+        return split, self.decide(task, self.outputs(split))
 
     def predict(self, task: str, texts: Sequence[str],
                 pairs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -275,15 +282,15 @@ def write_output(stream, task: Task, ids, result: dict[str, np.ndarray], fmt: st
     writer.writerows(rows)
 
 
-def predict_file(predictor: Predictor, task: str, path: str, output=None,
+def predict_file(predictor, task: str, path: str, output=None,
                  columns: dict[str, str] | None = None, fmt: str | None = None,
                  strict: bool = False, stdin=None) -> dict[str, Any]:
-    """Predicts every kept row of a file; writes to `output` (a path, or a stream).
+    """Predicts every kept row of a file with a Predictor or an `ensemble.Ensemble`;
+    writes to `output` (a path, or a stream).
     Returns {"rows", "kept", "skipped": {reason: n}, "truncated"}."""
     t = predictor.task(task)
     parsed, named = read_input(path, t, columns, strict=strict, stdin=stdin)
-    split = predictor._tokenize(t, parsed)
-    result = predictor.decide(t, predictor.outputs(split))
+    split, result = predictor.predict_parsed(t, parsed)
     # Without an id column, rows are named by their line in the input.
     ids = split.ids if named else [str(n) for n in split.lines]
     if fmt is None:
@@ -302,10 +309,17 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
-    if not (f.workdir or f.pretrained) or (f.workdir and f.pretrained):
-        raise ValueError("give one of --workdir (a training run) or --pretrained (an export)")
-    predictor = (Predictor.from_workdir(f.workdir, f.step) if f.workdir
-                 else Predictor.from_pretrained(f.pretrained))
+    if sum(bool(x) for x in (f.workdir, f.pretrained, f.ensemble)) != 1:
+        raise ValueError("give one of --workdir (a training run), --pretrained (an export) "
+                         "or --ensemble (training runs, comma-separated)")
+    if f.ensemble:
+        from flaxpals.ensemble import Ensemble
+
+        predictor = Ensemble.from_workdirs(f.ensemble, f.step)
+    elif f.workdir:
+        predictor = Predictor.from_workdir(f.workdir, f.step)
+    else:
+        predictor = Predictor.from_pretrained(f.pretrained)
     summary = predict_file(predictor, f.task, f.input, f.output,
                            reader.parse_columns(f.columns),
                            f.format, f.strict)
@@ -321,7 +335,10 @@ def _define_flags():
 
     flags.DEFINE_string("workdir", None, "A training run's workdir (best checkpoint).")
     flags.DEFINE_string("pretrained", None, "Or a directory written by flaxpals.export.")
-    flags.DEFINE_integer("step", None, "With --workdir: this step of the latest checkpoints.")
+    flags.DEFINE_list("ensemble", None, "Or several training runs' workdirs, comma-separated: "
+                      "their averaged predictions (flaxpals.ensemble).")
+    flags.DEFINE_integer("step", None, "With --workdir or --ensemble: this step of the latest "
+                         "checkpoints.")
     flags.DEFINE_string("task", None, "The task to predict.", required=True)
     flags.DEFINE_string("input", "-", "CSV, TSV or JSONL file; - for lines on stdin.")
     flags.DEFINE_string("columns", None, "Column names, e.g. text=body,id=review_id.")

@@ -303,3 +303,45 @@ def test_an_ema_row_is_reported_by_its_ema_figures(tmp_path):
     row = next(r for r in sweep_report.collect(tmp_path) if r["slug"] == "best-val-ema")
     # epoch 1 by val_ema; the checkpoint kept holds the EMA weights: their dev score
     assert row["best_epochs"] == [1] and row["best"]["dev/sst"] == 0.6
+
+
+def test_ensemble_rows_wait_for_every_seed_and_are_labelled(tmp_path, monkeypatch, capsys):
+    from experiments import sweep_ensemble
+
+    argv = [f"--results={tmp_path}", "--budget=smoke", "--only=best-val", "--seeds=0,1",
+            "--ensemble"]
+    _fake_run(tmp_path / "best-val", [0.40, 0.48])
+    _fake_run(tmp_path / "best-val-seed1", [0.41])  # 1 of 2 epochs: unfinished
+    ran = []
+
+    def fake_row(row, cmd, record, workdir):
+        ran.append(cmd)
+        record.data["runs"].append({"seconds": 1.0, "status": "finished"})
+        record.save()
+        if "--mode=eval" in cmd:  # what `flaxpals.main --mode=eval --ensemble` writes
+            members = cmd[cmd.index("--mode=eval") + 1].split("=", 1)[1].split(",")
+            (workdir / "eval-ensemble.json").write_text(json.dumps(
+                {"ensemble": True, "members": members, "steps": [20, 20], "dev/sst": 0.51,
+                 "dev/average": 0.51, "member_scores": [{"dev/sst": .48}, {"dev/sst": .47}]}))
+        return "finished"  # a trainer that exits 0 and writes nothing: incomplete
+
+    monkeypatch.setattr(sweep, "run_row", fake_row)
+    assert sweep.main(argv) == 1  # seed 1 did not finish: no ensemble
+    assert "best-val-ensemble] not all of seeds [0, 1] have finished" in capsys.readouterr().out
+    assert [c for c in ran if "--mode=eval" in c] == []
+
+    runs.append_metrics(tmp_path / "best-val-seed1", {"epoch": 2, "step": 20, "dev/sst": .47,
+                                                      "dev/average": .47})
+    ran.clear()
+    assert sweep.main(argv) == 0
+    assert len(ran) == 1 and ran[0][2:4] == ["flaxpals.main", "--mode=eval"]
+    assert ran[0][4] == f"--ensemble={tmp_path / 'best-val'},{tmp_path / 'best-val-seed1'}"
+    assert ran[0][5] == f"--workdir={sweep_ensemble.workdir_of(tmp_path, 'best-val')}"
+    report = (tmp_path / "RESULTS.md").read_text()
+    cells = table_row(report, "Ensemble of 2 seeds (averaged probabilities): Best recipe, "
+                              "epoch chosen on a validation split")
+    assert cells[2] == "0.510" and cells[-1] == "2"
+    assert sweep.main(argv) == 0 and len(ran) == 1  # done: not run again
+    capsys.readouterr()
+    assert sweep.main(argv + ["--dry-run"]) == 0
+    assert "--mode=eval --ensemble=" in capsys.readouterr().out

@@ -1,0 +1,92 @@
+"""The sweep's ensemble rows: a row's seeds averaged as one model (flaxpals/ensemble.py).
+
+    python -m experiments.sweep --results=docs/results --only=best-val --seeds=0,1,2 --ensemble
+
+After the rows, each flaxpals row whose seeds have all finished is scored as an
+ensemble of those seeds' best checkpoints: `flaxpals.main --mode=eval
+--ensemble=<seed workdirs> --workdir=<results>/<slug>-ensemble`, which writes
+`eval-ensemble.json` (the ensemble's dev metrics and each member's own) next to
+the sweep's `sweep.json`. The report shows it as a row of its own, labelled
+ensemble (`sweep_report.collect`). The members' checkpoints must still be in
+their workdirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+from experiments import sweep
+
+
+def workdir_of(results: Path, slug: str) -> Path:
+    return results / f"{slug}-ensemble"
+
+
+def command(members: list[Path], workdir: Path, python: str = sys.executable,
+            display: bool = False) -> list[str]:
+    """`flaxpals.main --mode=eval --ensemble=...`: the members' best checkpoints averaged
+    (flaxpals/ensemble.py), scored on dev into <workdir>/eval-ensemble.json."""
+    return [("python" if display else python), "-m", "flaxpals.main", "--mode=eval",
+            "--ensemble=" + ",".join(str(m) for m in members), f"--workdir={workdir}"]
+
+
+def is_done(workdir: Path, members: list[Path]) -> bool:
+    from flaxpals import ensemble
+
+    record = ensemble.read_eval(workdir)
+    return record is not None and record["members"] == [str(m) for m in members]
+
+
+def run_ensembles(rows: list[sweep.Row], seeds: list[int], results: Path,
+                  epochs: dict[str, int], failed: list[str], dry_run: bool = False) -> None:
+    """`--ensemble`: each flaxpals row whose seeds have all finished, averaged as one
+    model: a row of its own, `<slug>-ensemble`, labelled ensemble in the report."""
+    for row in rows:
+        members = [sweep.seed_workdir(results, row.slug, s) for s in seeds]
+        if row.group == "torch" or len(members) < 2:
+            continue
+        workdir = workdir_of(results, row.slug)
+        if dry_run:
+            print(shlex.join(command(members, workdir, display=True)))
+            continue
+        if not all(sweep.is_done(m, epochs[row.slug]) for m in members):
+            print(f"[{workdir.name}] not all of seeds {seeds} have finished: no ensemble yet")
+            continue
+        if is_done(workdir, members):
+            print(f"[{workdir.name}] done (eval-ensemble.json): skipped")
+            continue
+        workdir.mkdir(parents=True, exist_ok=True)
+        cmd = command(members, workdir)
+        ens = dataclasses.replace(row, slug=workdir.name, group="ensemble",
+                                  name=f"Ensemble of {len(members)} seeds: {row.name}")
+        status = sweep.run_row(ens, cmd, sweep.RowRecord(workdir, ens, "-", cmd), workdir)
+        print(f"[{workdir.name}] {status}", flush=True)
+        if status != "finished":
+            failed.append(workdir.name)
+
+
+def collect(results: Path, row: sweep.Row) -> dict | None:
+    """The report's row for `row`'s ensemble, or None when it has not been scored."""
+    import json
+
+    from flaxpals import ensemble
+
+    workdir = workdir_of(results, row.slug)
+    record = ensemble.read_eval(workdir)
+    if record is None:
+        return None
+    run = json.loads((workdir / "sweep.json").read_text()) \
+        if (workdir / "sweep.json").exists() else {}
+    n = len(record["members"])
+    return {"slug": workdir.name, "group": "ensemble",
+            "name": f"Ensemble of {n} seeds (averaged probabilities): {row.name}",
+            "best": {k: v for k, v in record.items() if k.startswith("dev/")}, "std": {},
+            "records": [], "params": None, "param_ratio": None, "n_seeds": n,
+            "seconds": run.get("seconds"), "runs": run.get("runs", []), "budget": None,
+            "command": run.get("command"), "commands": ({0: run["command"]}
+                                                        if run.get("command") else {}),
+            "epoch": "best of each", "done": True, "member_scores": record["member_scores"],
+            "members": record["members"]}

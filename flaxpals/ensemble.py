@@ -1,0 +1,261 @@
+"""Prediction-time ensembles: several trained runs' outputs averaged.
+
+    e = Ensemble.from_workdirs(["runs/s0", "runs/s1", "runs/s2"])
+    e.predict("sst", ["a gripping film"])         # as Predictor.predict
+    evaluate_ensemble(["runs/s0", ...], "runs/ens")          # dev metrics, eval-ensemble.json
+    write_ensemble_predictions(["runs/s0", ...], "runs/ens") # CS224N files, runs/ens/predictions
+
+    python -m flaxpals.main --mode=eval --ensemble=runs/s0,runs/s1,runs/s2 --workdir=runs/ens
+    python -m flaxpals.predict --ensemble=runs/s0,runs/s1 --task=sst --input=reviews.csv
+
+How outputs are averaged (`combine`): classification, the mean of the
+members' class probabilities (softmax); paraphrase, the mean probability
+(sigmoid); regression, the mean score. The result is given back in the
+models' own output space (log of the mean probabilities, logit of the mean
+probability, the mean score), so that decisions, metrics and files follow
+exactly as for one model: the class of highest mean probability, paraphrase
+when the mean probability exceeds 0.5.
+
+Members must define the same tasks (name, kind, label count, range and
+names); anything else may differ (encoder, adapters, tokenizer, recipe). Each
+member reads and tokenizes the data with its own config; the rows of a split
+must then be the same for all members (ids and labels, in order), else
+`EnsembleError` names the member and the split. Every result is labelled
+"ensemble" and lists its members.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from flaxpals import build, config_lib, heads, runs
+from flaxpals import evaluation as evaluation_lib
+from flaxpals import metrics as metrics_lib
+from flaxpals.tasks import KINDS, Task, tasks_of_config
+
+log = logging.getLogger(__name__)
+
+# Keeps the log of a mean probability finite; far below any probability a float32
+# softmax or sigmoid gives a member.
+_TINY = 1e-30
+EVAL_FILE = "eval-ensemble.json"
+
+
+class EnsembleError(config_lib.ConfigError):
+    """Members that cannot be averaged: other tasks, or other rows of a split."""
+
+
+def combine(kind: str, outputs: Sequence[np.ndarray]) -> np.ndarray:
+    """The members' outputs ([n, classes] logits, [n] pair logits or [n] scores)
+    averaged as the module docstring says, in the same output space; float32."""
+    if not outputs:
+        raise ValueError("an ensemble needs at least one member's outputs")
+    shapes = {np.shape(o) for o in outputs}
+    if len(shapes) != 1:
+        raise ValueError(f"members' outputs differ in shape: {sorted(shapes)}")
+    stacked = np.stack([np.asarray(o, np.float64) for o in outputs])
+    if kind == "classification":
+        z = stacked - stacked.max(-1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        return np.log(np.maximum(p.mean(0), _TINY)).astype(np.float32)
+    if kind == "pair_classification":
+        p = (1.0 / (1.0 + np.exp(-stacked))).mean(0)
+        p = np.clip(p, _TINY, 1.0 - 1e-16)
+        return (np.log(p) - np.log1p(-p)).astype(np.float32)
+    if kind == "pair_regression":
+        return stacked.mean(0).astype(np.float32)
+    raise ValueError(f"unknown task kind {kind!r}; known: {KINDS}")
+
+
+def _task_signature(task: Task) -> dict[str, Any]:
+    return {f: getattr(task, f) for f in runs.TASK_MODEL_FIELDS}
+
+
+def check_tasks(members: Sequence[tuple[str, Sequence[Task]]]) -> list[Task]:
+    """The first member's tasks, after checking every member defines the same ones;
+    `members`: (name, tasks) pairs."""
+    (first, tasks), *rest = members
+    mine = {t.name: _task_signature(t) for t in tasks}
+    for name, other in rest:
+        theirs = {t.name: _task_signature(t) for t in other}
+        if set(theirs) != set(mine):
+            raise EnsembleError(f"ensemble member {name} has tasks {sorted(theirs)}; "
+                                f"{first} has {sorted(mine)}")
+        for task, fields in mine.items():
+            diffs = [f"{f}: {v!r} -> {theirs[task][f]!r}" for f, v in fields.items()
+                     if theirs[task][f] != v]
+            if diffs:
+                raise EnsembleError(f"ensemble member {name} defines task {task!r} otherwise "
+                                    f"than {first}: " + "; ".join(diffs))
+    return list(tasks)
+
+
+def check_rows(name: str, split: str, task: str, ids: np.ndarray, labels, ref_name: str,
+               ref_ids: np.ndarray, ref_labels) -> None:
+    """Raises EnsembleError unless a member's rows of a split are the reference's."""
+    if len(ids) != len(ref_ids) or not np.array_equal(ids, ref_ids):
+        raise EnsembleError(f"ensemble member {name} reads other rows of {task} {split} than "
+                            f"{ref_name} ({len(ids)} rows against {len(ref_ids)}): members "
+                            "must read the same files with the same data.* limits")
+    if (labels is None) != (ref_labels is None) or (
+            labels is not None and not np.array_equal(labels, ref_labels)):
+        raise EnsembleError(f"ensemble member {name} reads other labels of {task} {split} "
+                            f"than {ref_name}")
+
+
+class _Outputs:
+    """task -> split -> (ids [n], labels [n] or None, [member outputs]), rows in file order."""
+
+    def __init__(self):
+        self.rows: dict[str, dict[str, tuple[np.ndarray, Any, list[np.ndarray]]]] = {}
+        self.steps: list[int] = []
+
+    def add(self, name: str, ref_name: str, task: str, split: str, ids, labels, out) -> None:
+        if split not in self.rows.setdefault(task, {}):
+            self.rows[task][split] = (ids, labels, [out])
+            return
+        ref_ids, ref_labels, outs = self.rows[task][split]
+        check_rows(name, split, task, ids, labels, ref_name, ref_ids, ref_labels)
+        outs.append(out)
+
+
+def member_outputs(workdirs: Sequence[str], splits: Sequence[str], step: int | None = None,
+                   limits: bool = True) -> tuple[list[Task], _Outputs]:
+    """Every member's outputs on `splits` of every task, one member restored at a time
+    (memory holds one model); the members' tasks checked alike."""
+    if not workdirs:
+        raise EnsembleError("--ensemble: give at least one workdir")
+    configs = [runs.read_config(w) for w in workdirs]
+    tasks = check_tasks([(os.fspath(w), tasks_of_config(c)) for w, c in zip(workdirs, configs,
+                                                                              strict=True)])
+    found = _Outputs()
+    for workdir in workdirs:
+        r = evaluation_lib.restore(workdir, None, step)
+        found.steps.append(r.step)
+        data = build.load_data(r.config, r.tasks, r.tokenizer, splits=tuple(splits),
+                               limits=limits)
+        sets = evaluation_lib.EvalSets(data, r.config, r.mesh)
+        for task in r.tasks:
+            for split in splits:
+                got = evaluation_lib.outputs(r.predict_step, r.params, sets, task.name, split)
+                if got is None:
+                    continue
+                s, rows, out = got
+                order = np.argsort(rows)  # file order, the same for every member
+                labels = None if s.labels is None else s.labels[rows][order]
+                found.add(os.fspath(workdir), os.fspath(workdirs[0]), task.name, split,
+                          s.ids[rows][order], labels, out[order])
+        log.info("ensemble member %s: step %d", os.fspath(workdir), r.step)
+        del r, data, sets
+    return tasks, found
+
+
+def _scores(tasks: Sequence[Task], found: _Outputs, split: str,
+            outputs_of) -> dict[str, float]:
+    scores = {}
+    for task in tasks:
+        entry = found.rows.get(task.name, {}).get(split)
+        if entry is None or entry[1] is None:
+            continue
+        decided = heads.predictions(task.kind, outputs_of(task, entry[2]))
+        scores[task.name] = metrics_lib.task_metric(task.metric, decided, entry[1])
+    metric_of = {t.name: t.metric for t in tasks}
+    return {**{f"{split}/{t}": v for t, v in scores.items()},
+            **{f"{split}/{k}": v for k, v in metrics_lib.summary(scores, metric_of).items()}}
+
+
+def evaluate_ensemble(workdirs: Sequence[str], out_dir, step: int | None = None
+                      ) -> dict[str, Any]:
+    """Dev metrics of the members' averaged outputs (best checkpoints, or `step`), and
+    each member's own, written to <out_dir>/eval-ensemble.json."""
+    tasks, found = member_outputs(workdirs, ("dev",), step)
+    record: dict[str, Any] = {"ensemble": True,
+                              "members": [os.fspath(w) for w in workdirs],
+                              "steps": found.steps}
+    record.update(_scores(tasks, found, "dev", lambda t, outs: combine(t.kind, outs)))
+    record["member_scores"] = [
+        _scores(tasks, found, "dev", lambda t, outs, i=i: outs[i]) for i in range(len(workdirs))]
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs.write_json(out / EVAL_FILE, record)
+    print(json.dumps(record, indent=2))
+    return record
+
+
+def read_eval(out_dir) -> dict[str, Any] | None:
+    """<out_dir>/eval-ensemble.json, or None."""
+    path = epath.Path(out_dir) / EVAL_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_ensemble_predictions(workdirs: Sequence[str], out_dir,
+                               step: int | None = None) -> list[epath.Path]:
+    """CS224N prediction files of the ensemble for dev and test in <out_dir>/predictions."""
+    tasks, found = member_outputs(workdirs, ("dev", "test"), step, limits=False)
+    written = []
+    for split in ("dev", "test"):
+        for task in tasks:
+            entry = found.rows.get(task.name, {}).get(split)
+            if entry is None:
+                log.info("%s: no %s file; no predictions written", task.name, split)
+                continue
+            decided = heads.predictions(task.kind, combine(task.kind, entry[2]))
+            preds = dict(zip(entry[0], decided.tolist(), strict=True))
+            written.append(evaluation_lib.write_prediction_file(out_dir, task, split, preds,
+                                                                f"an ensemble of "
+                                                                f"{len(workdirs)}"))
+    return written
+
+
+class Ensemble:
+    """Several `Predictor`s answering as one, with Predictor's `predict` (module docstring)."""
+
+    def __init__(self, members: Sequence[Any]):
+        if not members:
+            raise EnsembleError("an ensemble needs at least one member")
+        self.members = list(members)
+        self._tasks = check_tasks([(m.source, m.tasks) for m in self.members])
+        self.source = "ensemble of " + ", ".join(m.source for m in self.members)
+
+    @classmethod
+    def from_workdirs(cls, workdirs: Sequence[str], step: int | None = None) -> Ensemble:
+        from flaxpals.predict import Predictor
+
+        return cls([Predictor.from_workdir(w, step) for w in workdirs])
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return tuple(self._tasks)
+
+    @property
+    def config(self):
+        return self.members[0].config
+
+    def task(self, name: str) -> Task:
+        return self.members[0].task(name)
+
+    def predict_parsed(self, task: Task, parsed):
+        """(the first member's Split of the parsed rows, the averaged predictions)."""
+        splits = [m._tokenize(task, parsed) for m in self.members]
+        for m, s in zip(self.members[1:], splits[1:], strict=True):
+            check_rows(m.source, "input", task.name, s.ids, s.labels, self.members[0].source,
+                       splits[0].ids, splits[0].labels)
+        outs = [m.outputs(s) for m, s in zip(self.members, splits, strict=True)]
+        return splits[0], self.members[0].decide(task, combine(task.kind, outs))
+
+    def predict(self, task: str, texts: Sequence[str],
+                pairs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The averaged predictions for texts (and pairs), in input order."""
+        outs, first = [], None
+        for m in self.members:
+            split = m.split(task, texts, pairs)
+            first = first or split
+            outs.append(m.outputs(split))
+        return self.members[0].decide(first.task, combine(first.task.kind, outs))

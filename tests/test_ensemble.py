@@ -1,0 +1,174 @@
+"""Prediction-time ensembles (flaxpals/ensemble.py): the averaging against its formula,
+two trained tiny runs scored, predicted and written as one, and the mismatches named."""
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from flaxpals import ensemble, runs, train
+from flaxpals.ensemble import Ensemble, EnsembleError, combine
+from flaxpals.predict import Predictor, predict_file
+from tests.conftest import TRAINED, read_tsv, tiny
+
+# ---------------------------------------------------------------- the averaging
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("members", [1, 2, 5])
+def test_combine_averages_probabilities_and_scores(members):
+    rng = np.random.default_rng(members)
+    logits = [rng.normal(0, 3, (40, 5)).astype(np.float32) for _ in range(members)]
+    out = combine("classification", logits)
+    want = np.mean([_softmax(x.astype(np.float64)) for x in logits], axis=0)
+    np.testing.assert_allclose(_softmax(out.astype(np.float64)), want, atol=1e-6)
+    assert (out.argmax(-1) == want.argmax(-1)).all()
+
+    pair = [rng.normal(0, 4, 40).astype(np.float32) for _ in range(members)]
+    p = np.mean([1 / (1 + np.exp(-x.astype(np.float64))) for x in pair], axis=0)
+    got = combine("pair_classification", pair)
+    np.testing.assert_allclose(1 / (1 + np.exp(-got.astype(np.float64))), p, atol=1e-6)
+    assert ((got > 0) == (p > 0.5)).all()
+
+    scores = [rng.uniform(0, 5, 40).astype(np.float32) for _ in range(members)]
+    np.testing.assert_allclose(combine("pair_regression", scores), np.mean(scores, 0), atol=1e-6)
+
+
+def test_combine_averages_probabilities_not_logits():
+    # One member sure of class 0, two fairly sure of class 1: the mean probability
+    # picks class 1 (.635), the mean logit would pick class 0 (3.3 against 2).
+    members = [np.array([[10.0, 0.0]]), np.array([[0.0, 3.0]]), np.array([[0.0, 3.0]])]
+    assert combine("classification", members).argmax() == 1
+    assert np.mean(members, 0).argmax() == 0
+    # Saturated members keep a finite, decided output.
+    out = combine("pair_classification", [np.array([200.0]), np.array([150.0])])
+    assert np.isfinite(out).all() and out[0] > 0
+    with pytest.raises(ValueError, match="differ in shape"):
+        combine("pair_regression", [np.zeros(3), np.zeros(4)])
+
+
+# ---------------------------------------------------------------- mismatched members
+
+
+def test_members_with_other_tasks_are_named_before_any_compute(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d in (a, b, c):
+        d.mkdir()
+    runs.write_config(a, tiny("pal"))
+    runs.write_config(b, tiny("pal", tasks=("sst",)))
+    other = tiny("pal")
+    other.extra_tasks.sst = {"num_labels": 3}
+    runs.write_config(c, other)
+    with pytest.raises(EnsembleError, match=rf"member {b} has tasks \['sst'\]"):
+        ensemble.evaluate_ensemble([str(a), str(b)], tmp_path / "out")
+    with pytest.raises(EnsembleError, match=r"task 'sst' otherwise .*num_labels: 5 -> 3"):
+        ensemble.evaluate_ensemble([str(a), str(c)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- two trained runs
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory):
+    """A second tiny PAL run, another seed: another model on the same tasks and files."""
+    workdir = tmp_path_factory.mktemp("run_seed1")
+    train.train_and_evaluate(tiny("pal", seed=1), workdir)
+    return workdir
+
+
+def _dev_outputs(workdir):
+    """task -> (labels, outputs) of the dev rows in file order, from a Predictor."""
+    from flaxpals import build
+
+    p = Predictor.from_workdir(workdir)
+    data = build.load_data(p.config, p.tasks, p._r.tokenizer, splits=("dev",))
+    return {t.name: (data[t.name]["dev"].labels, p.outputs(data[t.name]["dev"]))
+            for t in p.tasks}
+
+
+@TRAINED
+def test_ensemble_dev_metrics_follow_from_the_members_outputs(trained, second, tmp_path):
+    first = trained[1]
+    record = ensemble.evaluate_ensemble([str(first), str(second)], tmp_path)
+    assert json.loads((tmp_path / "eval-ensemble.json").read_text()) == record
+    assert record["ensemble"] is True and record["members"] == [str(first), str(second)]
+    a, b = _dev_outputs(first), _dev_outputs(second)
+    # Re-derived here: mean probabilities -> decision -> the task's metric.
+    labels, x = a["sst"][0], (a["sst"][1], b["sst"][1])
+    acc = np.mean(np.mean([_softmax(o.astype(np.float64)) for o in x], 0).argmax(1) == labels)
+    assert record["dev/sst"] == pytest.approx(acc, abs=1e-9)
+    labels, x = a["quora"][0], (a["quora"][1], b["quora"][1])
+    p = np.mean([1 / (1 + np.exp(-o.astype(np.float64))) for o in x], 0)
+    assert record["dev/quora"] == pytest.approx(np.mean((p > 0.5) == labels), abs=1e-9)
+    labels, x = a["sts"][0], (a["sts"][1], b["sts"][1])
+    r = np.corrcoef(np.mean(x, 0), labels)[0, 1]
+    assert record["dev/sts"] == pytest.approx(r, abs=1e-5)
+    # Each member's own figures are its logged best epoch's.
+    for workdir, scores in zip((first, second), record["member_scores"], strict=True):
+        logged = runs.record_at(workdir, runs.read_best(workdir)["step"])
+        for key in ("dev/sst", "dev/quora", "dev/sts", "dev/average"):
+            assert scores[key] == pytest.approx(logged[key], abs=1e-6), (workdir, key)
+
+
+@TRAINED
+def test_ensemble_predicts_text_and_files_as_the_averaged_members(trained, second, tmp_path):
+    members = [Predictor.from_workdir(trained[1]), Predictor.from_workdir(second)]
+    e = Ensemble(members)
+    texts = ["a gripping film", "dull and long", "fine"]
+    got = e.predict("sst", texts)
+    want = np.mean([m.predict("sst", texts)["probabilities"] for m in members], 0)
+    np.testing.assert_allclose(got["probabilities"], want, atol=1e-6)
+    assert (got["label"] == want.argmax(1)).all()
+    q = e.predict("sts", ["a man sings"], pairs=["a man is singing"])["score"]
+    assert q[0] == pytest.approx(np.mean([m.predict("sts", ["a man sings"],
+                                                    pairs=["a man is singing"])["score"][0]
+                                          for m in members]), abs=1e-5)
+    out = io.StringIO()
+    summary = predict_file(e, "sst", "-", out, stdin=io.StringIO("a gripping film\n\nfine\n"))
+    assert summary["kept"] == 2 and summary["skipped"] == {"empty_sentence": 1}
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "id,label,p_0,p_1,p_2,p_3,p_4"
+    rows = [x.split(",") for x in lines[1:]]
+    assert [r[0] for r in rows] == ["1", "3"]  # lines of the input; line 2 skipped
+    both = e.predict("sst", ["a gripping film", "fine"])
+    np.testing.assert_allclose([[float(v) for v in r[2:]] for r in rows],
+                               both["probabilities"], atol=1e-6)
+
+
+@TRAINED
+def test_members_reading_other_rows_are_named(trained, second, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(second, other)
+    values = json.loads((other / "config.json").read_text())
+    values["data"]["eval_limit"] = 20  # reads 20 dev rows where the first reads 48
+    (other / "config.json").write_text(json.dumps(values))
+    with pytest.raises(EnsembleError, match=rf"member {other} reads other rows of sst dev"):
+        ensemble.evaluate_ensemble([str(trained[1]), str(other)], tmp_path / "out")
+
+
+@TRAINED
+def test_cli_writes_the_ensembles_prediction_files_and_refuses_a_config(trained, second,
+                                                                         tmp_path):
+    from tests.test_trained_run import _main
+
+    members = f"--ensemble={trained[1]},{second}"
+    result = _main("flaxpals.main", members, f"--workdir={tmp_path}", "--mode=predict")
+    assert result.returncode == 0, result.stderr[-2000:]
+    sst = tmp_path / "predictions" / "sst-dev-output.csv"
+    rows = read_tsv("ids-sst-dev.csv")
+    by_id = {a: int(b) for a, b in (x.split(" , ") for x in sst.read_text().splitlines()[1:])}
+    e = Ensemble.from_workdirs([trained[1], second])
+    labels = e.predict("sst", [r["sentence"] for r in rows])["label"]
+    assert [by_id[r["id"]] for r in rows] == labels.tolist()
+    assert (tmp_path / "predictions" / "sts-test-output.csv").exists()
+    result = _main("flaxpals.main", members, f"--workdir={tmp_path}", "--mode=train",
+                   "--config=configs/pal.py:tiny")
+    assert result.returncode != 0
+    assert "--ensemble goes with --mode=eval or --mode=predict" in result.stderr
