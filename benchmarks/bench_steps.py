@@ -510,32 +510,11 @@ def pipeline_throughput(args, config, flax: FlaxSide) -> dict:
     return out
 
 
-class CompileCounter:
-    """Counts and times XLA compilations (and persistent-cache hits) while active."""
-
-    BACKEND = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        from jax import monitoring
-
-        self.active, self.compiles, self.cache_hits = False, [], 0
-        monitoring.register_event_duration_secs_listener(self._duration)
-        monitoring.register_event_listener(self._event)
-
-    def _duration(self, event, duration, **kw):
-        if self.active and event == self.BACKEND:
-            self.compiles.append((kw.get("fun_name", "?"), duration))
-
-    def _event(self, event, **kw):
-        if self.active and event == "/jax/compilation_cache/cache_hits":
-            self.cache_hits += 1
-
-
-def compilation_run(args, config, counter: CompileCounter) -> dict:
-    """A short real run (train_and_evaluate, method sequential), its compilations counted."""
-    import collections
-
+def compilation_run(args, config) -> dict:
+    """A short real run (train_and_evaluate, method sequential), its compilations counted
+    (flaxpals.compilation.STATS: XLA compiles, and persistent-cache loads apart)."""
     from flaxpals import train
+    from flaxpals.compilation import STATS, Compiled
 
     c = config.copy_and_resolve_references()
     c.train.method = "sequential"
@@ -546,26 +525,24 @@ def compilation_run(args, config, counter: CompileCounter) -> dict:
     c.checkpoint.every_steps = 10**9
     c.log_every_steps = max(args.run_steps, 1)
     with tempfile.TemporaryDirectory() as workdir:
-        counter.active, counter.compiles, counter.cache_hits = True, [], 0
+        mark, names = STATS.snapshot(), STATS.by_function()
         t0 = time.perf_counter()
-        try:
-            train.train_and_evaluate(c, workdir)
-        finally:
-            counter.active = False
+        train.train_and_evaluate(c, workdir)
         wall = time.perf_counter() - t0
-    by_name = collections.defaultdict(lambda: [0, 0.0])
-    for name, secs in counter.compiles:
-        by_name[name][0] += 1
-        by_name[name][1] += secs
-    steps = {k: v for k, v in by_name.items()
+        total = STATS.since(mark)
+    by_name = {k: v - names.get(k, Compiled()) for k, v in STATS.by_function().items()}
+    by_name = {k: v for k, v in by_name.items() if v.programs or v.cache_hits}
+    steps = [v for k, v in by_name.items()
              if any(s in k for s in ("train_step", "task_grads", "apply_combined",
-                                            "predict_step"))}
-    return {"steps": args.run_steps, "wall_s": wall, "compilations": len(counter.compiles),
-            "compile_s": sum(s for _, s in counter.compiles), "cache_hits": counter.cache_hits,
-            "step_compilations": sum(v[0] for v in steps.values()),
-            "step_compile_s": sum(v[1] for v in steps.values()),
-            "by_function": {k: {"count": v[0], "seconds": v[1]}
-                            for k, v in sorted(by_name.items(), key=lambda kv: -kv[1][1])}}
+                                     "predict_step"))]
+    return {"steps": args.run_steps, "wall_s": wall, "compilations": total.programs,
+            "compile_s": total.seconds, "cache_hits": total.cache_hits,
+            "cache_s": total.cache_seconds,
+            "step_compilations": sum(v.programs for v in steps),
+            "step_compile_s": sum(v.seconds for v in steps),
+            "by_function": {k: {"count": v.programs, "seconds": v.seconds,
+                                "cache_hits": v.cache_hits}
+                            for k, v in sorted(by_name.items(), key=lambda kv: -kv[1].seconds)}}
 
 
 # ---------------------------------------------------------------- report
@@ -607,9 +584,11 @@ def print_run(run: dict) -> None:
     print(f"\nCompilations in a short real run (train_and_evaluate, sequential, {run['steps']} "
           f"steps + dev eval): {run['compilations']} compilations, {run['compile_s']:.1f} s "
           f"compiling of {run['wall_s']:.1f} s wall; {run['step_compilations']} of them steps "
-          f"({run['step_compile_s']:.1f} s); persistent-cache hits {run['cache_hits']}")
+          f"({run['step_compile_s']:.1f} s); loaded from the persistent cache "
+          f"{run['cache_hits']} ({run['cache_s']:.1f} s)")
     for name, v in list(run["by_function"].items())[:12]:
-        print(f"  {v['count']:3d} x {name:40.40} {v['seconds']:7.2f} s")
+        print(f"  {v['count']:3d} x {name:40.40} {v['seconds']:7.2f} s "
+              f"(+{v['cache_hits']} loaded)")
 
 
 def closing_note(rows: list[dict], machine: dict) -> str:
@@ -642,7 +621,6 @@ def main(argv=None) -> dict:
     machine.update(host())
     machine.update(jax=jax.__version__, device=str(jax.devices()[0]),
                    prng_impl=str(jax.config.jax_default_prng_impl))
-    counter = CompileCounter()
     config = bench_config(args)
     flax = FlaxSide(config)
     torch_side = None
@@ -678,7 +656,7 @@ def main(argv=None) -> dict:
     del torch_side
     gc.collect()
     if args.run_steps > 0:
-        result["run"] = compilation_run(args, config, counter)
+        result["run"] = compilation_run(args, config)
         print_run(result["run"])
     result["peak_rss_mib"] = rss_mib()
     print(f"\npeak resident memory of this process (ru_maxrss, both frameworks): "

@@ -4,6 +4,7 @@
     mark = compilation.STATS.snapshot()
     ...                                        # jit-compiled work
     print(compilation.STATS.since(mark))       # Compiled(programs=3, seconds=8.1, ...)
+    names = compilation.STATS.by_function()    # {jitted function's name: Compiled}
 
 The cache keeps every compiled program under `<cache dir>/jax` (flaxpals.paths;
 `config.compilation_cache` turns it off), so a second run of the same config
@@ -63,6 +64,7 @@ class CompileStats:
     def __init__(self):
         self._lock = threading.Lock()
         self._totals = Compiled()
+        self._by_function: dict[str, Compiled] = {}
         self._thread = threading.local()  # a hit seen, its request not yet timed
         self._registered = False
 
@@ -78,13 +80,15 @@ class CompileStats:
         if event == _CACHE_HIT:  # reported inside the request it answers
             self._thread.hit = True
 
-    def _on_duration(self, event: str, duration: float, **_) -> None:
+    def _on_duration(self, event: str, duration: float, **kw) -> None:
         if event != _BACKEND_COMPILE:
             return
         hit, self._thread.hit = getattr(self._thread, "hit", False), False
         add = Compiled(0, 0.0, 1, duration) if hit else Compiled(1, duration, 0, 0.0)
+        name = str(kw.get("fun_name", "?"))
         with self._lock:
             self._totals = self._totals + add
+            self._by_function[name] = self._by_function.get(name, Compiled()) + add
 
     def snapshot(self) -> Compiled:
         """The totals so far; listening starts on the first call."""
@@ -94,6 +98,12 @@ class CompileStats:
 
     def since(self, mark: Compiled) -> Compiled:
         return self.snapshot() - mark
+
+    def by_function(self) -> dict[str, Compiled]:
+        """The totals so far by jitted function name (JAX's `fun_name`, "?" if none)."""
+        self._register()
+        with self._lock:
+            return dict(self._by_function)
 
 
 STATS = CompileStats()

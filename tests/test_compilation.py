@@ -49,11 +49,17 @@ def test_a_second_build_loads_every_program_from_the_cache(fresh_cache):
     assert first.programs >= 2 and first.cache_hits == 0  # train and predict at least
     assert any((fresh_cache / "jax").iterdir())
 
-    mark = compilation.STATS.snapshot()
+    mark, names = compilation.STATS.snapshot(), compilation.STATS.by_function()
     _build_and_run(config)
     second = compilation.STATS.since(mark)
     assert second.programs == 0
     assert second.cache_hits == first.programs
+    # By function: the loads add up to the total, and the train step is among them.
+    by_name = {k: v - names.get(k, compilation.Compiled())
+               for k, v in compilation.STATS.by_function().items()}
+    assert sum(v.cache_hits for v in by_name.values()) == second.cache_hits
+    assert sum(v.programs for v in by_name.values()) == 0
+    assert any("train_step" in k and v.cache_hits for k, v in by_name.items()), by_name
 
 
 def test_the_cache_can_be_turned_off(fresh_cache):
