@@ -34,10 +34,24 @@ def command(members: list[Path], workdir: Path, python: str = sys.executable,
 
 
 def is_done(workdir: Path, members: list[Path]) -> bool:
+    """Whether <workdir>/eval-ensemble.json scored these members (by folder name, so that
+    a results folder moved elsewhere still counts)."""
     from flaxpals import ensemble
 
     record = ensemble.read_eval(workdir)
-    return record is not None and record["members"] == [str(m) for m in members]
+    return record is not None and [Path(m).name for m in record["members"]] == [
+        m.name for m in members]
+
+
+def set_aside(workdir: Path) -> None:
+    """An ensemble of other seeds: its records move to `<name>.<n>`, kept, not overwritten."""
+    for name in ("eval-ensemble.json", "sweep.json"):
+        path = workdir / name
+        if path.exists():
+            n = 1
+            while path.with_name(f"{name}.{n}").exists():
+                n += 1
+            path.rename(path.with_name(f"{name}.{n}"))
 
 
 def run_ensembles(rows: list[sweep.Row], seeds: list[int], results: Path,
@@ -59,6 +73,7 @@ def run_ensembles(rows: list[sweep.Row], seeds: list[int], results: Path,
             print(f"[{workdir.name}] done (eval-ensemble.json): skipped")
             continue
         workdir.mkdir(parents=True, exist_ok=True)
+        set_aside(workdir)
         cmd = command(members, workdir)
         ens = dataclasses.replace(row, slug=workdir.name, group="ensemble",
                                   name=f"Ensemble of {len(members)} seeds: {row.name}")

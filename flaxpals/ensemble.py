@@ -17,11 +17,14 @@ exactly as for one model: the class of highest mean probability, paraphrase
 when the mean probability exceeds 0.5.
 
 Members must define the same tasks (name, kind, label count, range and
-names); anything else may differ (encoder, adapters, tokenizer, recipe). Each
-member reads and tokenizes the data with its own config; the rows of a split
-must then be the same for all members (ids and labels, in order), else
-`EnsembleError` names the member and the split. Every result is labelled
-"ensemble" and lists its members.
+names); the model may differ in anything else (encoder, adapters, tokenizer,
+recipe). Each member reads and tokenizes the data with its own config, so the
+rows each reads must come out the same: the same ids and labels in the same
+order (same files, `data.eval_limit`, `data.strict`), and a split that one
+member has all must have; else `EnsembleError` names the member and the split.
+`eval-ensemble.json` says "ensemble": true and lists its members and their own
+scores. `Ensemble` holds every member in memory; `member_outputs` restores one
+at a time.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ from flaxpals.tasks import KINDS, Task, tasks_of_config
 
 log = logging.getLogger(__name__)
 
-# Keeps the log of a mean probability finite; far below any probability a float32
-# softmax or sigmoid gives a member.
-_TINY = 1e-30
+# Floors a mean probability so that its log stays finite (a member's probability
+# underflows to 0 past a logit gap of about 745); moves no decision.
+_TINY = 1e-300
 EVAL_FILE = "eval-ensemble.json"
 
 
@@ -60,31 +63,24 @@ def combine(kind: str, outputs: Sequence[np.ndarray]) -> np.ndarray:
     shapes = {np.shape(o) for o in outputs}
     if len(shapes) != 1:
         raise ValueError(f"members' outputs differ in shape: {sorted(shapes)}")
-    stacked = np.stack([np.asarray(o, np.float64) for o in outputs])
-    if kind == "classification":
-        z = stacked - stacked.max(-1, keepdims=True)
-        p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-        return np.log(np.maximum(p.mean(0), _TINY)).astype(np.float32)
-    if kind == "pair_classification":
-        p = (1.0 / (1.0 + np.exp(-stacked))).mean(0)
-        p = np.clip(p, _TINY, 1.0 - 1e-16)
-        return (np.log(p) - np.log1p(-p)).astype(np.float32)
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; known: {KINDS}")
     if kind == "pair_regression":
-        return stacked.mean(0).astype(np.float32)
-    raise ValueError(f"unknown task kind {kind!r}; known: {KINDS}")
-
-
-def _task_signature(task: Task) -> dict[str, Any]:
-    return {f: getattr(task, f) for f in runs.TASK_MODEL_FIELDS}
+        return np.mean([np.asarray(o, np.float64) for o in outputs], 0).astype(np.float32)
+    p = np.mean([heads.probabilities(kind, o, np.float64) for o in outputs], 0)
+    if kind == "classification":
+        return np.log(np.maximum(p, _TINY)).astype(np.float32)
+    p = np.clip(p, _TINY, 1.0 - 1e-16)  # a saturated mean keeps a finite logit
+    return (np.log(p) - np.log1p(-p)).astype(np.float32)
 
 
 def check_tasks(members: Sequence[tuple[str, Sequence[Task]]]) -> list[Task]:
     """The first member's tasks, after checking every member defines the same ones;
     `members`: (name, tasks) pairs."""
     (first, tasks), *rest = members
-    mine = {t.name: _task_signature(t) for t in tasks}
+    mine = {t.name: runs.task_fields(t) for t in tasks}
     for name, other in rest:
-        theirs = {t.name: _task_signature(t) for t in other}
+        theirs = {t.name: runs.task_fields(t) for t in other}
         if set(theirs) != set(mine):
             raise EnsembleError(f"ensemble member {name} has tasks {sorted(theirs)}; "
                                 f"{first} has {sorted(mine)}")
@@ -101,9 +97,11 @@ def check_rows(name: str, split: str, task: str, ids: np.ndarray, labels, ref_na
                ref_ids: np.ndarray, ref_labels) -> None:
     """Raises EnsembleError unless a member's rows of a split are the reference's."""
     if len(ids) != len(ref_ids) or not np.array_equal(ids, ref_ids):
+        how = (f"{len(ids)} rows against {len(ref_ids)}" if len(ids) != len(ref_ids)
+               else "other ids or another order")
         raise EnsembleError(f"ensemble member {name} reads other rows of {task} {split} than "
-                            f"{ref_name} ({len(ids)} rows against {len(ref_ids)}): members "
-                            "must read the same files with the same data.* limits")
+                            f"{ref_name} ({how}): members must read the same files with the "
+                            "same data.* limits")
     if (labels is None) != (ref_labels is None) or (
             labels is not None and not np.array_equal(labels, ref_labels)):
         raise EnsembleError(f"ensemble member {name} reads other labels of {task} {split} "
@@ -111,19 +109,31 @@ def check_rows(name: str, split: str, task: str, ids: np.ndarray, labels, ref_na
 
 
 class _Outputs:
-    """task -> split -> (ids [n], labels [n] or None, [member outputs]), rows in file order."""
+    """task -> split -> (ids [n], labels [n] or None, [member outputs], [member names]),
+    rows in file order."""
 
     def __init__(self):
-        self.rows: dict[str, dict[str, tuple[np.ndarray, Any, list[np.ndarray]]]] = {}
+        self.rows: dict[str, dict[str, tuple[np.ndarray, Any, list, list[str]]]] = {}
         self.steps: list[int] = []
 
-    def add(self, name: str, ref_name: str, task: str, split: str, ids, labels, out) -> None:
+    def add(self, name: str, task: str, split: str, ids, labels, out) -> None:
         if split not in self.rows.setdefault(task, {}):
-            self.rows[task][split] = (ids, labels, [out])
+            self.rows[task][split] = (ids, labels, [out], [name])
             return
-        ref_ids, ref_labels, outs = self.rows[task][split]
-        check_rows(name, split, task, ids, labels, ref_name, ref_ids, ref_labels)
+        ref_ids, ref_labels, outs, names = self.rows[task][split]
+        check_rows(name, split, task, ids, labels, names[0], ref_ids, ref_labels)
         outs.append(out)
+        names.append(name)
+
+    def check_complete(self, members: Sequence[str]) -> None:
+        """Raises EnsembleError for a split some members have and others lack."""
+        for task, splits in self.rows.items():
+            for split, (*_, names) in splits.items():
+                missing = [m for m in members if m not in names]
+                if missing:
+                    raise EnsembleError(
+                        f"ensemble members {missing} have no {task} {split} split while "
+                        f"{names} have: members must read the same files")
 
 
 def member_outputs(workdirs: Sequence[str], splits: Sequence[str], step: int | None = None,
@@ -148,12 +158,14 @@ def member_outputs(workdirs: Sequence[str], splits: Sequence[str], step: int | N
                 if got is None:
                     continue
                 s, rows, out = got
-                order = np.argsort(rows)  # file order, the same for every member
+                # Batches run bucket by bucket: back to file order, which members share.
+                order = np.argsort(rows)
                 labels = None if s.labels is None else s.labels[rows][order]
-                found.add(os.fspath(workdir), os.fspath(workdirs[0]), task.name, split,
-                          s.ids[rows][order], labels, out[order])
+                found.add(os.fspath(workdir), task.name, split, s.ids[rows][order], labels,
+                          out[order])
         log.info("ensemble member %s: step %d", os.fspath(workdir), r.step)
         del r, data, sets
+    found.check_complete([os.fspath(w) for w in workdirs])
     return tasks, found
 
 
@@ -253,9 +265,6 @@ class Ensemble:
     def predict(self, task: str, texts: Sequence[str],
                 pairs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The averaged predictions for texts (and pairs), in input order."""
-        outs, first = [], None
-        for m in self.members:
-            split = m.split(task, texts, pairs)
-            first = first or split
-            outs.append(m.outputs(split))
-        return self.members[0].decide(first.task, combine(first.task.kind, outs))
+        outs = [m.outputs(m.split(task, texts, pairs)) for m in self.members]
+        t = self.task(task)
+        return self.members[0].decide(t, combine(t.kind, outs))

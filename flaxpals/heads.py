@@ -101,13 +101,14 @@ def predictions(kind: str, outputs) -> np.ndarray:
     return outputs
 
 
-def probabilities(kind: str, outputs) -> np.ndarray | None:
+def probabilities(kind: str, outputs, dtype=np.float32) -> np.ndarray | None:
     """Host outputs -> class probabilities [batch, classes] (softmax), the positive class's
-    probability [batch] (sigmoid of the pair logit), or None for a regression score."""
+    probability [batch] (sigmoid of the pair logit), or None for a regression score;
+    computed in float64, returned as `dtype`."""
     x = np.asarray(outputs, np.float64)
     if kind == "classification":
         e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+        return (e / e.sum(axis=-1, keepdims=True)).astype(dtype)
     if kind == "pair_classification":
-        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+        return np.exp(-np.logaddexp(0.0, -x)).astype(dtype)  # sigmoid; no overflow
     return None

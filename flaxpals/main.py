@@ -62,10 +62,11 @@ def run(mode: str, workdir: str, config, step: int | None = None) -> None:
     if FLAGS.ensemble:
         from flaxpals import ensemble
 
-        if mode == "train" or config is not None or FLAGS.eval_file:
+        if mode == "train" or config is not None or any(
+                (FLAGS.eval_file, FLAGS.task, FLAGS.columns, FLAGS.name)):
             raise app.UsageError("--ensemble goes with --mode=eval or --mode=predict alone "
-                                 "(no --config, no --eval_file): each member uses its own "
-                                 "config.json")
+                                 "(no --config, --eval_file, --task, --columns or --name): "
+                                 "each member uses its own config.json")
         if mode == "eval":
             ensemble.evaluate_ensemble(FLAGS.ensemble, workdir, step)
         else:

@@ -141,9 +141,13 @@ def _get(config, dotted: str):
     return tuple(node) if isinstance(node, list | tuple) else node
 
 
+def task_fields(task) -> dict[str, Any]:
+    """What of a task the model is built from: {field: value} of TASK_MODEL_FIELDS."""
+    return {f: getattr(task, f) for f in TASK_MODEL_FIELDS}
+
+
 def _task_fields(config) -> dict[str, dict[str, Any]]:
-    return {t.name: {f: getattr(t, f) for f in TASK_MODEL_FIELDS}
-            for t in tasks_of_config(config)}
+    return {t.name: task_fields(t) for t in tasks_of_config(config)}
 
 
 def model_differences(saved, given) -> list[tuple[str, Any, Any]]:

@@ -72,6 +72,20 @@ def test_members_with_other_tasks_are_named_before_any_compute(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_split_some_members_lack_is_named():
+    found = ensemble._Outputs()
+    ids, labels = np.array(["a", "b"], object), np.array([0, 1])
+    found.add("runs/s0", "sts", "test", ids, None, np.zeros(2))
+    found.add("runs/s0", "sst", "dev", ids, labels, np.zeros((2, 5)))
+    found.add("runs/s1", "sst", "dev", ids, labels, np.zeros((2, 5)))
+    with pytest.raises(EnsembleError, match=r"\['runs/s1'\] have no sts test split while "
+                                            r"\['runs/s0'\] have"):
+        found.check_complete(["runs/s0", "runs/s1"])
+    with pytest.raises(EnsembleError, match=r"member runs/s2 reads other labels of sst dev "
+                                            r"than runs/s0"):
+        found.add("runs/s2", "sst", "dev", ids, labels[::-1], np.zeros((2, 5)))
+
+
 # ---------------------------------------------------------------- two trained runs
 
 
@@ -80,6 +94,11 @@ def second(tmp_path_factory):
     """A second tiny PAL run, another seed: another model on the same tasks and files."""
     workdir = tmp_path_factory.mktemp("run_seed1")
     train.train_and_evaluate(tiny("pal", seed=1), workdir)
+    # Evaluated in other batches than the first run: two length buckets (rows leave the
+    # model bucket by bucket, not in file order) and another batch size.
+    values = json.loads((workdir / "config.json").read_text())
+    values["data"]["buckets"], values["eval"]["batch_size"] = [16, 32], 8
+    (workdir / "config.json").write_text(json.dumps(values))
     return workdir
 
 

@@ -342,6 +342,13 @@ def test_ensemble_rows_wait_for_every_seed_and_are_labelled(tmp_path, monkeypatc
                               "epoch chosen on a validation split")
     assert cells[2] == "0.510" and cells[-1] == "2"
     assert sweep.main(argv) == 0 and len(ran) == 1  # done: not run again
+    # A third seed: the 2-seed ensemble's records are set aside, the 3-seed one runs.
+    _fake_run(tmp_path / "best-val-seed2", [0.42, 0.46])
+    assert sweep.main(argv[:-2] + ["--seeds=0,1,2", "--ensemble"]) == 0
+    assert len(ran) == 2 and ran[1][4].count(",") == 2
+    ens = sweep_ensemble.workdir_of(tmp_path, "best-val")
+    assert json.loads((ens / "eval-ensemble.json.1").read_text())["members"][1].endswith("seed1")
+    assert (ens / "sweep.json.1").exists()
     capsys.readouterr()
     assert sweep.main(argv + ["--dry-run"]) == 0
     assert "--mode=eval --ensemble=" in capsys.readouterr().out
