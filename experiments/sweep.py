@@ -71,6 +71,8 @@ from pathlib import Path
 from typing import Any
 
 from flaxpals import config_lib, runs
+from flaxpals.combiners import COMBINERS
+from flaxpals.weighting import LOSS_WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -92,6 +94,13 @@ RECIPES = {"table1": SEED_RECIPE, "separate": REFERENCE_RECIPE, "best": BEST_REC
 # these files and this encoder, measured once on this project's 2-core machines
 # (docs/experiments.md): the separate models' calibration target.
 PYTORCH_REFERENCE = {"sst": 0.489, "quora": 0.856, "sts": 0.855}
+
+
+# Every gradient combiner but the plain sum, and every loss weighting, as a row
+# (flaxpals.combiners, flaxpals.weighting); pcgrad runs as combiner here, so that all
+# share method=additive.
+COMBINER_ROWS = tuple(c for c in COMBINERS if c != "sum")
+WEIGHTING_ROWS = tuple(w for w in LOSS_WEIGHTINGS if w != "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +164,13 @@ ROWS: tuple[Row, ...] = (
     Row("best-val-smart", "Best recipe, val split, + SMART (weight 1, 1 ascent step)",
         "pal.py", "method=proportional", "best", VAL_SPLIT + (("train.smart_weight", 1.0),),
         epochs=3),
+    # Issue #19's rows: the best recipe with each way of combining the task gradients
+    # (method=additive: every step one batch of every task) or weighting the task losses,
+    # against PAL + PCGrad on the same recipe and PAL + proportional above.
+    *(Row(f"best-{name}", f"Best recipe, additive + {name}", "pal.py", "method=additive",
+          "best", ((key, name),), epochs=3) for key, name in (
+              [("train.combiner", c) for c in COMBINER_ROWS]
+              + [("train.loss_weighting", w) for w in WEIGHTING_ROWS])),
 )
 
 

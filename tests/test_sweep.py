@@ -352,3 +352,16 @@ def test_ensemble_rows_wait_for_every_seed_and_are_labelled(tmp_path, monkeypatc
     capsys.readouterr()
     assert sweep.main(argv + ["--dry-run"]) == 0
     assert "--mode=eval --ensemble=" in capsys.readouterr().out
+
+
+def test_every_combiner_and_loss_weighting_has_a_best_recipe_row():
+    from flaxpals.combiners import COMBINERS
+    from flaxpals.weighting import LOSS_WEIGHTINGS
+
+    rows = {r.slug: r for r in sweep.ROWS}
+    cpu = sweep.BUDGETS["cpu"]
+    for key, names in (("combiner", COMBINERS), ("loss_weighting", LOSS_WEIGHTINGS)):
+        for name in names[1:]:  # not the plain sum, not "none"
+            c = sweep.build_config(rows[f"best-{name}"], cpu, {})
+            assert (c.train.method, c.train[key], c.train.num_epochs) == ("additive", name, 3)
+            assert (c.model.pooling, c.model.pair_encoding) == ("mean", "cross")
