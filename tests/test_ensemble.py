@@ -187,6 +187,14 @@ def test_cli_writes_the_ensembles_prediction_files_and_refuses_a_config(trained,
     labels = e.predict("sst", [r["sentence"] for r in rows])["label"]
     assert [by_id[r["id"]] for r in rows] == labels.tolist()
     assert (tmp_path / "predictions" / "sts-test-output.csv").exists()
+    result = _main("flaxpals.predict", members, "--task=sst", "--format=jsonl",
+                   stdin="a gripping film\ndull\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    want = e.predict("sst", ["a gripping film", "dull"])
+    assert [g["label"] for g in got] == want["label"].tolist()
+    np.testing.assert_allclose([[g[f"p_{k}"] for k in range(5)] for g in got],
+                               want["probabilities"], atol=1e-5)
     result = _main("flaxpals.main", members, f"--workdir={tmp_path}", "--mode=train",
                    "--config=configs/pal.py:tiny")
     assert result.returncode != 0
