@@ -44,12 +44,16 @@ class _NoCompiler:
     def snapshot(self):
         return None
 
+    def by_function(self):
+        return {}
+
 
 class RunTimer:
     """Times one invocation of a training run.
 
     stats: `flaxpals.compilation.STATS` (anything with `snapshot()` returning a
-    `Compiled`), or None for a framework that does not compile.
+    `Compiled` and `by_function()` a {name: Compiled}), or None for a framework that
+    does not compile.
     """
 
     def __init__(self, stats=None):
@@ -57,6 +61,7 @@ class RunTimer:
         self.started = time.perf_counter()
         self.age_at_start = since_process_start()
         self.compiled_at_start = self.stats.snapshot()
+        self._by_function_at_start = self.stats.by_function()
         self.first_step_at = None  # seconds since the process started
         self.steady, self.compiling = [], []  # step seconds
         self.eval_s = 0.0
@@ -104,7 +109,17 @@ class RunTimer:
             "run_s": round(time.perf_counter() - self.started, 3),
             "total_s": round(since_process_start(), 3),
             "compile": compiled and {k: round(v, 3) for k, v in compiled.items()},
+            # The same by jitted function (train_step, predict_step, ...), those that ran.
+            "compile_by_function": self._by_function(),
         }
+
+    def _by_function(self) -> dict[str, dict[str, float]]:
+        start, out = self._by_function_at_start, {}
+        for name, total in sorted(self.stats.by_function().items()):
+            d = total - start[name] if name in start else total
+            if d.programs or d.cache_hits:
+                out[name] = {k: round(v, 3) for k, v in d.as_dict().items()}
+        return out
 
     @staticmethod
     def summary(record: dict) -> str:

@@ -124,6 +124,22 @@ def test_eval_on_a_file_with_its_own_columns(trained, tmp_path):
     assert (workdir / f"eval-{record['step']}-reviews.json").exists()
 
 
+@TRAINED
+def test_timings_say_where_the_run_went(trained):
+    _, workdir = trained
+    (record,) = runs.read_timings(workdir)  # one invocation
+    assert record["steps"] == epochs(workdir)[-1]["step"]
+    assert 1 <= record["compiling_steps"] < record["steps"]  # the first step compiled
+    assert 0 < record["first_step_s"] <= record["total_s"]
+    assert 0 < record["eval_s"] < record["run_s"] <= record["total_s"]
+    # Every program the run compiled or loaded, by function, adds up to the totals.
+    by_function, total = record["compile_by_function"], record["compile"]
+    for key in ("programs", "cache_hits"):
+        assert sum(v[key] for v in by_function.values()) == total[key]
+    for name in ("jit(train_step)", "jit(predict_step)"):
+        assert by_function[name]["programs"] + by_function[name]["cache_hits"] >= 1, name
+
+
 @pytest.fixture(scope="module")
 def predictor(trained):
     return Predictor.from_workdir(trained[1])
