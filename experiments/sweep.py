@@ -1,4 +1,4 @@
-"""The experiment sweep: the seed's Table 1 rows, separate models and a best candidate.
+"""The experiment sweep: Table 1 rows, separate models, PyTorch references, best-recipe rows.
 
     python -m experiments.sweep --results=results                # every row, the CPU budget
     python -m experiments.sweep --results=results --only=pal-pcgrad,separate-sts
@@ -45,12 +45,15 @@ its own seeds), and where they have run the report compares against them
 instead of the fixed figures in `PYTORCH_REFERENCE`. The
 "best" rows are candidates (PAL with cross-encoded pairs, mean pooling and the
 warm-up schedule; annealed sampling for 2 epochs, and proportional sampling for
-3); change `ROWS` when the sweep finds better. The report's last table sets each
+3); change `ROWS` when the sweep finds better. Then the best recipe with one
+technique each (`best-val*`, issue #20) and with each gradient combiner or loss
+weighting (`best-<method>`, issue #19). The report's last table sets each
 three-task row against the PyTorch figures and against the separate models.
 
-Cost of `--budget=cpu`: 35 min to 1 h 30 min a row on 2 cores, about 10 hours
-and 6 GB of checkpoints for the twelve flaxpals rows (measured:
-docs/experiments.md), and about 1 h 10 min for the three PyTorch rows; each
+Cost of `--budget=cpu` on 2 cores: 35 min to 1 h 30 min a row for the first
+twelve flaxpals rows (about 10 hours and 6 GB of checkpoints; measured:
+docs/experiments.md), about 1 h 30 min for each 3-epoch best-recipe row (an
+estimate from best-proportional), 40 to 50 min for each PyTorch row; each
 further seed as much again.
 """
 
@@ -165,8 +168,8 @@ ROWS: tuple[Row, ...] = (
         "pal.py", "method=proportional", "best", VAL_SPLIT + (("train.smart_weight", 1.0),),
         epochs=3),
     # Issue #19's rows: the best recipe with each way of combining the task gradients
-    # (method=additive: every step one batch of every task) or weighting the task losses,
-    # against PAL + PCGrad on the same recipe and PAL + proportional above.
+    # (method=additive: every step one batch of every task) or weighting the task losses;
+    # best-pcgrad (PAL + PCGrad on this recipe) and best-proportional are their baselines.
     *(Row(f"best-{name}", f"Best recipe, additive + {name}", "pal.py", "method=additive",
           "best", ((key, name),), epochs=3) for key, name in (
               [("train.combiner", c) for c in COMBINER_ROWS]

@@ -104,4 +104,4 @@ def collect(results: Path, row: sweep.Row) -> dict | None:
             "command": run.get("command"), "commands": ({0: run["command"]}
                                                         if run.get("command") else {}),
             "epoch": "best of each", "done": True, "member_scores": record["member_scores"],
-            "members": record["members"], "of": row.slug, "num_epochs": row.epochs}
+            "members": record["members"], "of": row.slug}

@@ -356,13 +356,20 @@ def plot(rows: list[dict], results: Path) -> list[Path]:
                     ax.fill_between(x, lo, hi, color=styles[r["slug"]]["color"], alpha=0.15,
                                     linewidth=0)
                 drawn += 1
-        # An ensemble is one figure: a star at its row's last epoch, in the row's colour.
+        # An ensemble is one figure: a star at its row's last epoch, in the row's colour
+        # (not on the average panel for a single-task row, as that row's own line).
         for r in rows:
+            base = next((b for b in ran if b["slug"] == r.get("of")), None)
             value = r["best"].get(f"dev/{key}") if r["group"] == "ensemble" else None
-            if value is not None and r["of"] in styles:
-                ax.scatter([r["num_epochs"] or 1], [value], marker="*", s=160, zorder=3,
-                           color=styles[r["of"]]["color"], edgecolors="black", label=r["name"])
-                drawn += 1
+            if value is None or base is None or (key == "average"
+                                                 and base["group"] == "separate"):
+                continue
+            last = max(int(x["epoch"]) for run in base["seeds"].values()
+                       for x in run["records"])
+            ax.scatter([last], [value], marker="*", s=160, zorder=3,
+                       color=styles[base["slug"]]["color"], edgecolors="black",
+                       label=r["name"])
+            drawn += 1
         if not drawn:
             ax.text(0.5, 0.5, "no row with all three tasks yet" if key == "average"
                     else "no row yet", ha="center", va="center", transform=ax.transAxes)

@@ -294,6 +294,9 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                 ckpts.save(step, state, progress(), force=epoch_end or stopping)
             if stopping:  # this step is being saved: write it and go
                 bar.close()
+                if ahead is not None:  # its compile in flight counts in the timings
+                    ahead.cancel()
+                    ahead.join()
                 write_timings()
                 raise stop.stopped(step, ckpts)
             for hook in AFTER_STEP_HOOKS:
