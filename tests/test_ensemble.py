@@ -89,7 +89,9 @@ def test_a_split_some_members_lack_is_named():
 # ---------------------------------------------------------------- two trained runs
 
 
-@pytest.fixture(scope="module")
+# Session scope: under xdist the TRAINED group's tests interleave modules, and a module
+# fixture would be torn down and trained again each time its module comes back.
+@pytest.fixture(scope="session")
 def second(tmp_path_factory):
     """A second tiny PAL run, another seed: another model on the same tasks and files."""
     workdir = tmp_path_factory.mktemp("run_seed1")
