@@ -91,7 +91,8 @@ def aggregate(seeds: dict[int, dict]) -> dict[str, Any]:
         best = {}
         for k in sorted(keys):
             values = [r["best"][k] for r in scored.values()]
-            if all(isinstance(v, (int, float)) for v in values) and k != "step":
+            # Metrics only: a mean step or epoch names no checkpoint (`best_epochs` lists them).
+            if all(isinstance(v, (int, float)) for v in values) and k not in ("step", "epoch"):
                 best[k], sd = mean_std([float(v) for v in values])
                 if sd is not None:
                     std[k] = sd

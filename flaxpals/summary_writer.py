@@ -34,6 +34,7 @@ class SummaryWriter:
 
     def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
         self._records = None
+        self.path: epath.Path | None = None  # the event file; None when disabled
         if not enabled:
             return
         logdir = epath.Path(logdir)

@@ -29,7 +29,7 @@ def test_a_disabled_writer_writes_nothing(tmp_path):
     writer = SummaryWriter(tmp_path / "tb", enabled=False)
     writer.write_scalars(1, {"loss": 1.0})
     writer.close()
-    assert not (tmp_path / "tb").exists()
+    assert writer.path is None and not (tmp_path / "tb").exists()
 
 
 @TRAINED

@@ -192,6 +192,7 @@ def test_seeds_are_reported_as_mean_and_std(tmp_path):
     rows = {r["slug"]: r for r in sweep_report.collect(tmp_path)}
     sst, sts = rows["separate-sst"], rows["separate-sts"]
     assert sst["n_seeds"] == 3 and sorted(sst["seeds"]) == [0, 1, 2]
+    assert sst["best_epochs"] == [2, 1, 2] and "epoch" not in sst["best"]
     best = [0.48, 0.47, 0.50]
     assert sst["best"]["dev/sst"] == pytest.approx(statistics.mean(best))
     assert sst["std"]["dev/sst"] == pytest.approx(statistics.stdev(best))
