@@ -23,13 +23,19 @@ Training plan, epoch e (0-based), process p of P:
 - batch order: shuffled with the same generator, so buckets interleave.
 
 Evaluation plan: every example exactly once, bucket by bucket, file order
-within a bucket; each bucket's examples split into P contiguous parts; the
-last batch of a part is padded with index -1; processes with fewer batches in
-a bucket get all-padding batches, so all processes run the same steps.
+within a bucket. Batches have a fixed number of rows (one compiled program per
+length), so a bucket's leftover would fill a last batch mostly with padding
+rows: instead it may ride in the next larger bucket, padded longer, and does
+so where that costs fewer padded tokens over the whole pass (the choice is
+made for all buckets at once, `_eval_carries`). Each batch length's examples
+(those carried in first) are split into P contiguous parts; the last batch of
+a part is padded with index -1; processes with fewer batches at a length get
+all-padding batches, so all processes run the same steps.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -109,17 +115,53 @@ class TrainPlan:
         return indices[i], int(lengths[i])
 
 
+def _eval_carries(counts: Sequence[int], buckets: Sequence[int], batch: int) -> tuple[bool, ...]:
+    """For each bucket but the last, whether its leftover rides in the next one: the
+    choice with the fewest padded tokens (sum of batch lengths), then the fewest batches.
+
+    counts: examples per bucket; batch: rows per global batch. A leftover that rides
+    on can push a larger bucket over a multiple of `batch` (one row of 16 tokens joining
+    exactly 128 rows of 128 costs a second batch of 128), so each choice is costed as a
+    whole; buckets are few (2 ** (K - 1) choices).
+    """
+    best, best_cost = (), None
+    for carries in itertools.product((False, True), repeat=len(buckets) - 1):
+        tokens = batches = carry = 0
+        for n, length, rides in zip(counts, buckets, (*carries, False), strict=True):
+            members = carry + n
+            full, carry = divmod(members, batch)
+            if not rides and carry:
+                full, carry = full + 1, 0
+            tokens, batches = tokens + full * length, batches + full
+        if best_cost is None or (tokens, batches) < best_cost:
+            best, best_cost = carries, (tokens, batches)
+    return best
+
+
 def eval_plan(lengths: np.ndarray, buckets: Sequence[int], batch_size: int, *,
               process_index: int = 0,
               process_count: int = 1) -> Iterator[tuple[np.ndarray, int]]:
-    """One pass: (indices [batch_size] with -1 for padding, bucket length) per batch."""
+    """One pass (module docstring): (indices [batch_size] with -1 for padding, bucket
+    length) per batch, lengths in increasing order."""
     buckets = _check_buckets(buckets)
     _check_process(process_index, process_count)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     in_bucket = bucket_ids(lengths, buckets)
+    members = [np.flatnonzero(in_bucket == k) for k in range(len(buckets))]
+    global_batch = batch_size * process_count
+    carries = _eval_carries([len(m) for m in members], buckets, global_batch)
+    carry = np.zeros(0, np.int64)
     for k, length in enumerate(buckets):
-        parts = np.array_split(np.flatnonzero(in_bucket == k), process_count)
+        here = np.concatenate([carry, members[k]])
+        if k < len(buckets) - 1 and carries[k]:
+            cut = len(here) // global_batch * global_batch
+            here, carry = here[:cut], here[cut:]
+        else:
+            carry = np.zeros(0, np.int64)
+        if not len(here):
+            continue
+        parts = np.array_split(here, process_count)
         n = max(-(-len(p) // batch_size) for p in parts)
         mine = np.full(n * batch_size, -1, np.int64)
         mine[:len(parts[process_index])] = parts[process_index]

@@ -73,12 +73,14 @@ class EvalSets:
         return s.take(limit) if limit > 0 else s
 
     def lengths(self, task: str, split: str, limit: int = -1) -> list[int]:
-        """The padded lengths of `get`'s batches, in their order (bucket by bucket)."""
+        """The padded lengths of `get`'s batches, each once, in their order (increasing)."""
         s = self.select(task, split, limit)
         if s is None:
             return []
-        buckets = tuple(self._config.data.buckets)
-        return [buckets[k] for k in np.unique(batching.bucket_ids(s.lengths(), buckets))]
+        plan = batching.eval_plan(s.lengths(), tuple(self._config.data.buckets),
+                                  self._batch_size, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+        return sorted({length for _, length in plan})
 
     def to_device(self, batch: dict) -> dict[str, jax.Array]:
         """The model inputs and row indices of a batch as global arrays."""

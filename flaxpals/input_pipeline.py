@@ -485,8 +485,9 @@ def eval_batches(split: Split, batch_size: int, *, buckets: Sequence[int] = DEFA
                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this process's part of the split, every example exactly once.
 
-    Order: bucket by bucket, file order within a bucket. The last batch of each
-    bucket is padded to batch_size with rows whose `mask` is 0; every process
+    Order: bucket by bucket, file order within a bucket (`batching.eval_plan`; a
+    bucket's leftover may ride in a longer bucket's batches). The last batch of each
+    length is padded to batch_size with rows whose `mask` is 0; every process
     yields the same number of batches.
     """
     # Planned now (cheap): bad arguments raise here, not at the first batch.
