@@ -3,6 +3,7 @@
     worker = compile_ahead.for_training(config, fns, model, state, mesh, data, plans,
                                         start_batches, eval_sets, eval_splits, done)
     ...                                   # the training loop, from its second step
+    worker.wait_if_running(compile_ahead.train_job(task, length))  # before that step
     worker.cancel(); worker.join()
 
     compile_ahead.train_shapes(plans, start_batches)   # [(task, length), ...] in first-use order
@@ -14,8 +15,10 @@ time its shape comes up (seconds to compile, or to trace and load from the
 persistent cache). `start` runs `fn.lower(*abstract_args).compile()` for each on
 a daemon thread instead, in the order the shapes first come up, while the main
 thread trains on the shapes it has: `jax.jit` keeps what the thread compiled,
-and the later call compiles nothing. A job that fails is logged and left to the
-call, which then compiles (and raises) as it would have. However the loop
+and the later call compiles nothing. A step whose shape is the one compiling waits
+for it (`wait_if_running`) rather than trace the same program beside it. A job
+that fails is logged and left to the call, which then compiles (and raises) as
+it would have. However the loop
 ends (done, stopped by a signal or the time budget, an error), it waits for
 the compile in flight: one cannot be interrupted, and a process that exits
 during one aborts.
@@ -114,7 +117,7 @@ def for_training(config, fns, model, state, mesh, data, plans, start_batches, ev
             continue
         batch = batch_spec(model.task(task), pairs, config.train.batch_size, length, sharding,
                            data[task]["train"].labels.dtype)
-        jobs.append((f"train {task} L{length}",
+        jobs.append((train_job(task, length),
                      functools.partial(_compile, step, step_state, batch, task)))
     for task in data:
         lengths = {n for split, limit in eval_splits for n in eval_sets.lengths(task, split, limit)}
@@ -123,6 +126,11 @@ def for_training(config, fns, model, state, mesh, data, plans, start_batches, ev
             jobs.append((f"predict {task} L{length}",
                          functools.partial(_compile, predict_step, state.params, batch, task)))
     return start(jobs)
+
+
+def train_job(task: str, length: int) -> str:
+    """The name of the job compiling `task`'s train program at `length`."""
+    return f"train {task} L{length}"
 
 
 def _compile(fn, *args) -> None:
@@ -136,6 +144,8 @@ class Worker:
         self.jobs = list(jobs)
         self.done = 0  # jobs finished (failed ones included)
         self._cancel = threading.Event()
+        self._running: str | None = None  # the job compiling now
+        self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="flaxpals-compile-ahead",
                                         daemon=True)
 
@@ -144,15 +154,28 @@ class Worker:
         for name, job in self.jobs:
             if self._cancel.is_set():
                 return
+            with self._changed:
+                self._running = name
             try:
                 job()
             except Exception as e:  # noqa: BLE001 -- the call itself will raise it
                 first = (str(e).splitlines() or [""])[0][:200]
                 log.warning("compiling %s ahead failed (%s: %s); it compiles when first "
                             "called", name, type(e).__name__, first)
+            finally:
+                with self._changed:
+                    self._running = None
+                    self._changed.notify_all()
             self.done += 1
         log.info("compiled %d program shape(s) ahead in %.1f s", len(self.jobs),
                  time.perf_counter() - t0)
+
+    def wait_if_running(self, name: str) -> None:
+        """Returns once the job `name` is not the one compiling. A caller about to run
+        that program would otherwise trace and lower it a second time beside the worker,
+        both threads taking turns at the GIL; waiting costs at most what is left of it."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._running != name)
 
     def cancel(self) -> None:
         """No job starts after this; the one running finishes."""

@@ -255,6 +255,9 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
             epoch = sampler.epoch
             chosen = sampler.next()
             batches = {t: parallel.global_batch(device_batch(next(iters[t])), mesh) for t in chosen}
+            if ahead is not None:  # a shape the worker is compiling now: wait, not trace it twice
+                for t, b in batches.items():
+                    ahead.wait_if_running(compile_ahead.train_job(t, b["input_ids"].shape[1]))
             if len(chosen) > 1:  # the additive schedule: a batch of every task
                 state, step_metrics = additive_step(state, batches)
             else:

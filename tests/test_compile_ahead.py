@@ -1,6 +1,7 @@
 """Compiling ahead: the shapes a run needs, and a later call that compiles nothing."""
 
 import itertools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +132,28 @@ def test_a_failing_job_is_logged_and_the_rest_run(caplog):
     worker.join()
     assert ran == [1] and worker.done == 2
     assert "compiling bad ahead failed (ValueError: no such shape)" in caplog.text
+
+
+def test_a_step_waits_for_its_shape_only_while_it_compiles():
+    started, release, order = threading.Event(), threading.Event(), []
+
+    def job():
+        started.set()
+        release.wait()
+        order.append("compiled")
+
+    worker = compile_ahead.start([(compile_ahead.train_job("sst", 32), job)])
+    started.wait()
+    worker.wait_if_running(compile_ahead.train_job("sst", 64))  # another shape: no wait
+    order.append("other shape ran")
+    waiter = threading.Thread(
+        target=lambda: (worker.wait_if_running(compile_ahead.train_job("sst", 32)),
+                        order.append("same shape ran")))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and order == ["other shape ran"]
+    release.set()
+    waiter.join()
+    worker.join()
+    assert order == ["other shape ran", "compiled", "same shape ran"]
+    worker.wait_if_running(compile_ahead.train_job("sst", 32))  # done: returns at once
