@@ -29,6 +29,30 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Tiny shapes: compiling, not running, is what the suite waits for. Without LLVM's
+# expensive passes XLA:CPU compiles about twice as fast. (JAX's "disable most
+# optimizations", optimisation level 0 as well, moved a float32 result past a 1e-6
+# check against its float64 reference; this flag alone does not.) Set before the
+# backend starts; subprocesses inherit it.
+_FAST_COMPILE = "--xla_llvm_disable_expensive_passes=true"
+if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    """Under `--dist loadgroup`, after pytest-xdist has tagged the grouped tests: fail if
+    it did not (pytest-dev/pytest-xdist#1386), rather than build every shared fixture on
+    every worker."""
+    result = yield
+    if getattr(config.option, "loadgroup", False) and any(
+            item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+            for item in items):
+        raise pytest.UsageError(
+            "pytest-xdist's --dist loadgroup is not grouping tests with this pytest "
+            f"({pytest.__version__}; pytest-dev/pytest-xdist#1386): install the test "
+            "extras' pytest (pip install -e '.[test]')")
+    return result
 
 
 def require(module: str):
