@@ -15,13 +15,12 @@ time its shape comes up (seconds to compile, or to trace and load from the
 persistent cache). `start` runs `fn.lower(*abstract_args).compile()` for each on
 a daemon thread instead, in the order the shapes first come up, while the main
 thread trains on the shapes it has: `jax.jit` keeps what the thread compiled,
-and the later call compiles nothing. A step whose shape is the one compiling waits
-for it (`wait_if_running`) rather than trace the same program beside it. A job
-that fails is logged and left to the call, which then compiles (and raises) as
-it would have. However the loop
-ends (done, stopped by a signal or the time budget, an error), it waits for
-the compile in flight: one cannot be interrupted, and a process that exits
-during one aborts.
+and the later call compiles nothing. A step whose shape is the one compiling
+waits for it (`wait_if_running`) rather than trace the same program beside it.
+A job that fails is logged and left to the call, which then compiles (and
+raises) as it would have. However the loop ends (done, stopped by a signal or
+the time budget, an error), it waits for the compile in flight: one cannot be
+interrupted, and a process that exits during one aborts.
 
 Batch shapes come from the batch plans (`batching.TrainPlan`): the set of
 lengths an epoch uses depends only on the bucket counts, so one epoch's plan
