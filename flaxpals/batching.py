@@ -150,11 +150,11 @@ def eval_plan(lengths: np.ndarray, buckets: Sequence[int], batch_size: int, *,
     in_bucket = bucket_ids(lengths, buckets)
     members = [np.flatnonzero(in_bucket == k) for k in range(len(buckets))]
     global_batch = batch_size * process_count
-    carries = _eval_carries([len(m) for m in members], buckets, global_batch)
+    carries = (*_eval_carries([len(m) for m in members], buckets, global_batch), False)
     carry = np.zeros(0, np.int64)
     for k, length in enumerate(buckets):
         here = np.concatenate([carry, members[k]])
-        if k < len(buckets) - 1 and carries[k]:
+        if carries[k]:
             cut = len(here) // global_batch * global_batch
             here, carry = here[:cut], here[cut:]
         else:

@@ -89,8 +89,7 @@ def test_a_split_some_members_lack_is_named():
 # ---------------------------------------------------------------- two trained runs
 
 
-# Session scope: under xdist the TRAINED group's tests interleave modules, and a module
-# fixture would be torn down and trained again each time its module comes back.
+# Session scope, as `trained`: built once by the worker that runs the TRAINED group.
 @pytest.fixture(scope="session")
 def second(tmp_path_factory):
     """A second tiny PAL run, another seed: another model on the same tasks and files."""
