@@ -78,10 +78,17 @@ def build_model(config) -> tuple[MultiTaskModel, dict, Tokenizer, list[tasks_lib
     """The model and its initial params (pretrained encoder, random adapters and heads)."""
     bert_config, pretrained, tokenizer = load_encoder(config.model)
     model, init, tasks = _model_and_init(config, bert_config)
-    params = jax.device_get(jax.jit(init)(jax.random.key(config.seed)))
-    if pretrained is not None:
-        params = {**params, "encoder": pretrained}
-    return model, params, tokenizer, tasks
+    key = jax.random.key(config.seed)
+    if pretrained is None:
+        return model, jax.device_get(jax.jit(init)(key)), tokenizer, tasks
+    # Only the adapters and heads need random values. XLA drops the encoder's unused
+    # initialisation from this program (smaller to compile or load from the cache), and
+    # the rest keep their values: flax derives each module's key from its own path.
+    def init_all_but_encoder(k):
+        return {name: tree for name, tree in init(k).items() if name != "encoder"}
+
+    rest = jax.device_get(jax.jit(init_all_but_encoder)(key))
+    return model, dict(sorted({**rest, "encoder": pretrained}.items())), tokenizer, tasks
 
 
 def abstract_model(config) -> tuple[MultiTaskModel, Any, Tokenizer, list[tasks_lib.Task]]:

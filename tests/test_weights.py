@@ -138,3 +138,21 @@ def test_file_instead_of_directory(tmp_path):
     with pytest.raises(CheckpointError, match="is a file"):
         weights.load_pretrained(directory / "config.json")
     shutil.rmtree(directory)
+
+
+def test_built_model_takes_the_checkpoint_and_keeps_the_random_init_elsewhere(tmp_path):
+    """build_model initialises only what the checkpoint lacks (adapters, heads): those
+    values equal a full init's, and the encoder is the checkpoint's, bit for bit."""
+    from flaxpals import build
+    from tests.conftest import tiny
+
+    _, saved, directory = _tiny_checkpoint(tmp_path)
+    shutil.copy(weights.resolve_checkpoint("minilm") / "vocab.txt", directory)
+    config = tiny("pal", **{"model.encoder": str(directory)})
+    _, params, _, _ = build.build_model(config)
+    _, full, _ = build._model_and_init(config, bert.tiny_config())
+    full = jax.device_get(jax.jit(full)(jax.random.key(config.seed)))
+    assert sorted(params) == sorted(full) and "adapters" in params and "encoder" in params
+    _assert_trees_equal(params["encoder"], saved)
+    _assert_trees_equal({k: v for k, v in params.items() if k != "encoder"},
+                        {k: v for k, v in full.items() if k != "encoder"})
