@@ -191,7 +191,7 @@ def restore(workdir, config=None, step: int | None = None) -> Restored:
         step, params = ckpts.restore_params(target, "best" if step is None else "latest", step)
     finally:
         ckpts.close()
-    predict_step = Steps(model, None).jitted_predict(mesh, sharding)
+    predict_step = Steps(model, None).jitted_predict(mesh, sharding, config.symbolic_length)
     return Restored(config, model, params, tokenizer, tasks, step, mesh, predict_step)
 
 

@@ -165,7 +165,7 @@ def restore_exported(directory) -> evaluation.Restored:
     mesh = parallel.make_mesh()
     sharding = parallel.state_shardings(shapes, mesh, config.parallel.fsdp)
     params = parallel.put(params, sharding)
-    predict_step = Steps(model, None).jitted_predict(mesh, sharding)
+    predict_step = Steps(model, None).jitted_predict(mesh, sharding, config.symbolic_length)
     return evaluation.Restored(config, model, params, tokenizer, tasks, meta["step"], mesh,
                                predict_step)
 

@@ -9,7 +9,8 @@
   optimiser (`apply_combined`).
 - `predict_step(params, batch, task)`: model outputs (logits or scores) for evaluation.
 
-`jitted(mesh, state_sharding)` compiles them for data parallelism. The additive
+`jitted(mesh, state_sharding)` compiles them for data parallelism, the per-batch
+steps traced once per task for all bucket lengths (`by_length.ByLength`). The additive
 step is compiled in parts, `task_grads` per task and bucket length and one
 `apply_combined`: each task's batch has its own bucket length, so one jitted
 function over all tasks' batches would compile once per combination of
@@ -43,6 +44,7 @@ from jax.sharding import Mesh
 
 from flaxpals import gradmtl, heads, optim, parallel
 from flaxpals import smart as smart_lib
+from flaxpals.by_length import ByLength
 from flaxpals.models import MultiTaskModel
 from flaxpals.task_params import keep_other_tasks
 
@@ -155,7 +157,8 @@ class Steps:
         """The task's outputs (logits or scores); `heads.predictions` decides on the host."""
         return self.model.apply({"params": params}, batch, task)
 
-    def jitted(self, mesh: Mesh | None = None, state_sharding=None):
+    def jitted(self, mesh: Mesh | None = None, state_sharding=None,
+               symbolic_length: bool = True):
         """(train_step, additive_step, predict_step) compiled with the state donated.
 
         additive_step is a Python function over two jitted parts (module
@@ -163,25 +166,33 @@ class Steps:
         With a mesh: batches split over its 'data' axis, the state laid out by
         `state_sharding` (a TrainState of NamedShardings, `parallel.state_shardings`),
         gradients laid out like the params, metrics replicated, predictions split
-        like the batch.
+        like the batch. The per-batch steps are `by_length.ByLength`: traced once per
+        task with the length symbolic (`symbolic_length`), else once per length.
         """
         if mesh is None:
-            train = jax.jit(self.train_step, static_argnames="task", donate_argnums=0)
-            grads = jax.jit(self.task_grads, static_argnames="task")
+            train = ByLength(jax.jit(self.train_step, static_argnames="task", donate_argnums=0),
+                             donate_argnums=0, enabled=symbolic_length)
+            grads = ByLength(jax.jit(self.task_grads, static_argnames="task"),
+                             enabled=symbolic_length)
             apply = jax.jit(self.apply_combined, donate_argnums=0)
-            return train, self._composed(grads, apply), self.jitted_predict()
+            return (train, self._composed(grads, apply),
+                    self.jitted_predict(symbolic_length=symbolic_length))
         data, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-        train = jax.jit(self.train_step, static_argnames="task", donate_argnums=0,
-                        in_shardings=(state_sharding, data), out_shardings=(state_sharding, rep))
-        grads = jax.jit(self.task_grads, static_argnames="task",
-                        in_shardings=(for_gradients(state_sharding), data),
-                        out_shardings=(rep, state_sharding.params))
+        shardings = {"in_shardings": (state_sharding, data),
+                     "out_shardings": (state_sharding, rep)}
+        train = ByLength(jax.jit(self.train_step, static_argnames="task", donate_argnums=0,
+                                 **shardings), donate_argnums=0, enabled=symbolic_length,
+                         **shardings)
+        shardings = {"in_shardings": (for_gradients(state_sharding), data),
+                     "out_shardings": (rep, state_sharding.params)}
+        grads = ByLength(jax.jit(self.task_grads, static_argnames="task", **shardings),
+                         enabled=symbolic_length, **shardings)
         per_task = {t: state_sharding.params for t in self.task_names}
         apply = jax.jit(self.apply_combined, donate_argnums=0,
                         in_shardings=(state_sharding, rep, per_task),
                         out_shardings=(state_sharding, rep))
         return (train, self._composed(grads, apply),
-                self.jitted_predict(mesh, state_sharding.params))
+                self.jitted_predict(mesh, state_sharding.params, symbolic_length))
 
     def _composed(self, grads, apply):
         names = self.task_names
@@ -192,14 +203,17 @@ class Steps:
         additive_step.parts = (grads, apply)
         return additive_step
 
-    def jitted_predict(self, mesh: Mesh | None = None, params_sharding=None):
-        """predict_step compiled; with a mesh, params as `params_sharding`, batch and
-        predictions split over 'data'."""
+    def jitted_predict(self, mesh: Mesh | None = None, params_sharding=None,
+                       symbolic_length: bool = True):
+        """predict_step compiled (a `ByLength`, as `jitted`'s); with a mesh, params as
+        `params_sharding`, batch and predictions split over 'data'."""
         if mesh is None:
-            return jax.jit(self.predict_step, static_argnames="task")
+            return ByLength(jax.jit(self.predict_step, static_argnames="task"),
+                            enabled=symbolic_length)
         data = parallel.batch_sharding(mesh)
-        return jax.jit(self.predict_step, static_argnames="task",
-                       in_shardings=(params_sharding, data), out_shardings=data)
+        shardings = {"in_shardings": (params_sharding, data), "out_shardings": data}
+        return ByLength(jax.jit(self.predict_step, static_argnames="task", **shardings),
+                        enabled=symbolic_length, **shardings)
 
 
 def additive_from_parts(task_grads, apply_combined, names, state, batches):

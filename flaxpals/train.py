@@ -171,7 +171,8 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     log.info("%s", parallel.describe(state, state_sharding, mesh))
     steps = Steps(model, tx, combiner_name, config.train.loss_weighting,
                   smart_lib.from_config(config.train))
-    train_step, additive_step, predict_step = steps.jitted(mesh, state_sharding)
+    train_step, additive_step, predict_step = steps.jitted(mesh, state_sharding,
+                                                           config.symbolic_length)
 
     ckpts = Checkpoints(workdir, config.checkpoint.keep)
     restored = ckpts.restore_latest(state)

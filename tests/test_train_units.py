@@ -198,7 +198,10 @@ def test_jitted_additive_step_compiles_per_task_and_length_not_per_combination()
                    for j, (t, n) in enumerate(zip(TASKS, lengths, strict=True))}
         state, metrics = additive_step(state, batches)
         assert np.isfinite(float(metrics["grad_norm"]))
-    assert task_grads._cache_size() == 6  # 3 tasks x 2 lengths
+    # 3 tasks x 2 lengths, each task's first length through jit (the second: by_length).
+    assert task_grads.shapes() == [(t.name, n) for t in sorted(TASKS, key=lambda t: t.name)
+                                   for n in (8, 16)]
+    assert task_grads.jitted._cache_size() == 3
     assert apply_combined._cache_size() == 1
 
 

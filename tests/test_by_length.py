@@ -1,0 +1,133 @@
+"""Steps traced once per task with a symbolic length (flaxpals/by_length.py).
+
+The reference is JAX's own per-length trace of the same step (`symbolic_length=False`):
+the refined programs must compute the same updates, losses and predictions.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxpals import by_length, optim, parallel
+from flaxpals.adapters import AdapterConfig
+from flaxpals.bert import tiny_config
+from flaxpals.config_lib import base
+from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
+from flaxpals.steps import Steps, TrainState
+
+TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classification"),
+         TaskSpec("sts", "pair_regression"))
+OPTIONS = ModelOptions(AdapterConfig(kind="pal"), pooling="mean", pair_encoding="cross")
+
+
+def _batch(task: TaskSpec, length: int, seed: int) -> dict:
+    """8 rows of `length` random ids, the last 3 positions padding, with labels."""
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    b = dummy_batch(task, OPTIONS.pair_encoding, 8, length)
+    b["input_ids"] = jax.random.randint(k1, (8, length), 1000, 2000)
+    b["attention_mask"] = jnp.ones((8, length), jnp.int32).at[:, -3:].set(0)
+    b["labels"] = (jax.random.uniform(k2, (8,), maxval=5.0) if task.kind == "pair_regression"
+                   else jax.random.randint(k2, (8,), 0, 2))
+    b["mask"] = jnp.ones(8)
+    return b
+
+
+def _steps(symbolic: bool):
+    """The trainer's path (a mesh, shardings, the state donated) on a tiny PAL model."""
+    model = MultiTaskModel(tiny_config(num_hidden_layers=1), TASKS, OPTIONS)  # quick to compile
+    batches = {t.name: dummy_batch(t, OPTIONS.pair_encoding) for t in TASKS}
+    params = jax.jit(lambda k: model.init(k, batches, method=MultiTaskModel.init_all))(
+        jax.random.key(0))["params"]
+    tx = optim.make_optimizer(base().train, params, 100)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                       jax.random.key_data(jax.random.key(1)))
+    mesh = parallel.make_mesh()
+    sharding = parallel.state_shardings(state, mesh)
+    fns = Steps(model, tx).jitted(mesh, sharding, symbolic_length=symbolic)
+    return fns, parallel.put(state, sharding), mesh
+
+
+def _run(symbolic: bool, schedule, predictions):
+    """Train steps on (task, length) pairs in order, then predictions on (task, length)
+    pairs; (steps, final params, losses, predictions, what each train body traced)."""
+    traced = []
+    original = Steps.train_step
+
+    def counted(self, state, batch, task):
+        traced.append((task, str(batch["input_ids"].shape[1])))  # "length" when symbolic
+        return original(self, state, batch, task)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Steps, "train_step", counted)
+        (train, _, predict), state, mesh = _steps(symbolic)
+        specs = {t.name: t for t in TASKS}
+        losses = []
+        for i, (task, n) in enumerate(schedule):
+            batch = parallel.global_batch(_batch(specs[task], n, i), mesh)
+            state, metrics = train(state, batch, task)
+            losses.append(float(metrics[f"loss/{task}"]))
+        outputs = [np.asarray(predict(state.params, parallel.global_batch(
+            _batch(specs[task], n, 100 + i), mesh), task)) for i, (task, n) in
+            enumerate(predictions)]
+    return (train, predict), jax.device_get(state.params), losses, outputs, traced
+
+
+def _compare(schedule, predictions):
+    (train, predict), params, losses, outputs, traced = _run(True, schedule, predictions)
+    _, ref_params, ref_losses, ref_outputs, ref_traced = _run(False, schedule, predictions)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6, atol=1e-7)
+    for out, ref in zip(outputs, ref_outputs, strict=True):
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 params, ref_params)
+    return train, predict, traced, ref_traced
+
+
+def test_symbolic_length_steps_compute_what_per_length_traces_compute():
+    """The trainer's steps (SST at three lengths, cross-encoded Quora pairs predicted at
+    two): the same losses, updates and predictions as per-length traces, from two traces
+    of the train body (its first length, then the export) where those trace three."""
+    schedule = [("sst", 16), ("quora", 16), ("sst", 24), ("sst", 32), ("sst", 24)]
+    predictions = [("quora", 16), ("quora", 24), ("quora", 16)]
+    train, predict, traced, ref_traced = _compare(schedule, predictions)
+    assert train.exported("sst") and predict.exported("quora")
+    assert not train.exported("quora")  # one length: never exported
+    assert traced == [("sst", "16"), ("quora", "16"), ("sst", "length")]
+    assert ref_traced == [("sst", "16"), ("quora", "16"), ("sst", "24"), ("sst", "32")]
+    assert train.jitted._cache_size() == 2  # only each task's first length went through jit
+
+
+@pytest.mark.slow
+def test_symbolic_length_steps_every_task_kind():
+    schedule = [(t.name, n) for n in (16, 24, 32) for t in TASKS]
+    train, predict, _, _ = _compare(schedule, schedule)
+    assert all(train.exported(t.name) and predict.exported(t.name) for t in TASKS)
+
+
+def test_a_step_that_cannot_be_exported_traces_per_length(caplog):
+    def step(x, batch, task):
+        if batch["ids"].shape[1] > 20:  # Python control flow on the length: not symbolic
+            return x + batch["ids"].sum()
+        return x - batch["ids"].sum()
+
+    fn = by_length.ByLength(jax.jit(step, static_argnames="task"))
+    x = jnp.zeros(())
+    with caplog.at_level(logging.WARNING, logger="flaxpals.by_length"):
+        got = [float(fn(x, {"ids": jnp.ones((2, n))}, "t")) for n in (16, 24, 32, 16)]
+    assert got == [-32.0, 48.0, 64.0, -32.0]
+    assert not fn.exported("t")
+    warnings = [r for r in caplog.records if "tracing per length" in r.getMessage()]
+    assert len(warnings) == 1 and "step for task t" in warnings[0].getMessage()
+
+
+def test_batches_whose_arrays_disagree_on_the_length_take_the_jitted_path():
+    fn = by_length.ByLength(jax.jit(lambda x, b, task: x + b["a"].sum() + b["b"].sum(),
+                                    static_argnames="task"))
+    x = jnp.zeros(())
+    for n in (4, 8):
+        assert float(fn(x, {"a": jnp.ones((2, n)), "b": jnp.ones((2, 3))}, "t")) == 2 * n + 6
+    assert by_length.length_of({"a": jnp.ones((2, 4)), "b": jnp.ones((2, 3))}) is None
+    assert by_length.length_of({"a": jnp.ones((2, 4)), "labels": jnp.ones(2)}) == 4
