@@ -14,7 +14,7 @@ MiniLM train step, spent even when the program then loads from the persistent
 compilation cache. Here the first length of a task goes through the jitted
 step as before; from its second length on, the task's step is exported once
 with the length as a symbolic dimension (`jax.export`), and each length lowers
-that module with the length fixed (shape refinement: a tenth of a trace) and
+that module with the length fixed (shape refinement: a fraction of a trace) and
 compiles it, or loads it from the cache. The refined program computes what the
 per-length trace computes (tests/test_by_length.py compares them).
 
@@ -26,7 +26,6 @@ does every step of a multi-process run, where exporting is not tested.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from typing import Any
@@ -75,11 +74,11 @@ class ByLength:
         self._fns: dict[tuple[str, int], Any] = {}  # (task, length) -> its callable
 
     def __call__(self, first, batch, task: str):
-        return self._fn(first, batch, task)(first, batch)
+        return self.program(first, batch, task)(first, batch)
 
     def lower(self, first, batch, task: str):
         """The Lowered program for these shapes (`.compile()` it to compile ahead)."""
-        return self._fn(first, batch, task).lower(first, batch)
+        return self.program(first, batch, task).lower(first, batch)
 
     def shapes(self) -> list[tuple[str, int]]:
         """The (task, length) pairs called or lowered so far: one program each."""
@@ -90,7 +89,9 @@ class ByLength:
         """Whether `task`'s step runs from its symbolic-length export (else per length)."""
         return self._exported.get(task, _FAILED) is not _FAILED
 
-    def _fn(self, first, batch, task: str):
+    def program(self, first, batch, task: str):
+        """The callable `(first, batch)` this step runs for these shapes (made on first
+        ask: the per-length path for a task's first length, else its export's)."""
         length = length_of(batch)
         if length is None:  # no one length to make symbolic: as jitted
             return _Partial(self.jitted, task)
@@ -104,7 +105,11 @@ class ByLength:
         if exp is _FAILED:
             fn = _Partial(self.jitted, task)
         else:
-            call = functools.wraps(self.jitted)(lambda a, b: exp.call(a, b))
+            def call(first, batch):
+                return exp.call(first, batch)
+
+            # The step's own name in compile logs, stats and cache file names.
+            call.__name__ = call.__qualname__ = self.__name__
             fn = jax.jit(call, **self._jit_kw)
         with self._lock:
             return self._fns.setdefault(key, fn)
