@@ -189,8 +189,9 @@ class Budget:
 BUDGETS = {
     "cpu": Budget("", {"train.num_epochs": 2, "checkpoint.keep": 1},
                   "embedded all-MiniLM-L6-v2, all training data, 2 epochs (separate models: "
-                  "3, as the PyTorch reference; a row may set its own), batch 32, "
-                  "buckets 16/32/64/128", row_epochs=True,
+                  "3, as the PyTorch reference; a row may set its own), batch 32, the "
+                  "config's length buckets (each row's config.json records them)",
+                  row_epochs=True,
                   torch_args=(("train_sample", 500),)),
     "smoke": Budget("tiny", {"train.num_epochs": 2, "train.steps_per_epoch": 4,
                              "data.train_limit": 32, "data.eval_limit": 32,
