@@ -45,8 +45,9 @@ def length_of(batch: Any) -> int | None:
     return lengths.pop() if len(lengths) == 1 else None
 
 
-def _abstract(tree: Any, length: Any = None) -> Any:
-    """ShapeDtypeStructs of `tree`; with `length`, dim 1 of rank >= 2 leaves replaced."""
+def abstract(tree: Any, length: Any = None) -> Any:
+    """ShapeDtypeStructs of `tree` (same shapes, dtypes and shardings); with `length`,
+    dim 1 of rank >= 2 leaves replaced (a symbolic dimension or an int)."""
 
     def one(x):
         shape = tuple(x.shape)
@@ -122,7 +123,7 @@ class ByLength:
                 (length,) = export.symbolic_shape("length")
                 try:
                     self._exported[task] = export.export(self.jitted)(
-                        _abstract(first), _abstract(batch, length), task)
+                        abstract(first), abstract(batch, length), task)
                 except Exception as e:  # noqa: BLE001 -- any failure: the per-length path
                     first_line = (str(e).splitlines() or [""])[0][:200]
                     log.warning("%s for task %s: tracing per length (the symbolic-length "

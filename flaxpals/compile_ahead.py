@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from flaxpals import batching, config_lib, parallel
+from flaxpals.by_length import abstract
 from flaxpals.models import dummy_batch
 from flaxpals.steps import for_gradients
 
@@ -69,13 +70,6 @@ def train_shapes(plans: Mapping[str, batching.TrainPlan],
     for k in range(max((len(v) for v in per_task.values()), default=0)):
         shapes += [(task, lengths[k]) for task, lengths in per_task.items() if k < len(lengths)]
     return shapes
-
-
-def abstract(tree: Any) -> Any:
-    """A tree of arrays -> ShapeDtypeStructs with the same shapes, dtypes and shardings."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree)
 
 
 def batch_spec(task, pair_encoding: str, rows: int, length: int, sharding,
