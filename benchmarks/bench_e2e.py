@@ -3,6 +3,7 @@
     python -m benchmarks.bench_e2e                         # SST, 1 epoch
     python -m benchmarks.bench_e2e --workload=multitask    # PAL + annealed vs 3 models
     python -m benchmarks.bench_e2e --epochs=1 --train_sample=0 --out=e2e.json
+    python -m benchmarks.bench_e2e --workload=multitask --epochs=3 --runs=cold
 
 Each side runs as its own command, one after the other, never together:
 - `sst`: flaxpals `configs/baseline.py:method=sequential` on SST alone against
@@ -11,7 +12,7 @@ Each side runs as its own command, one after the other, never together:
   in one model) against `experiments.torch_finetune` once per task (three models),
   their times summed.
 
-flaxpals runs twice in a fresh cache directory: `cold` (tokenizing and compiling
+flaxpals runs twice (`--runs`) in a fresh cache directory: `cold` (tokenizing and compiling
 everything, a first run) and `warm` (the same command again: token ids and compiled
 programs come from the cache). Per run: wall time from the command to its exit, time
 to the first finished step, the steady (median) step, compile count and seconds,
@@ -167,9 +168,16 @@ def main(argv=None) -> int:
     p.add_argument("--flaxpals_flag", action="append", default=[],
                    help="an extra flag for the flaxpals command (repeatable)")
     p.add_argument("--skip_torch", action="store_true", help="time flaxpals only")
+    p.add_argument("--runs", default="cold,warm",
+                   help="flaxpals runs, in order: cold (fresh cache), warm (the cache the "
+                   "cold run filled); `cold` alone saves a run on long workloads")
     p.add_argument("--out", default="", help="also write the figures to this JSON file")
     p.add_argument("--keep", default="", help="keep the workdirs and logs here")
     args = p.parse_args(argv)
+    runs_wanted = args.runs.split(",")
+    if runs_wanted not in (["cold"], ["cold", "warm"]):
+        p.error(f"--runs={args.runs!r}: expected 'cold,warm' or 'cold' (warm needs the "
+                "cache a cold run fills)")
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="bench-e2e-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -180,7 +188,7 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu()}; workdirs and logs in {root}", flush=True)
 
     sides = []
-    for attempt in ("cold", "warm"):
+    for attempt in runs_wanted:
         workdir = root / f"flaxpals-{attempt}"
         shutil.rmtree(workdir, ignore_errors=True)
         print(f"flaxpals ({attempt})...", flush=True)
