@@ -226,7 +226,8 @@ def trainer_run(args, root: Path) -> dict:
 
 
 def steady(timeline: list[dict]) -> dict:
-    """The middle half of the timeline's busiest stretch: mean cores busy, CPU by name."""
+    """The timeline's middle half (past start-up, before the final evaluation): mean
+    cores busy and CPU by thread name."""
     mid = timeline[len(timeline) // 4: max(len(timeline) * 3 // 4, len(timeline) // 4 + 1)]
     names = collections.Counter()
     for s in mid:

@@ -168,16 +168,12 @@ def main(argv=None) -> int:
     p.add_argument("--flaxpals_flag", action="append", default=[],
                    help="an extra flag for the flaxpals command (repeatable)")
     p.add_argument("--skip_torch", action="store_true", help="time flaxpals only")
-    p.add_argument("--runs", default="cold,warm",
+    p.add_argument("--runs", default="cold,warm", choices=("cold,warm", "cold"),
                    help="flaxpals runs, in order: cold (fresh cache), warm (the cache the "
                    "cold run filled); `cold` alone saves a run on long workloads")
     p.add_argument("--out", default="", help="also write the figures to this JSON file")
     p.add_argument("--keep", default="", help="keep the workdirs and logs here")
     args = p.parse_args(argv)
-    runs_wanted = args.runs.split(",")
-    if runs_wanted not in (["cold"], ["cold", "warm"]):
-        p.error(f"--runs={args.runs!r}: expected 'cold,warm' or 'cold' (warm needs the "
-                "cache a cold run fills)")
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="bench-e2e-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -188,7 +184,7 @@ def main(argv=None) -> int:
     print(f"CPU: {cpu()}; workdirs and logs in {root}", flush=True)
 
     sides = []
-    for attempt in runs_wanted:
+    for attempt in args.runs.split(","):
         workdir = root / f"flaxpals-{attempt}"
         shutil.rmtree(workdir, ignore_errors=True)
         print(f"flaxpals ({attempt})...", flush=True)
