@@ -7,8 +7,10 @@ ensemble of those seeds' best checkpoints: `flaxpals.main --mode=eval
 --ensemble=<seed workdirs> --workdir=<results>/<slug>-ensemble`, which writes
 `eval-ensemble.json` (the ensemble's dev metrics and each member's own) next to
 the sweep's `sweep.json`. The report shows it as a row of its own, labelled
-ensemble (`sweep_report.collect`). The members' checkpoints must still be in
-their workdirs.
+ensemble (`sweep_report.collect`). A seed whose folder holds the
+`best-outputs.npz` its training wrote is read from that file (the same outputs,
+no restore), so the rows' committed records suffice; a seed without one needs
+its best checkpoint in its workdir.
 """
 
 from __future__ import annotations
@@ -33,14 +35,31 @@ def command(members: list[Path], workdir: Path, python: str = sys.executable,
             "--ensemble=" + ",".join(str(m) for m in members), f"--workdir={workdir}"]
 
 
+def member(seed_workdir: Path) -> Path:
+    """What scores a seed: its best-outputs.npz where its training wrote one, else the
+    workdir (its best checkpoint)."""
+    from flaxpals import runs
+
+    saved = seed_workdir / runs.OUTPUTS_FILE
+    return saved if saved.exists() else seed_workdir
+
+
+def seed_name(member_path) -> str:
+    """The seed's folder name of a member (a workdir or the best-outputs.npz in it)."""
+    from flaxpals import ensemble
+
+    path = Path(member_path)
+    return path.parent.name if ensemble.is_saved(path) else path.name
+
+
 def is_done(workdir: Path, members: list[Path]) -> bool:
-    """Whether <workdir>/eval-ensemble.json scored these members (by folder name, so that
-    a results folder moved elsewhere still counts)."""
+    """Whether <workdir>/eval-ensemble.json scored these seeds (by folder name, so that
+    a results folder moved elsewhere still counts, read from a file or a checkpoint)."""
     from flaxpals import ensemble
 
     record = ensemble.read_eval(workdir)
-    return record is not None and [Path(m).name for m in record["members"]] == [
-        m.name for m in members]
+    return record is not None and [seed_name(m) for m in record["members"]] == [
+        seed_name(m) for m in members]
 
 
 def set_aside(workdir: Path) -> None:
@@ -59,16 +78,17 @@ def run_ensembles(rows: list[sweep.Row], seeds: list[int], results: Path,
     """`--ensemble`: each flaxpals row whose seeds have all finished, averaged as one
     model: a row of its own, `<slug>-ensemble`, labelled ensemble in the report."""
     for row in rows:
-        members = [sweep.seed_workdir(results, row.slug, s) for s in seeds]
-        if row.group == "torch" or len(members) < 2:
+        seed_dirs = [sweep.seed_workdir(results, row.slug, s) for s in seeds]
+        if row.group == "torch" or len(seed_dirs) < 2:
             continue
         workdir = workdir_of(results, row.slug)
         if dry_run:
-            print(shlex.join(command(members, workdir, display=True)))
+            print(shlex.join(command(seed_dirs, workdir, display=True)))
             continue
-        if not all(sweep.is_done(m, epochs[row.slug]) for m in members):
+        if not all(sweep.is_done(m, epochs[row.slug]) for m in seed_dirs):
             print(f"[{workdir.name}] not all of seeds {seeds} have finished: no ensemble yet")
             continue
+        members = [member(d) for d in seed_dirs]
         if is_done(workdir, members):
             print(f"[{workdir.name}] done (eval-ensemble.json): skipped")
             continue

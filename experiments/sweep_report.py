@@ -460,7 +460,8 @@ def report(results: Path, budget_name: str) -> Path:
         "excluded (the PALs paper's figure); the separate models count three encoders. Wall "
         "time = every invocation of the row, evaluation included. An ensemble row (`--ensemble`) "
         "averages the class probabilities or scores of its row's seeds, each at its best "
-        "checkpoint: one figure, no spread; its seeds column counts the members.", "",
+        "checkpoint (read from the `best-outputs.npz` each seed's training wrote, where it "
+        "did): one figure, no spread; its seeds column counts the members.", "",
         "Quora is a stand-in: train and dev are both carved out of the official "
         "`quora-dev.csv` (about 16k / 2k pairs, by a hash of the id), so its accuracies are "
         "not comparable with figures on the official dev set, and the encoder saw Quora "

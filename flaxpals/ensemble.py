@@ -6,6 +6,8 @@
     write_ensemble_predictions(["runs/s0", ...], "runs/ens") # CS224N files, runs/ens/predictions
 
     python -m flaxpals.main --mode=eval --ensemble=runs/s0,runs/s1,runs/s2 --workdir=runs/ens
+    python -m flaxpals.main --mode=eval --workdir=runs/ens \
+        --ensemble=runs/s0/best-outputs.npz,runs/s1/best-outputs.npz  # no checkpoints
     python -m flaxpals.predict --ensemble=runs/s0,runs/s1 --task=sst --input=reviews.csv
 
 How outputs are averaged (`combine`): classification, the mean of the
@@ -22,9 +24,14 @@ recipe). Each member reads and tokenizes the data with its own config, so the
 rows each reads must come out the same: the same ids and labels in the same
 order (same files, `data.eval_limit`, `data.strict`), and a split that one
 member has all must have; else `EnsembleError` names the member and the split.
-`eval-ensemble.json` says "ensemble": true and lists its members and their own
-scores. `Ensemble` holds every member in memory; `member_outputs` restores one
-at a time.
+A member given as a run's `best-outputs.npz` (flaxpals/runs.py) is read, not
+restored: the outputs its best epoch computed on the splits the epoch scored
+(dev, val, the train sample), the same as restoring the best checkpoint and
+evaluating it. So an ensemble of finished runs needs no checkpoints: a results
+folder that keeps only the runs' records can still be scored. Such a member has
+no test split, and no --step. `eval-ensemble.json` says "ensemble": true and
+lists its members and their own scores. `Ensemble` holds every member in
+memory; `member_outputs` restores one at a time.
 """
 
 from __future__ import annotations
@@ -136,36 +143,58 @@ class _Outputs:
                         f"{names} have: members must read the same files")
 
 
-def member_outputs(workdirs: Sequence[str], splits: Sequence[str], step: int | None = None,
+def is_saved(member) -> bool:
+    """Whether an ensemble member names a saved best-outputs.npz rather than a workdir."""
+    return os.fspath(member).endswith(".npz")
+
+
+def _saved_member(path, splits: Sequence[str], step: int | None, found: _Outputs) -> None:
+    """Adds a best-outputs.npz member's rows of `splits` to `found`."""
+    name = os.fspath(path)
+    if step is not None:
+        raise EnsembleError(f"ensemble member {name} holds the best checkpoint's outputs "
+                            f"only: --step={step} needs the run's workdir")
+    saved = runs.read_outputs(path)
+    best = runs.read_best(epath.Path(path).parent)
+    if best is not None and best["step"] != saved.step:
+        raise EnsembleError(f"ensemble member {name} holds step {saved.step}'s outputs but "
+                            f"best.json beside it says step {best['step']}: use the workdir")
+    found.steps.append(saved.step)
+    for split in splits:
+        for task, rows in saved.rows.get(split, {}).items():
+            found.add(name, task, split, *rows)
+
+
+def member_outputs(members: Sequence[str], splits: Sequence[str], step: int | None = None,
                    limits: bool = True) -> tuple[list[Task], _Outputs]:
     """Every member's outputs on `splits` of every task, one member restored at a time
-    (memory holds one model); the members' tasks checked alike."""
-    if not workdirs:
+    (memory holds one model); the members' tasks checked alike. A member is a run's
+    workdir (its best checkpoint, or `step`) or a best-outputs.npz it wrote
+    (runs.read_outputs: no restore; the file holds the splits its epoch scored)."""
+    if not members:
         raise EnsembleError("--ensemble: give at least one workdir")
-    configs = [runs.read_config(w) for w in workdirs]
-    tasks = check_tasks([(os.fspath(w), tasks_of_config(c)) for w, c in zip(workdirs, configs,
+    configs = [runs.read_outputs(m).config if is_saved(m) else runs.read_config(m)
+               for m in members]
+    tasks = check_tasks([(os.fspath(m), tasks_of_config(c)) for m, c in zip(members, configs,
                                                                               strict=True)])
     found = _Outputs()
-    for workdir in workdirs:
-        r = evaluation_lib.restore(workdir, None, step)
+    for member in members:
+        if is_saved(member):
+            _saved_member(member, splits, step, found)
+            continue
+        r = evaluation_lib.restore(member, None, step)
         found.steps.append(r.step)
         data = build.load_data(r.config, r.tasks, r.tokenizer, splits=tuple(splits),
                                limits=limits)
         sets = evaluation_lib.EvalSets(data, r.config, r.mesh)
-        for task in r.tasks:
-            for split in splits:
-                got = evaluation_lib.outputs(r.predict_step, r.params, sets, task.name, split)
-                if got is None:
-                    continue
-                s, rows, out = got
-                # Batches run bucket by bucket: back to file order, which members share.
-                order = np.argsort(rows)
-                labels = None if s.labels is None else s.labels[rows][order]
-                found.add(os.fspath(workdir), task.name, split, s.ids[rows][order], labels,
-                          out[order])
-        log.info("ensemble member %s: step %d", os.fspath(workdir), r.step)
+        for split in splits:
+            kept = {}
+            evaluation_lib.evaluate(r.predict_step, r.params, sets, r.tasks, split, keep=kept)
+            for task, rows in kept.items():
+                found.add(os.fspath(member), task, split, *rows)
+        log.info("ensemble member %s: step %d", os.fspath(member), r.step)
         del r, data, sets
-    found.check_complete([os.fspath(w) for w in workdirs])
+    found.check_complete([os.fspath(m) for m in members])
     return tasks, found
 
 
@@ -183,17 +212,17 @@ def _scores(tasks: Sequence[Task], found: _Outputs, split: str,
             **{f"{split}/{k}": v for k, v in metrics_lib.summary(scores, metric_of).items()}}
 
 
-def evaluate_ensemble(workdirs: Sequence[str], out_dir, step: int | None = None
+def evaluate_ensemble(members: Sequence[str], out_dir, step: int | None = None
                       ) -> dict[str, Any]:
-    """Dev metrics of the members' averaged outputs (best checkpoints, or `step`), and
-    each member's own, written to <out_dir>/eval-ensemble.json."""
-    tasks, found = member_outputs(workdirs, ("dev",), step)
+    """Dev metrics of the members' averaged outputs (best checkpoints or saved
+    best-outputs.npz, or `step`), and each member's own, to <out_dir>/eval-ensemble.json."""
+    tasks, found = member_outputs(members, ("dev",), step)
     record: dict[str, Any] = {"ensemble": True,
-                              "members": [os.fspath(w) for w in workdirs],
+                              "members": [os.fspath(m) for m in members],
                               "steps": found.steps}
     record.update(_scores(tasks, found, "dev", lambda t, outs: combine(t.kind, outs)))
     record["member_scores"] = [
-        _scores(tasks, found, "dev", lambda t, outs, i=i: outs[i]) for i in range(len(workdirs))]
+        _scores(tasks, found, "dev", lambda t, outs, i=i: outs[i]) for i in range(len(members))]
     out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs.write_json(out / EVAL_FILE, record)
@@ -240,6 +269,10 @@ class Ensemble:
     def from_workdirs(cls, workdirs: Sequence[str], step: int | None = None) -> Ensemble:
         from flaxpals.predict import Predictor
 
+        saved = [os.fspath(w) for w in workdirs if is_saved(w)]
+        if saved:
+            raise EnsembleError(f"{saved}: predicting needs the runs' checkpoints; give "
+                                "their workdirs, not saved outputs")
         return cls([Predictor.from_workdir(w, step) for w in workdirs])
 
     @property

@@ -113,14 +113,21 @@ def outputs(predict_step, params, eval_sets: EvalSets, task: str, split: str,
 
 
 def evaluate(predict_step, params, eval_sets: EvalSets, tasks, split: str,
-             limit: int = -1) -> tuple[dict[str, float], dict[str, dict]]:
-    """Metrics of every task on a split, and the predictions by example id."""
+             limit: int = -1, keep: dict | None = None
+             ) -> tuple[dict[str, float], dict[str, dict]]:
+    """Metrics of every task on a split, and the predictions by example id; `keep`, if
+    given, gets keep[task] = (ids, labels or None, outputs) in file order
+    (`runs.SavedOutputs.rows`)."""
     scores, preds = {}, {}
     for task in tasks:
         found = outputs(predict_step, params, eval_sets, task.name, split, limit)
         if found is None:
             continue
         s, rows, out = found
+        if keep is not None:
+            order = np.argsort(rows)  # batches ran bucket by bucket
+            keep[task.name] = (s.ids[rows][order],
+                               None if s.labels is None else s.labels[rows][order], out[order])
         decided = heads.predictions(task.kind, out)
         preds[task.name] = dict(zip(s.ids[rows], decided.tolist(), strict=True))
         if s.labels is not None:
@@ -146,15 +153,16 @@ def split_limit(config, split: str) -> int:
 
 
 def eval_record(predict_step, params, eval_sets, tasks, config,
-                splits=None) -> dict[str, float]:
+                splits=None, keep: dict | None = None) -> dict[str, float]:
     """{prefix/task: metric, prefix/average, prefix/overall} for (split, prefix) pairs
     (default: `record_splits(config)`); the train split is cut to the sample of
-    eval.train_sample rows."""
+    eval.train_sample rows. `keep`, if given, gets keep[split] as `evaluate`'s."""
     record = {}
     metric_of = {t.name: t.metric for t in tasks}
     for split, prefix in splits or record_splits(config):
         limit = split_limit(config, split)
-        scores, _ = evaluate(predict_step, params, eval_sets, tasks, split, limit)
+        scores, _ = evaluate(predict_step, params, eval_sets, tasks, split, limit,
+                             None if keep is None else keep.setdefault(split, {}))
         record.update({f"{prefix}/{t}": v for t, v in scores.items()})
         record.update({f"{prefix}/{k}": v for k, v in metrics_lib.summary(scores,
                                                                           metric_of).items()})
@@ -217,7 +225,8 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
                         columns: dict[str, str] | None = None,
                         name: str | None = None) -> dict[str, float]:
     """`--mode=eval`: the best checkpoint's (or a step's) metrics, written to
-    `eval-<step>.json` (`eval-<step>-<name>.json` on other data).
+    `eval-<step>.json` (`eval-<step>-<name>.json` on other data); with neither a
+    config, a step nor a file, also the outputs to best-outputs.npz (flaxpals/runs.py).
 
     Default: dev and the train sample, as training records them each epoch.
     `eval_file` (with `task`): that labelled CSV/TSV file as the task's dev split,
@@ -239,9 +248,14 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
         name = name or epath.Path(r.config.data.data_dir).name
     data = build.load_data(r.config, tasks, r.tokenizer,
                            splits=tuple(s for s, _ in splits if s != "val"))
+    kept = {}
     record = {"step": r.step, **eval_record(r.predict_step, r.params,
                                             EvalSets(data, r.config, r.mesh), tasks,
-                                            r.config, splits)}
+                                            r.config, splits, kept)}
+    if config is None and step is None and eval_file is None:
+        # The run's own data and best checkpoint: (re)writes what training wrote, for
+        # runs from before the file existed.
+        runs.write_outputs(workdir, r.step, saved.eval.best_metric, saved, kept)
     if eval_file is not None:
         record["source"] = os.fspath(eval_file)
     suffix = f"-{name}" if name else ""

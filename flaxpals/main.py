@@ -41,7 +41,8 @@ flags.DEFINE_string("columns", None, "eval: the file's column names, e.g. "
 flags.DEFINE_string("name", None, "eval: names the output eval-<step>-<name>.json "
                     "(default: the file's or data directory's name).")
 flags.DEFINE_list("ensemble", None, "eval/predict: several training runs' workdirs, "
-                  "comma-separated; their averaged outputs are scored or written to --workdir.")
+                  "comma-separated; their averaged outputs are scored or written to --workdir. "
+                  "eval also takes a run's best-outputs.npz in place of its workdir.")
 flags.DEFINE_enum("distributed", "auto", list(parallel.DISTRIBUTED_MODES),
                   "Join a multi-process JAX job (jax.distributed.initialize): auto (when "
                   "the environment says so, see flaxpals/parallel.py), yes or no.")

@@ -181,8 +181,13 @@ def scored_weights(params, opt_state, best_metric: str):
     """The weights `best_metric` (eval.best_metric) scores: the EMA weights for a
     dev_ema/... or val_ema/... metric, else the params. The best checkpoint holds
     these as its params, so --mode=eval|predict read what was selected."""
-    tag = "_ema" if best_metric.split("/", 1)[0].endswith("_ema") else ""
+    tag = scored_tag(best_metric)
     return eval_weights(params, opt_state, use_ema=bool(tag))[tag]
+
+
+def scored_tag(best_metric: str) -> str:
+    """The record tag (`eval_weights`' key) of the weights `best_metric` scores."""
+    return "_ema" if best_metric.split("/", 1)[0].endswith("_ema") else ""
 
 
 def make_optimizer(cfg, params, num_steps: int,

@@ -6,6 +6,9 @@
     <workdir>/best.json       {"step", "metric", "score"} of the best checkpoint (`read_best`)
     <workdir>/timings.jsonl   one JSON line per training invocation: where its wall time
                               went (flaxpals.timing; `append_timings`, `read_timings`)
+    <workdir>/best-outputs.npz  the best checkpoint's outputs on the splits its epoch
+                              scored, as evaluated then (`write_outputs`, `read_outputs`):
+                              an ensemble member that needs no checkpoint (flaxpals.ensemble)
 
 A workdir describes its run: every command that restores one (eval, predict,
 export, `Predictor.from_workdir`) builds the model from the saved
@@ -22,13 +25,17 @@ Only process 0 writes (multi-host jobs share the workdir).
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import logging
 import os
+import zipfile
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 
 from flaxpals import config_lib
@@ -126,6 +133,69 @@ def read_timings(workdir: epath.PathLike) -> list[dict]:
 def read_best(workdir: epath.PathLike) -> dict | None:
     path = epath.Path(workdir) / "best.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+OUTPUTS_FILE = "best-outputs.npz"
+
+
+@dataclasses.dataclass
+class SavedOutputs:
+    """A best-outputs.npz: the step and metric of the checkpoint, the run's config, and
+    rows[split][task] = (ids [n], labels [n] or None, outputs [n, ...]) in file order;
+    outputs as `evaluation.outputs` gives them (logits, a pair logit or a score)."""
+
+    path: str
+    step: int
+    metric: str
+    config: ml_collections.ConfigDict
+    rows: dict[str, dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray]]]
+
+
+def write_outputs(workdir: epath.PathLike, step: int, metric: str,
+                  config: ml_collections.ConfigDict, rows: dict) -> None:
+    """<workdir>/best-outputs.npz from `rows` (as `SavedOutputs.rows`), replaced whole:
+    written to a temporary file first, so a kill leaves the old file or the new one."""
+    if not _host0():
+        return
+    arrays = {"meta": np.array(json.dumps({"step": int(step), "metric": metric,
+                                           "config": config.to_dict()}, default=str))}
+    for split, by_task in rows.items():
+        for task, (ids, labels, out) in by_task.items():
+            arrays[f"{split}/{task}/ids"] = np.asarray(ids).astype(str)
+            arrays[f"{split}/{task}/outputs"] = np.asarray(out)
+            if labels is not None:
+                arrays[f"{split}/{task}/labels"] = np.asarray(labels)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    path = epath.Path(workdir) / OUTPUTS_FILE
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)  # replaces an older best's file (rename would refuse)
+
+
+def read_outputs(path: epath.PathLike) -> SavedOutputs:
+    """A best-outputs.npz (`path`: the file, or the workdir that holds it); raises
+    FileNotFoundError or config_lib.ConfigError naming the file."""
+    path = epath.Path(path)
+    if path.is_dir():
+        path = path / OUTPUTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{os.fspath(path)} does not exist (a run writes "
+                                f"{OUTPUTS_FILE} when it saves its best checkpoint)")
+    try:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
+            files = {k: f[k] for k in f.files}
+        meta = json.loads(str(files.pop("meta")))
+        config = config_lib.from_dict(meta["config"])
+    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise config_lib.ConfigError(f"{os.fspath(path)}: not a readable {OUTPUTS_FILE} "
+                                     f"({type(e).__name__}: {e})") from None
+    rows: dict = {}
+    for key in sorted(k for k in files if k.endswith("/outputs")):
+        split, task, _ = key.split("/")
+        rows.setdefault(split, {})[task] = (files[f"{split}/{task}/ids"],
+                                            files.get(f"{split}/{task}/labels"), files[key])
+    return SavedOutputs(os.fspath(path), int(meta["step"]), meta["metric"], config, rows)
 
 
 def record_at(workdir: epath.PathLike, step: int) -> dict | None:

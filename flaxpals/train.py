@@ -202,11 +202,12 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         """Evaluates, writes the epoch's metrics line, and keeps the best checkpoint."""
         nonlocal best
         record = {"epoch": epoch, "step": step, **losses.means()}
+        kept = {}  # tag -> split -> task -> outputs: the best's go to best-outputs.npz
         with timer.evaluating():
             for tag, evaluated in optim.eval_weights(state.params, state.opt_state,
                                                      config.eval.use_ema).items():
                 record.update(eval_record(predict_step, evaluated, eval_sets, tasks, config,
-                                          record_splits(config, tag)))
+                                          record_splits(config, tag), kept.setdefault(tag, {})))
         history.append(record)
         compiled = compilation.STATS.since(timer.compiled_at_start)
         writer.write_scalars(step, {**{k: v for k, v in record.items() if "/" in k},
@@ -227,6 +228,8 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
             scored = optim.scored_weights(state.params, state.opt_state, config.eval.best_metric)
             ckpts.save_best(step, state.replace(params=scored), progress(), score,
                             config.eval.best_metric)
+            runs.write_outputs(workdir, step, config.eval.best_metric, config,
+                               kept[optim.scored_tag(config.eval.best_metric)])
 
     bar = tqdm(total=sampler.total_steps, initial=sampler.step, desc="train", unit="step",
                disable=not _host0(), dynamic_ncols=True)

@@ -200,3 +200,89 @@ def test_cli_writes_the_ensembles_prediction_files_and_refuses_a_config(trained,
                    "--config=configs/pal.py:tiny")
     assert result.returncode != 0
     assert "--ensemble goes with --mode=eval or --mode=predict" in result.stderr
+
+
+# ---------------------------------------------------------------- saved outputs
+
+
+def test_saved_outputs_round_trip_and_a_better_epoch_replaces_them(tmp_path):
+    config = tiny("pal")
+    ids = np.array(["a1", "b22", "c"])
+    first = {"dev": {"sst": (ids, np.array([0, 4, 2]), np.arange(15.0).reshape(3, 5)),
+                     "sts": (ids, None, np.array([0.5, 1.5, 4.0], np.float32))}}
+    runs.write_outputs(tmp_path, 7, "dev/average", config, first)
+    runs.write_outputs(tmp_path, 9, "val/average", config,
+                       {"dev": {"sst": (ids, first["dev"]["sst"][1], -first["dev"]["sst"][2])}})
+    saved = runs.read_outputs(tmp_path)
+    assert (saved.step, saved.metric) == (9, "val/average")
+    assert saved.config.to_dict() == config.to_dict() and list(saved.rows["dev"]) == ["sst"]
+    got_ids, labels, out = saved.rows["dev"]["sst"]
+    assert got_ids.tolist() == ["a1", "b22", "c"] and labels.tolist() == [0, 4, 2]
+    np.testing.assert_array_equal(out, -np.arange(15.0).reshape(3, 5))
+    assert [p.name for p in tmp_path.iterdir()] == [runs.OUTPUTS_FILE]  # no .tmp left
+
+
+@TRAINED
+def test_a_runs_saved_outputs_are_its_best_checkpoints(trained):
+    """best-outputs.npz, written while training, against the best checkpoint restored."""
+    workdir = trained[1]
+    saved = runs.read_outputs(workdir / runs.OUTPUTS_FILE)
+    assert saved.step == runs.read_best(workdir)["step"]
+    assert saved.metric == trained[0].eval.best_metric
+    restored = _dev_outputs(workdir)  # in file order
+    ids = saved.rows["dev"]["sst"][0]
+    assert list(ids) == [r["id"] for r in read_tsv("ids-sst-dev.csv")][:len(ids)]
+    for task, (labels, out) in restored.items():
+        _, saved_labels, saved_out = saved.rows["dev"][task]
+        np.testing.assert_array_equal(saved_labels, labels)
+        np.testing.assert_allclose(saved_out, out, atol=1e-5, err_msg=task)
+    assert set(saved.rows) == {"dev", "train"}  # the splits its epoch scored
+
+
+@TRAINED
+def test_eval_mode_writes_the_saved_outputs_of_a_run_without_them(trained, tmp_path):
+    from flaxpals import evaluation
+
+    old = tmp_path / "old"
+    shutil.copytree(trained[1], old)
+    (old / runs.OUTPUTS_FILE).unlink()
+    evaluation.evaluate_checkpoint(old, step=None)
+    got, want = runs.read_outputs(old), runs.read_outputs(trained[1])
+    assert got.step == want.step and got.metric == want.metric
+    for task, (ids, labels, out) in want.rows["dev"].items():
+        np.testing.assert_array_equal(got.rows["dev"][task][0], ids)
+        np.testing.assert_allclose(got.rows["dev"][task][2], out, atol=1e-5, err_msg=task)
+
+
+@TRAINED
+def test_an_ensemble_of_saved_outputs_scores_as_of_checkpoints(trained, second, tmp_path):
+    first = trained[1]
+    files = [str(first / runs.OUTPUTS_FILE), str(second / runs.OUTPUTS_FILE)]
+    want = ensemble.evaluate_ensemble([str(first), str(second)], tmp_path / "ckpt")
+    for members in (files, [files[0], str(second)]):  # files, or a file and a workdir
+        got = ensemble.evaluate_ensemble(members, tmp_path / "files")
+        assert got["members"] == members and got["steps"] == want["steps"]
+        for key in ("dev/sst", "dev/quora", "dev/sts", "dev/average"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+@TRAINED
+def test_unusable_saved_outputs_are_named(trained, tmp_path):
+    from flaxpals import config_lib
+
+    stale = tmp_path / "stale"
+    shutil.copytree(trained[1], stale, ignore=shutil.ignore_patterns("checkpoints", "best"))
+    best = runs.read_best(stale)
+    (stale / "best.json").write_text(json.dumps({**best, "step": best["step"] + 1}))
+    npz = str(stale / runs.OUTPUTS_FILE)
+    with pytest.raises(EnsembleError, match=rf"{npz} holds step {best['step']}'s outputs"):
+        ensemble.evaluate_ensemble([npz, npz], tmp_path / "out")
+    with pytest.raises(EnsembleError, match="--step=3 needs the run's workdir"):
+        ensemble.evaluate_ensemble([npz], tmp_path / "out", step=3)
+    with pytest.raises(EnsembleError, match="predicting needs the runs' checkpoints"):
+        Ensemble.from_workdirs([npz])
+    (stale / runs.OUTPUTS_FILE).write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(config_lib.ConfigError, match=rf"{npz}: not a readable"):
+        ensemble.evaluate_ensemble([npz], tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="writes best-outputs.npz when it saves"):
+        runs.read_outputs(tmp_path / "missing.npz")

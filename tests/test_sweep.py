@@ -355,6 +355,23 @@ def test_ensemble_rows_wait_for_every_seed_and_are_labelled(tmp_path, monkeypatc
     assert "--mode=eval --ensemble=" in capsys.readouterr().out
 
 
+def test_an_ensemble_reads_the_seeds_saved_outputs_where_they_are(tmp_path):
+    from experiments import sweep_ensemble
+
+    a, b = tmp_path / "best-val", tmp_path / "best-val-seed1"
+    a.mkdir()
+    b.mkdir()
+    (a / runs.OUTPUTS_FILE).write_bytes(b"")
+    assert sweep_ensemble.member(a) == a / runs.OUTPUTS_FILE
+    assert sweep_ensemble.member(b) == b  # no file: its best checkpoint
+    ens = sweep_ensemble.workdir_of(tmp_path, "best-val")
+    ens.mkdir()
+    (ens / "eval-ensemble.json").write_text(json.dumps({"members": [str(a), str(b)]}))
+    # Scored from checkpoints before; the same seeds read from their files: done already.
+    assert sweep_ensemble.is_done(ens, [a / runs.OUTPUTS_FILE, b])
+    assert not sweep_ensemble.is_done(ens, [a / runs.OUTPUTS_FILE, tmp_path / "best-val-seed2"])
+
+
 def test_every_combiner_and_loss_weighting_has_a_best_recipe_row():
     from flaxpals.combiners import COMBINERS
     from flaxpals.weighting import LOSS_WEIGHTINGS
