@@ -104,6 +104,7 @@ PYTORCH_REFERENCE = {"sst": 0.489, "quora": 0.856, "sts": 0.855}
 # share method=additive.
 COMBINER_ROWS = tuple(c for c in COMBINERS if c != "sum")
 WEIGHTING_ROWS = tuple(w for w in LOSS_WEIGHTINGS if w != "none")
+METHOD_SLUGS = tuple(f"best-{m}" for m in COMBINER_ROWS + WEIGHTING_ROWS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -306,6 +306,56 @@ def against_references(rows: list[dict]) -> list[str]:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + out + [""])
 
 
+# Issue #19's comparison: each combiner or loss weighting on the best recipe against the
+# same recipe with PCGrad and with proportional sampling; the yardstick of a win is the
+# seed spread of that recipe (best-val: 3 seeds, the same recipe with a validation split).
+METHOD_BASELINES = {"best-pcgrad": "PCGrad", "best-proportional": "proportional"}
+SPREAD_ROW = "best-val"
+
+
+def against_baselines(rows: list[dict]) -> list[str]:
+    """The `best-<method>` rows against PAL + PCGrad and PAL + proportional sampling."""
+    by_slug = {r["slug"]: r for r in rows}
+    methods = [r for r in rows if r["slug"] in sweep.METHOD_SLUGS and r["best"]
+               and all(f"dev/{t}" in r["best"] for t in sweep.TASK_ORDER)]
+    if not methods:
+        return []
+    spread = by_slug.get(SPREAD_ROW, {}).get("std", {})
+    base = {slug: by_slug[slug]["best"] for slug in METHOD_BASELINES
+            if slug in by_slug and by_slug[slug]["best"]}
+    head = ["Configuration", "seeds"] + [
+        f"{sweep.TASK_LABELS[t]}: dev, vs {', vs '.join(METHOD_BASELINES.values())}"
+        for t in sweep.TASK_ORDER] + ["dev average", "beyond 2 std of the recipe, "
+                                                     "vs proportional"]
+    out = []
+    for r in methods:
+        b, cells, beyond = r["best"], [], []
+        for t in sweep.TASK_ORDER:
+            key = f"dev/{t}"
+            diffs = ["–" if slug == r["slug"] or key not in base.get(slug, {})
+                     else f"{100 * (b[key] - base[slug][key]):+.1f}"
+                     for slug in METHOD_BASELINES]
+            cells.append(", ".join([_pm(b[key], r["std"].get(key))] + diffs))
+            prop = base.get("best-proportional", {}).get(key)
+            if prop is not None and key in spread and abs(b[key] - prop) > 2 * spread[key]:
+                beyond.append(f"{sweep.TASK_LABELS[t]} {100 * (b[key] - prop):+.1f}")
+        unfinished = "" if r.get("done") else " (unfinished)"
+        verdict = (", ".join(beyond) or "none") if spread else "– (no spread yet)"
+        out.append("| " + " | ".join([r["name"] + unfinished, str(r["n_seeds"])] + cells + [
+            _pm(b["dev/average"], r["std"].get("dev/average")), verdict]) + " |")
+    spread_text = ", ".join(f"{sweep.TASK_LABELS[t]} {spread[f'dev/{t}']:.3f}"
+                            for t in sweep.TASK_ORDER if f"dev/{t}" in spread) or "not run yet"
+    return (["## Gradient combiners and loss weightings (issue #19)", "",
+             "PAL on the best recipe (cross pairs, mean pooling, warm-up 5e-5, 3 epochs, "
+             "method=additive: every step one batch of each task) with each combiner or "
+             "loss weighting; dev at the row's best epoch, differences in points against "
+             "the same recipe with PCGrad (`best-pcgrad`) and with proportional sampling "
+             "(`best-proportional`). A difference counts only beyond twice the recipe's "
+             f"seed-to-seed standard deviation (`{SPREAD_ROW}`, {spread_text}); with one "
+             "seed a row shows no more than that.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + out + [""])
+
+
 def row_styles(n: int) -> list[dict[str, Any]]:
     """n distinct (colour, line style, marker) for matplotlib: 20 colours (tab20), each
     with a different style once they repeat."""
@@ -472,6 +522,7 @@ def report(results: Path, budget_name: str) -> Path:
         lines += [HEAD_NOTE, ""]
     lines += calibration(rows)
     lines += against_references(rows)
+    lines += against_baselines(rows)
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Machines", ""]
     lines += [f"- {', '.join(f'{k} {v}' for k, v in json.loads(m).items())}"

@@ -372,6 +372,36 @@ def test_an_ensemble_reads_the_seeds_saved_outputs_where_they_are(tmp_path):
     assert not sweep_ensemble.is_done(ens, [a / runs.OUTPUTS_FILE, tmp_path / "best-val-seed2"])
 
 
+def _three_task_run(workdir, sst, quora, sts):
+    """A finished one-epoch multi-task run's files."""
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"train": {"num_epochs": 1}}))
+    runs.append_metrics(workdir, {"epoch": 1, "step": 10, "dev/sst": sst, "dev/quora": quora,
+                                  "dev/sts": sts, "dev/average": (sst + quora + sts) / 3})
+
+
+def test_combiners_are_set_against_pcgrad_and_proportional_beyond_the_spread(tmp_path):
+    _three_task_run(tmp_path / "best-proportional", 0.494, 0.858, 0.859)
+    _three_task_run(tmp_path / "best-pcgrad", 0.480, 0.850, 0.860)
+    _three_task_run(tmp_path / "best-cagrad", 0.520, 0.856, 0.840)
+    rows = sweep_report.collect(tmp_path)
+    assert sweep_report.against_baselines(rows)[-3].endswith("– (no spread yet) |")
+    # The recipe's spread: std .010 on SST, .005 on Quora and STS.
+    for seed, (sst, q, sts) in enumerate([(0.48, 0.85, 0.855), (0.49, 0.855, 0.86),
+                                          (0.50, 0.86, 0.865)]):
+        _three_task_run(tmp_path / ("best-val" + (f"-seed{seed}" if seed else "")), sst, q, sts)
+    section = "\n".join(sweep_report.against_baselines(sweep_report.collect(tmp_path)))
+    cells = table_row(section, "Best recipe, additive + cagrad")
+    assert cells[1] == "1"
+    assert cells[2] == "0.520, +4.0, +2.6"  # vs PCGrad .480, vs proportional .494
+    assert cells[4] == "0.840, -2.0, -1.9"
+    # SST +2.6 > 2 x .010 and STS -1.9 > 2 x .005 count; Quora -0.2 does not.
+    assert cells[-1] == "SST acc +2.6, STS r -1.9"
+    assert table_row(section, "Best recipe, additive + pcgrad")[2] == "0.480, –, -1.4"
+    assert "SST acc 0.010, Quora acc 0.005, STS r 0.005" in section
+    assert "Best recipe, additive + famo" not in section  # not run: no row
+
+
 def test_every_combiner_and_loss_weighting_has_a_best_recipe_row():
     from flaxpals.combiners import COMBINERS
     from flaxpals.weighting import LOSS_WEIGHTINGS
