@@ -29,9 +29,10 @@ After the rows (or with --report-only) `experiments/sweep_report.py` writes
 (train and dev metric per task at the best epoch by the run's
 `eval.best_metric`, mean ± std over the seeds run, both average
 formulas, the parameter ratio, the wall time), `results.json` the same data,
-and two plots: `dev_per_epoch.png` (dev metric per epoch per row, a panel per
-task) and `train_vs_dev.png` (train-sample against dev per epoch, a panel per
-row, as the seed's Figure 4).
+and plots: `dev_per_epoch.png` (dev metric per epoch per row, a panel per
+task), `dev_per_epoch_best.png` (the same for the best-recipe rows, on their own
+scale, with the PyTorch reference as a line) and `train_vs_dev.png`
+(train-sample against dev per epoch, a panel per row, as the seed's Figure 4).
 
 Recipes. Table 1 rows use the seed's recipe (`SEED_RECIPE`: [CLS] tanh pooler,
 bi-encoded pairs with a dot-product head, constant learning rate 1e-5, no

@@ -378,24 +378,24 @@ def epoch_curve(r: dict, key: str) -> list[tuple[int, float, float | None]]:
     return [(e, *mean_std(v)) for e, v in sorted(by_epoch.items())]
 
 
-def plot(rows: list[dict], results: Path) -> list[Path]:
-    import matplotlib
+SINGLE_TASK = ("separate", "torch")  # groups of one-task rows: no dev average of their own
 
-    matplotlib.use("Agg")
+
+def _dev_figure(rows: list[dict], ran: list[dict], path: Path, title: str,
+                references: dict[str, float] | None = None) -> Path:
+    """One dev-per-epoch figure of `ran` (a panel per task and the average): each row its
+    own colour, line style and marker, the seed spread as a band, an ensemble (from
+    `rows`) as a star; `references` (task -> score) as grey horizontal lines."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    ran = [r for r in rows if r["records"]]
-    written = []
     panels = list(sweep.TASK_ORDER) + ["average"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
-    # Each row its own colour, line style and marker in every panel, so that the shared
-    # legend names each line; the spread over seeds (mean ± std) shows as a band.
     styles = dict(zip((r["slug"] for r in ran), row_styles(len(ran)), strict=True))
     for ax, key in zip(axes[0], panels, strict=True):
         drawn = 0
         for r in ran:
-            if key == "average" and r["group"] == "separate":
+            if key == "average" and r["group"] in SINGLE_TASK:
                 continue
             curve = epoch_curve(r, f"dev/{key}")
             if curve:
@@ -413,7 +413,7 @@ def plot(rows: list[dict], results: Path) -> list[Path]:
             base = next((b for b in ran if b["slug"] == r.get("of")), None)
             value = r["best"].get(f"dev/{key}") if r["group"] == "ensemble" else None
             if value is None or base is None or (key == "average"
-                                                 and base["group"] == "separate"):
+                                                 and base["group"] in SINGLE_TASK):
                 continue
             last = max(int(x["epoch"]) for run in base["seeds"].values()
                        for x in run["records"])
@@ -421,6 +421,9 @@ def plot(rows: list[dict], results: Path) -> list[Path]:
                        color=styles[base["slug"]]["color"], edgecolors="black",
                        label=r["name"])
             drawn += 1
+        if references and key in references and drawn:
+            ax.axhline(references[key], color="grey", linewidth=1, linestyle=(0, (1, 1)),
+                       label="PyTorch reference, single-task (mean over its seeds)")
         if not drawn:
             ax.text(0.5, 0.5, "no row with all three tasks yet" if key == "average"
                     else "no row yet", ha="center", va="center", transform=ax.transAxes)
@@ -437,10 +440,36 @@ def plot(rows: list[dict], results: Path) -> list[Path]:
             legend.setdefault(label, h)
     handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(labels) // 3), 1, 1))
-    written.append(results / "dev_per_epoch.png")
-    fig.savefig(written[-1], dpi=110)
+    fig.suptitle(title)
+    # Room below the panels for the legend: about 0.036 of the height per line of 3.
+    fig.tight_layout(rect=(0, 0.05 + 0.036 * -(-len(labels) // 3), 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def plot(rows: list[dict], results: Path) -> list[Path]:
+    """dev_per_epoch.png (the Table 1 and single-task rows), dev_per_epoch_best.png (the
+    best-recipe rows, on their own scale, against the PyTorch reference) and
+    train_vs_dev.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ran = [r for r in rows if r["records"]]
+    best = [r for r in ran if r["group"] == "best"]
+    written = [_dev_figure(rows, [r for r in ran if r["group"] != "best"],
+                           results / "dev_per_epoch.png",
+                           "Table 1 rows, separate models and PyTorch references")]
+    if best:
+        reference = {t: v for t, (v, _, _) in pytorch_reference(rows).items()}
+        reference["average"] = sum(reference[t] for t in sweep.TASK_ORDER) / len(
+            sweep.TASK_ORDER)
+        written.append(_dev_figure(rows, best, results / "dev_per_epoch_best.png",
+                                   "Best-recipe rows (PAL, cross pairs, mean pooling, "
+                                   "warm-up 5e-5)", reference))
 
     ncols = min(4, max(len(ran), 1))
     nrows = max(1, -(-len(ran) // ncols))

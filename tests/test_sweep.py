@@ -391,6 +391,10 @@ def test_combiners_are_set_against_pcgrad_and_proportional_beyond_the_spread(tmp
                                           (0.50, 0.86, 0.865)]):
         _three_task_run(tmp_path / ("best-val" + (f"-seed{seed}" if seed else "")), sst, q, sts)
     section = "\n".join(sweep_report.against_baselines(sweep_report.collect(tmp_path)))
+    # The best-recipe rows get a figure of their own, linked from the report.
+    report = sweep_report.report(tmp_path, "smoke").read_text()
+    assert "![dev_per_epoch_best](dev_per_epoch_best.png)" in report
+    assert (tmp_path / "dev_per_epoch_best.png").read_bytes()[:4] == b"\x89PNG"
     cells = table_row(section, "Best recipe, additive + cagrad")
     assert cells[1] == "1"
     assert cells[2] == "0.520, +4.0, +2.6"  # vs PCGrad .480, vs proportional .494
