@@ -251,6 +251,7 @@ def test_eval_mode_writes_the_saved_outputs_of_a_run_without_them(trained, tmp_p
     assert got.step == want.step and got.metric == want.metric
     for task, (ids, labels, out) in want.rows["dev"].items():
         np.testing.assert_array_equal(got.rows["dev"][task][0], ids)
+        np.testing.assert_array_equal(got.rows["dev"][task][1], labels)
         np.testing.assert_allclose(got.rows["dev"][task][2], out, atol=1e-5, err_msg=task)
 
 
