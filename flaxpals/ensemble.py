@@ -148,13 +148,13 @@ def is_saved(member) -> bool:
     return os.fspath(member).endswith(".npz")
 
 
-def _saved_member(path, splits: Sequence[str], step: int | None, found: _Outputs) -> None:
+def _saved_member(saved: runs.SavedOutputs, splits: Sequence[str], step: int | None,
+                  found: _Outputs) -> None:
     """Adds a best-outputs.npz member's rows of `splits` to `found`."""
-    name = os.fspath(path)
+    path = name = saved.path
     if step is not None:
         raise EnsembleError(f"ensemble member {name} holds the best checkpoint's outputs "
                             f"only: --step={step} needs the run's workdir")
-    saved = runs.read_outputs(path)
     best = runs.read_best(epath.Path(path).parent)
     if best is not None and best["step"] != saved.step:
         raise EnsembleError(f"ensemble member {name} holds step {saved.step}'s outputs but "
@@ -173,14 +173,15 @@ def member_outputs(members: Sequence[str], splits: Sequence[str], step: int | No
     (runs.read_outputs: no restore; the file holds the splits its epoch scored)."""
     if not members:
         raise EnsembleError("--ensemble: give at least one workdir")
-    configs = [runs.read_outputs(m).config if is_saved(m) else runs.read_config(m)
-               for m in members]
+    saved = {i: runs.read_outputs(m) for i, m in enumerate(members) if is_saved(m)}
+    configs = [saved[i].config if i in saved else runs.read_config(m)
+               for i, m in enumerate(members)]
     tasks = check_tasks([(os.fspath(m), tasks_of_config(c)) for m, c in zip(members, configs,
                                                                               strict=True)])
     found = _Outputs()
-    for member in members:
-        if is_saved(member):
-            _saved_member(member, splits, step, found)
+    for i, member in enumerate(members):
+        if i in saved:
+            _saved_member(saved[i], splits, step, found)
             continue
         r = evaluation_lib.restore(member, None, step)
         found.steps.append(r.step)
