@@ -83,14 +83,20 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def aggregate(seeds: dict[int, dict]) -> dict[str, Any]:
     """A row's figures over its seeds: each metric's mean (`best`) and std (`std`) over
-    the seeds' best epochs; the time summed; done when every seed is."""
+    the seeds' best epochs (train figures over the seeds of one sample kind,
+    `train_sample_from`); the time summed; done when every seed is."""
     scored = {s: r for s, r in seeds.items() if r["best"]}
+    # A train figure means one thing only over one way of drawing the sample: where seeds
+    # differ (seeds added after eval.train_sample_from existed), the random samples count.
+    kinds = {r["train_sample_from"] for r in (scored or seeds).values()}
+    sample_from = "random" if "random" in kinds else next(iter(kinds), None)
     best, std = None, {}
     if scored:
         keys = set.intersection(*(set(r["best"]) for r in scored.values()))
         best = {}
         for k in sorted(keys):
-            values = [r["best"][k] for r in scored.values()]
+            values = [r["best"][k] for r in scored.values()
+                      if not k.startswith("train/") or r["train_sample_from"] == sample_from]
             # Metrics only: a mean step or epoch names no checkpoint (`best_epochs` lists them).
             if all(isinstance(v, (int, float)) for v in values) and k not in ("step", "epoch"):
                 best[k], sd = mean_std([float(v) for v in values])
@@ -107,9 +113,7 @@ def aggregate(seeds: dict[int, dict]) -> dict[str, Any]:
             "num_epochs": first.get("num_epochs"),
             "best_epochs": [int(r["best"]["epoch"]) for r in scored.values()
                             if "epoch" in r["best"]],
-            "train_sample_from": ("head" if any(r["train_sample_from"] == "head"
-                                                for r in seeds.values())
-                                  else first.get("train_sample_from")),
+            "train_sample_from": sample_from,
             "done": bool(seeds) and all(r["done"] for r in seeds.values())}
 
 
@@ -156,7 +160,10 @@ def combined_separate(rows: list[dict], group: str = "separate") -> dict | None:
             "n_seeds": min(r.get("n_seeds", 1) for r in sep),
             "seconds": sum(r["seconds"] or 0 for r in sep), "epoch": "-", "done": True,
             "train_sample_from": ("head" if any(r.get("train_sample_from") == "head" for r in sep)
-                                  else "random")}
+                                  else "random"),
+            # each task's train figure is its own model's: marked only where that one's is
+            "head_tasks": [k.split("/")[1] for r in sep if r.get("train_sample_from") == "head"
+                           for k in r["best"] if k.startswith("train/")]}
 
 
 def _fmt(v, digits=3) -> str:
@@ -204,8 +211,10 @@ def table(rows: list[dict]) -> str:
             lines.append("| " + " | ".join([r["name"], "not run yet"] + [""] * (len(head) - 2))
                          + " |")
             continue
-        mark = HEAD_MARK if r.get("train_sample_from") == "head" else ""
-        cells = [_cell(r, f"{s}/{t}") + (mark if s == "train" and f"{s}/{t}" in b else "")
+        headed = r.get("head_tasks", sweep.TASK_ORDER if r.get("train_sample_from") == "head"
+                       else ())
+        cells = [_cell(r, f"{s}/{t}") + (HEAD_MARK if s == "train" and t in headed
+                                         and f"{s}/{t}" in b else "")
                  for t in sweep.TASK_ORDER for s in ("train", "dev")]
         # The averages are over the three tasks: left empty for a row with fewer.
         full = all(f"dev/{t}" in b for t in sweep.TASK_ORDER)

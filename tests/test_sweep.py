@@ -130,6 +130,36 @@ def test_train_figures_from_the_files_head_are_marked():
     assert combined[1:4] == ["0.600ʰ", "0.480", "–"]
 
 
+def test_train_figures_are_not_averaged_across_sample_kinds(tmp_path):
+    # Seed 0 evaluated the train file's head (its config predates the field), seeds 1-2 a
+    # random sample: the row's train figure is the random seeds' mean, unmarked.
+    import statistics
+
+    for seed, dev in enumerate((0.48, 0.47, 0.49)):
+        _fake_run(tmp_path / ("separate-sst" + (f"-seed{seed}" if seed else "")), [dev])
+    config = json.loads((tmp_path / "separate-sst" / "config.json").read_text())
+    del config["eval"]["train_sample_from"]
+    (tmp_path / "separate-sst" / "config.json").write_text(json.dumps(config))
+    row = {r["slug"]: r for r in sweep_report.collect(tmp_path)}["separate-sst"]
+    assert row["train_sample_from"] == "random"
+    assert row["best"]["train/sst"] == pytest.approx(statistics.mean([0.57, 0.59]))
+    assert row["std"]["train/sst"] == pytest.approx(statistics.stdev([0.57, 0.59]))
+    assert row["best"]["dev/sst"] == pytest.approx(statistics.mean([0.48, 0.47, 0.49]))
+    cells = table_row(sweep_report.table([row]), "Separate model: sst")
+    assert cells[1] == f"{0.58:.3f} ± {statistics.stdev([0.57, 0.59]):.3f}"
+    # Seed 0 alone keeps its head-sampled figure, marked.
+    alone = {**row, **sweep_report.aggregate({0: row["seeds"][0]})}
+    assert alone["train_sample_from"] == "head" and alone["best"]["train/sst"] == 0.58
+    assert table_row(sweep_report.table([alone]), "Separate model: sst")[1] == "0.580ʰ"
+    # Combined with a head-sampled STS model, only the STS train cell is marked.
+    sts = _row("separate", "separate-sts", {"sts": 0.85})
+    sts["best"]["train/sts"] = 0.9
+    sts["train_sample_from"] = "head"
+    combined = table_row(sweep_report.table([row, sts]),
+                         "Separate models (2 of 3 tasks, each its best epoch)")
+    assert combined[1] == cells[1] and combined[5] == "0.900ʰ"
+
+
 def test_sigterm_marks_the_row_interrupted_and_stops_its_trainer(tmp_path):
     """`kill <sweep>` must not orphan the row's trainer nor leave its record "running"."""
     import os
