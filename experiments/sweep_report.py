@@ -159,8 +159,6 @@ def combined_separate(rows: list[dict], group: str = "separate") -> dict | None:
             "best": best, "std": std, "param_ratio": sum(ratios) if ratios else None,
             "n_seeds": min(r.get("n_seeds", 1) for r in sep),
             "seconds": sum(r["seconds"] or 0 for r in sep), "epoch": "-", "done": True,
-            "train_sample_from": ("head" if any(r.get("train_sample_from") == "head" for r in sep)
-                                  else "random"),
             # each task's train figure is its own model's: marked only where that one's is
             "head_tasks": [k.split("/")[1] for r in sep if r.get("train_sample_from") == "head"
                            for k in r["best"] if k.startswith("train/")]}
