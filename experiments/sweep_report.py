@@ -89,7 +89,7 @@ def aggregate(seeds: dict[int, dict]) -> dict[str, Any]:
     # A train figure means one thing only over one way of drawing the sample: where seeds
     # differ (seeds added after eval.train_sample_from existed), the random samples count.
     kinds = {r["train_sample_from"] for r in (scored or seeds).values()}
-    sample_from = "random" if "random" in kinds else next(iter(kinds), None)
+    sample_from = next((k for k in ("random", "head") if k in kinds), None)
     best, std = None, {}
     if scored:
         keys = set.intersection(*(set(r["best"]) for r in scored.values()))
