@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ml_collections
 
-from flaxpals import preemption, sampler
+from flaxpals import preemption, sampler, smart
 from flaxpals.combiners import COMBINERS, MGDA_MAX_TASKS
 from flaxpals.tasks import tasks_of_config
 from flaxpals.weighting import LOSS_WEIGHTINGS
@@ -114,10 +114,15 @@ def base() -> ml_collections.ConfigDict:
     # term, a divergence between outputs at the embeddings and at a perturbed copy; 0: off.
     c.train.smart_weight = 0.0
     c.train.smart_steps = 1  # Power-iteration (ascent) steps that find the perturbation.
-    c.train.smart_eps = 1e-5  # Radius of the ball the perturbation is projected onto.
-    c.train.smart_step_size = 1e-3  # Ascent step along the normalised gradient.
+    # Radius: of each example's ball (projection ball), or each token's norm (token; the
+    # authors' code uses 1). At 1e-5 the ball's term is lost in float32 (smart.py).
+    c.train.smart_eps = 1e-5
+    c.train.smart_step_size = 1e-3  # Ascent step along the (ball: normalised) gradient.
     c.train.smart_noise = 1e-5  # Std of the Gaussian noise the perturbation starts from.
     c.train.smart_norm = "inf"  # Norm of the normalisation and the ball: inf (the paper) | l2.
+    # ball: the paper's Algorithm 1, projected onto each example's eps-ball | token: the
+    # authors' code, each token's perturbation rescaled to norm eps after every step.
+    c.train.smart_projection = "ball"
     # Bregman proximal point term: the divergence from the outputs of the EMA params
     # (needs train.ema_decay > 0, which is the paper's momentum beta); 0: off.
     c.train.smart_bregman_weight = 0.0
@@ -310,7 +315,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"must be an integer >= 1, got {t.smart_steps!r}")
     for key in ("smart_eps", "smart_step_size", "smart_noise"):
         _check(f"train.{key}", t[key] > 0, f"must be positive, got {t[key]}")
-    _check("train.smart_norm", t.smart_norm in ("inf", "l2"), f"{t.smart_norm!r} is not inf|l2")
+    _check("train.smart_norm", t.smart_norm in smart.NORMS,
+           f"{t.smart_norm!r} is not {'|'.join(smart.NORMS)}")
+    _check("train.smart_projection", t.smart_projection in smart.PROJECTIONS,
+           f"{t.smart_projection!r} is not {'|'.join(smart.PROJECTIONS)}")
     v = c.data.validation_fraction
     _check("data.validation_fraction", 0 <= v < 1, f"must be in [0, 1) (0: off), got {v}")
     _check("eval.use_ema", not c.eval.use_ema or t.ema_decay > 0,

@@ -78,6 +78,28 @@ def test_ascent_step_against_numpy(norm):
                                rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("norm", ["inf", "l2"])
+def test_token_projection_against_numpy(norm):
+    """The authors' code (mt-dnn perturbation.py, norm_level 0): delta + eta * g, the
+    gradient not normalised, divided by each token's norm over the hidden axis, times eps."""
+    rng = np.random.default_rng(2)
+    delta = tuple(rng.normal(size=(4, 3, 5)).astype(np.float32) * 1e-5 for _ in range(2))
+    grad = tuple(rng.normal(size=(4, 3, 5)).astype(np.float32) * s for s in (1e-2, 3e-3))
+    eta, eps = 1e-3, 0.7
+    got = smart.ascent_step(delta, grad, smart.SmartOptions(
+        eps=eps, step_size=eta, norm=norm, projection="token"))
+    for d, g, out in zip(delta, grad, got, strict=True):
+        moved = np.float64(d) + eta * np.float64(g)
+        n = np.abs(moved).max(-1) if norm == "inf" else np.sqrt((moved ** 2).sum(-1))
+        np.testing.assert_allclose(out, eps * moved / n[..., None], rtol=1e-5, atol=1e-9)
+        # every token's perturbation has norm eps, whatever the size of delta and g
+        got_n = np.abs(out).max(-1) if norm == "inf" else np.sqrt((np.float64(out) ** 2).sum(-1))
+        np.testing.assert_allclose(got_n, eps, rtol=1e-5)
+    cfg = config_lib.base().train
+    cfg.smart_weight, cfg.smart_projection = 1.0, "token"
+    assert smart.from_config(cfg).projection == "token"
+
+
 @pytest.fixture(scope="module")
 def small():
     """A 1-layer hidden-16 model (quick to compile), its params and a batch per task."""
@@ -238,6 +260,7 @@ def test_regularised_loss_is_its_terms(small, task):
     ("smart_step_size", -1e-3, r"train\.smart_step_size: must be positive"),
     ("smart_noise", 0.0, r"train\.smart_noise: must be positive"),
     ("smart_norm", "l1", r"train\.smart_norm: 'l1' is not inf\|l2"),
+    ("smart_projection", "sphere", r"train\.smart_projection: 'sphere' is not ball\|token"),
     ("smart_bregman_weight", 1.0, r"train\.smart_bregman_weight: needs train\.ema_decay > 0"),
 ])
 def test_config_keys_are_checked_and_named(key, value, message):
@@ -247,5 +270,5 @@ def test_config_keys_are_checked_and_named(key, value, message):
         config_lib.validate(c)
     c = config_lib.base()
     c.train.smart_weight, c.train.smart_bregman_weight, c.train.ema_decay = 1.0, 1.0, 0.99
-    c.train.smart_norm, c.train.smart_steps = "l2", 2
+    c.train.smart_norm, c.train.smart_steps, c.train.smart_projection = "l2", 2, "token"
     config_lib.validate(c)
