@@ -153,9 +153,11 @@ def ascent_step(delta, grad, options: SmartOptions):
     """One power-iteration step: δ_i <- Π(δ_i + step_size * g_i / ||g_i||) ("ball"), or
     δ <- eps * (δ + step_size * g) / ||δ + step_size * g|| per token ("token")."""
     if options.projection == "token":
-        return jax.tree.map(
-            lambda d, g: (lambda m: options.eps * m / _safe(token_norms(m, options.norm)))(
-                d + options.step_size * g), delta, grad)
+        def rescaled(d, g):
+            moved = d + options.step_size * g
+            return options.eps * moved / _safe(token_norms(moved, options.norm))
+
+        return jax.tree.map(rescaled, delta, grad)
     direction = _times(grad, 1.0 / _safe(example_norms(grad, options.norm)))
     delta = jax.tree.map(lambda d, g: d + options.step_size * g, delta, direction)
     if options.norm == "inf":
