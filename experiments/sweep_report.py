@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import sweep, sweep_ensemble
-from flaxpals import runs
+from flaxpals import config_lib, runs
 
 
 def best_record(records: list[dict], key: str = "dev/average") -> dict | None:
@@ -89,7 +89,7 @@ def aggregate(seeds: dict[int, dict]) -> dict[str, Any]:
     # A train figure means one thing only over one way of drawing the sample: where seeds
     # differ (seeds added after eval.train_sample_from existed), the random samples count.
     kinds = {r["train_sample_from"] for r in (scored or seeds).values()}
-    sample_from = next((k for k in ("random", "head") if k in kinds), None)
+    sample_from = next((k for k in config_lib.TRAIN_SAMPLES if k in kinds), None)
     best, std = None, {}
     if scored:
         keys = set.intersection(*(set(r["best"]) for r in scored.values()))
