@@ -489,17 +489,24 @@ def plot(rows: list[dict], results: Path) -> list[Path]:
         r = ran[i]
         for t in sweep.TASK_ORDER:
             for split, style in (("train", "--"), ("dev", "-")):
-                pts = [(x["epoch"], x[f"{split}/{t}"]) for x in r["records"]
-                       if f"{split}/{t}" in x]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), style, marker="o", color=colors[t],
-                            label=f"{sweep.TASK_LABELS[t]} {split}")
-        ax.set_title(r["name"], fontsize=8)
+                curve = epoch_curve(r, f"{split}/{t}")
+                if not curve:
+                    continue
+                x, mean, std = zip(*curve, strict=True)
+                ax.plot(x, mean, style, marker="o", color=colors[t],
+                        label=f"{sweep.TASK_LABELS[t]} {split}")
+                if any(sd is not None for sd in std):
+                    ax.fill_between(x, [m - (sd or 0) for m, sd in zip(mean, std, strict=True)],
+                                    [m + (sd or 0) for m, sd in zip(mean, std, strict=True)],
+                                    color=colors[t], alpha=0.15, linewidth=0)
+        n_seeds = len(r.get("seeds") or {0: r})
+        ax.set_title(r["name"] + (f" ({n_seeds} seeds)" if n_seeds > 1 else ""), fontsize=8)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle("train sample (dashed) against dev (solid) per epoch")
+    fig.suptitle("train sample (dashed) against dev (solid) per epoch; with several seeds, "
+                 "their mean and a band of ± one standard deviation")
     fig.tight_layout()
     written.append(results / "train_vs_dev.png")
     fig.savefig(written[-1], dpi=110)
