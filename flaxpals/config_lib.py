@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ml_collections
 
-from flaxpals import preemption, sampler, smart
+from flaxpals import optim, preemption, sampler, smart
 from flaxpals.combiners import COMBINERS, MGDA_MAX_TASKS
 from flaxpals.tasks import tasks_of_config
 from flaxpals.weighting import LOSS_WEIGHTINGS
@@ -30,7 +30,6 @@ METHODS = sampler.METHODS + ("pcgrad",)
 # eval.train_sample_from's values, the preferred first (a report averaging seeds of
 # both kinds takes the first it finds).
 TRAIN_SAMPLES = ("random", "head")
-SCALES = ("tiny", "minilm", "bert_base")
 
 
 class ConfigError(ValueError):
@@ -63,7 +62,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.data_dir = ""  # CS224N files; "": $FLAXPALS_DATA_DIR or shared/data/cs224n.
-    c.data.cache_dir = ""  # Token-id cache; "": ~/.cache/flaxpals.
+    c.data.cache_dir = ""  # Token-id cache; "": $FLAXPALS_CACHE_DIR, else $XDG_CACHE_HOME/flaxpals.
     c.data.strict = False  # Raise on a defective row instead of skipping and counting it.
     c.data.max_length = 128  # Truncation length in tokens (specials included).
     # Padded lengths: one compilation per task and bucket used. A step costs about its
@@ -73,7 +72,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.train_limit = -1  # Use only the first N training examples per task; -1: all.
     c.data.eval_limit = -1  # Evaluate on the first N dev examples per task; -1: all.
     # Share of each task's train rows (after train_limit) held out as the `val` split, never
-    # trained on, for best-epoch selection (eval.best_metric must then name val/...); 0: off.
+    # trained on, for best-epoch selection (eval.best_metric: val/... or val_ema/...); 0: off.
     c.data.validation_fraction = 0.0
     c.data.validation_seed = 0  # Draws the held-out rows: the same rows whatever `seed` is.
 
@@ -103,7 +102,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.schedule = "warmup_linear"  # warmup_linear | constant (the report's).
     c.train.warmup_fraction = 0.1  # Warm-up share of all steps for warmup_linear.
     c.train.weight_decay = 0.01  # AdamW decoupled weight decay (the report's: 0).
-    c.train.decay_mask = "no_bias_norm"  # Decay all but biases and LayerNorms | all.
+    c.train.decay_mask = "no_bias_norm"  # no_bias_norm (all but biases, LayerNorms) | all.
     c.train.grad_clip = 1.0  # Clip by global norm; 0: no clipping.
     c.train.adam_b1 = 0.9  # Adam beta1.
     c.train.adam_b2 = 0.999  # Adam beta2.
@@ -294,6 +293,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("train.warmup_fraction", 0 <= t.warmup_fraction < 1,
            f"must be in [0, 1), got {t.warmup_fraction}")
     _check("train.temperature", t.temperature > 0, f"must be positive, got {t.temperature}")
+    _check("train.steps_per_epoch", isinstance(t.steps_per_epoch, int)
+           and (t.steps_per_epoch == -1 or t.steps_per_epoch >= 1),
+           f"must be an integer >= 1, or -1 for the method's default, got {t.steps_per_epoch!r}")
+    for key, kinds in (("trainable", optim.TRAINABLE), ("schedule", optim.SCHEDULES),
+                       ("decay_mask", optim.DECAY_MASKS)):
+        _check(f"train.{key}", t[key] in kinds, f"{t[key]!r} is not {'|'.join(kinds)}")
+    _check("train.grad_clip", t.grad_clip >= 0, f"must be >= 0 (0: off), got {t.grad_clip}")
+    for key in ("adam_b1", "adam_b2"):
+        _check(f"train.{key}", 0 <= t[key] < 1, f"must be in [0, 1), got {t[key]}")
+    _check("train.adam_eps", t.adam_eps > 0, f"must be positive, got {t.adam_eps}")
     try:
         preemption.parse_budget(str(t.time_budget))
     except ValueError as e:

@@ -57,6 +57,25 @@ def test_config_arguments():
         load_config("baseline", "mehtod=sqrt")
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("trainable", "bogus", r"config\.train\.trainable: 'bogus' is not finetune\|adapters_only"),
+    ("schedule", "cosine", r"config\.train\.schedule: 'cosine' is not constant\|warmup_linear"),
+    ("decay_mask", "none", r"config\.train\.decay_mask: 'none' is not no_bias_norm\|all"),
+    ("grad_clip", -1.0, r"config\.train\.grad_clip: must be >= 0"),
+    ("steps_per_epoch", 0, r"config\.train\.steps_per_epoch: must be an integer >= 1, or -1"),
+    ("adam_b2", 1.0, r"config\.train\.adam_b2: must be in \[0, 1\)"),
+    ("adam_eps", 0.0, r"config\.train\.adam_eps: must be positive"),
+])
+def test_optimiser_values_are_checked_before_any_compute(key, value, message):
+    """Each of these used to pass validate() and fail later, unnamed, in optim or the
+    sampler; a negative grad_clip silently turned every clipped update into ascent
+    (optax scales by max_norm / norm)."""
+    c = load_config("baseline")
+    c.train[key] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(c)
+
+
 def test_bad_keys_and_values_are_named():
     c = load_config("baseline")
     c.train.unknown_knob = 3
