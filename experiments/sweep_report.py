@@ -523,6 +523,15 @@ def _shown(path: Path | str) -> str:
         return str(path)
 
 
+def _shown_arg(arg: str) -> str:
+    """A recorded command's argument as the report shows it: workdirs and ensemble
+    members relative to the working directory, configs as configs/<file>."""
+    if arg.startswith(("--workdir=", "--ensemble=")):
+        flag, _, value = arg.partition("=")
+        return f"{flag}={','.join(_shown(v) for v in value.split(','))}"
+    return arg.replace(str(sweep.CONFIGS) + "/", "configs/")
+
+
 def report(results: Path, budget_name: str) -> Path:
     rows = collect(results)
     plots = plot(rows, results) if any(r["records"] for r in rows) else []
@@ -573,9 +582,7 @@ def report(results: Path, budget_name: str) -> Path:
     lines += ["", "## Commands", "", "Each row alone (the sweep runs exactly these):", ""]
     for r in rows:
         for seed, command_run in sorted(r.get("commands", {}).items()):
-            cmd = ["python"] + [
-                f"--workdir={_shown(x.partition('=')[2])}" if x.startswith("--workdir=")
-                else x.replace(str(sweep.CONFIGS) + "/", "configs/") for x in command_run[1:]]
+            cmd = ["python"] + [_shown_arg(x) for x in command_run[1:]]
             label = r["name"] + (f", seed {seed}" if len(r["commands"]) > 1 else "")
             lines += [f"- {label}: `{shlex.join(cmd)}`"]
     out = results / "RESULTS.md"

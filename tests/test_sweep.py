@@ -447,3 +447,17 @@ def test_every_combiner_and_loss_weighting_has_a_best_recipe_row():
             c = sweep.build_config(rows[f"best-{name}"], cpu, {})
             assert (c.train.method, c.train[key], c.train.num_epochs) == ("additive", name, 3)
             assert (c.model.pooling, c.model.pair_encoding) == ("mean", "cross")
+
+
+def test_report_shows_ensemble_members_relative(tmp_path, monkeypatch):
+    """A recorded ensemble command lists absolute member paths; the report shows each
+    relative to where it was written, as it does workdirs (not the writer's own tree)."""
+    monkeypatch.chdir(tmp_path)
+    members = [tmp_path / "docs/results/best-val/best-outputs.npz",
+               tmp_path / "docs/results/best-val-seed1/best-outputs.npz"]
+    arg = "--ensemble=" + ",".join(str(m) for m in members)
+    assert sweep_report._shown_arg(arg) == ("--ensemble=docs/results/best-val/best-outputs.npz,"
+                                            "docs/results/best-val-seed1/best-outputs.npz")
+    assert sweep_report._shown_arg(f"--workdir={tmp_path}/runs/a") == "--workdir=runs/a"
+    assert sweep_report._shown_arg("--ensemble=/elsewhere/a,/elsewhere/b") == (
+        "--ensemble=/elsewhere/a,/elsewhere/b")
