@@ -319,8 +319,12 @@ def is_done(workdir: Path, num_epochs: int) -> bool:
 
 
 def machine() -> dict[str, Any]:
+    """The host a row ran on, its vector extensions included (step times depend on them:
+    AVX2 against AVX-512)."""
+    from benchmarks.bench_e2e import cpu  # the one definition of what a figure records
+
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python":
-            platform.python_version()}
+            platform.python_version(), "cpu_flags": " ".join(cpu()["flags"])}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -461,3 +461,16 @@ def test_report_shows_ensemble_members_relative(tmp_path, monkeypatch):
     assert sweep_report._shown_arg(f"--workdir={tmp_path}/runs/a") == "--workdir=runs/a"
     assert sweep_report._shown_arg("--ensemble=/elsewhere/a,/elsewhere/b") == (
         "--ensemble=/elsewhere/a,/elsewhere/b")
+
+
+def test_machine_records_the_vector_extensions():
+    """Row timings depend on AVX2 against AVX-512: each row's machine record names them,
+    as /proc/cpuinfo lists them (an empty string where it lists none)."""
+    from pathlib import Path
+
+    info = sweep.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        listed = set(re.findall(r"\b(avx2|avx512[a-z0-9_]*)\b", cpuinfo.read_text()))
+        assert listed <= set(info["cpu_flags"].split())
+    assert isinstance(info["cpu_flags"], str)
