@@ -385,6 +385,14 @@ def epoch_curve(r: dict, key: str) -> list[tuple[int, float, float | None]]:
     return [(e, *mean_std(v)) for e, v in sorted(by_epoch.items())]
 
 
+def _band(ax, x, mean, std, color) -> None:
+    """The seed spread of an epoch_curve as a band of ± one std (none for one seed)."""
+    if any(sd is not None for sd in std):
+        ax.fill_between(x, [m - (sd or 0) for m, sd in zip(mean, std, strict=True)],
+                        [m + (sd or 0) for m, sd in zip(mean, std, strict=True)],
+                        color=color, alpha=0.15, linewidth=0)
+
+
 SINGLE_TASK = ("separate", "torch")  # groups of one-task rows: no dev average of their own
 
 
@@ -408,11 +416,7 @@ def _dev_figure(rows: list[dict], ran: list[dict], path: Path, title: str,
             if curve:
                 x, mean, std = zip(*curve, strict=True)
                 ax.plot(x, mean, label=r["name"], **styles[r["slug"]])
-                if any(sd is not None for sd in std):
-                    lo = [m - (sd or 0) for m, sd in zip(mean, std, strict=True)]
-                    hi = [m + (sd or 0) for m, sd in zip(mean, std, strict=True)]
-                    ax.fill_between(x, lo, hi, color=styles[r["slug"]]["color"], alpha=0.15,
-                                    linewidth=0)
+                _band(ax, x, mean, std, styles[r["slug"]]["color"])
                 drawn += 1
         # An ensemble is one figure: a star at its row's last epoch, in the row's colour
         # (not on the average panel for a single-task row, as that row's own line).
@@ -495,10 +499,7 @@ def plot(rows: list[dict], results: Path) -> list[Path]:
                 x, mean, std = zip(*curve, strict=True)
                 ax.plot(x, mean, style, marker="o", color=colors[t],
                         label=f"{sweep.TASK_LABELS[t]} {split}")
-                if any(sd is not None for sd in std):
-                    ax.fill_between(x, [m - (sd or 0) for m, sd in zip(mean, std, strict=True)],
-                                    [m + (sd or 0) for m, sd in zip(mean, std, strict=True)],
-                                    color=colors[t], alpha=0.15, linewidth=0)
+                _band(ax, x, mean, std, colors[t])
         n_seeds = len(r.get("seeds") or {0: r})
         ax.set_title(r["name"] + (f" ({n_seeds} seeds)" if n_seeds > 1 else ""), fontsize=8)
         ax.set_xlabel("epoch")
