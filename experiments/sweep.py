@@ -323,13 +323,10 @@ def machine() -> dict[str, Any]:
     AVX2 against AVX-512)."""
     from benchmarks.bench_e2e import cpu  # the one definition of what a figure records
 
+    host = cpu()
     info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python":
-            platform.python_version(), "cpu_flags": " ".join(cpu()["flags"])}
+            platform.python_version(), "cpu": host["model"], "cpu_flags": " ".join(host["flags"])}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
