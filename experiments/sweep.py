@@ -29,10 +29,12 @@ After the rows (or with --report-only) `experiments/sweep_report.py` writes
 (train and dev metric per task at the best epoch by the run's
 `eval.best_metric`, mean ± std over the seeds run, both average
 formulas, the parameter ratio, the wall time), `results.json` the same data,
-and plots: `dev_per_epoch.png` (dev metric per epoch per row, a panel per
-task), `dev_per_epoch_best.png` (the same for the best-recipe rows, on their own
-scale, with the PyTorch reference as a line) and `train_vs_dev.png`
-(train-sample against dev per epoch, a panel per row, as the seed's Figure 4).
+and, through `experiments/sweep_plots.py`, plots: `dev_per_epoch.png` (dev metric
+per epoch per row, a panel per task), `dev_per_epoch_best.png` (the same for the
+best-recipe rows, on their own scale, with the PyTorch reference as a line),
+`methods.png` (each combiner and loss weighting against PCGrad and proportional
+sampling, with the recipe's seed spread) and `train_vs_dev.png` (train-sample
+against dev per epoch, a panel per row, as the seed's Figure 4).
 
 Recipes. Table 1 rows use the seed's recipe (`SEED_RECIPE`: [CLS] tanh pooler,
 bi-encoded pairs with a dot-product head, constant learning rate 1e-5, no
@@ -106,6 +108,12 @@ PYTORCH_REFERENCE = {"sst": 0.489, "quora": 0.856, "sts": 0.855}
 COMBINER_ROWS = tuple(c for c in COMBINERS if c != "sum")
 WEIGHTING_ROWS = tuple(w for w in LOSS_WEIGHTINGS if w != "none")
 METHOD_SLUGS = tuple(f"best-{m}" for m in COMBINER_ROWS + WEIGHTING_ROWS)
+
+# Issue #19's comparison: each combiner or loss weighting on the best recipe against the
+# same recipe with PCGrad and with proportional sampling; the yardstick of a win is the
+# seed spread of that recipe (best-val: 3 seeds, the same recipe with a validation split).
+METHOD_BASELINES = {"best-pcgrad": "PCGrad", "best-proportional": "proportional"}
+SPREAD_ROW = "best-val"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""The sweep's report: each row's seeds collected, the table, the references, the plots.
+"""The sweep's report: each row's seeds collected, the table, the references (the
+figures: `sweep_plots`).
 
     from experiments import sweep_report
-    sweep_report.report(Path("results"), "cpu")   # writes RESULTS.md, results.json, 2 PNGs
+    sweep_report.report(Path("results"), "cpu")   # RESULTS.md, results.json, the PNGs
 
 `python -m experiments.sweep` calls `report` after its rows (or alone, with
 --report-only). Every figure comes from the rows' workdirs: `metrics.jsonl`
@@ -313,11 +314,6 @@ def against_references(rows: list[dict]) -> list[str]:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + out + [""])
 
 
-# Issue #19's comparison: each combiner or loss weighting on the best recipe against the
-# same recipe with PCGrad and with proportional sampling; the yardstick of a win is the
-# seed spread of that recipe (best-val: 3 seeds, the same recipe with a validation split).
-METHOD_BASELINES = {"best-pcgrad": "PCGrad", "best-proportional": "proportional"}
-SPREAD_ROW = "best-val"
 
 
 def against_baselines(rows: list[dict]) -> list[str]:
@@ -327,11 +323,11 @@ def against_baselines(rows: list[dict]) -> list[str]:
                and all(f"dev/{t}" in r["best"] for t in sweep.TASK_ORDER)]
     if not methods:
         return []
-    spread = by_slug.get(SPREAD_ROW, {}).get("std", {})
-    base = {slug: by_slug[slug]["best"] for slug in METHOD_BASELINES
+    spread = by_slug.get(sweep.SPREAD_ROW, {}).get("std", {})
+    base = {slug: by_slug[slug]["best"] for slug in sweep.METHOD_BASELINES
             if slug in by_slug and by_slug[slug]["best"]}
     head = ["Configuration", "seeds"] + [
-        f"{sweep.TASK_LABELS[t]}: dev, vs {', vs '.join(METHOD_BASELINES.values())}"
+        f"{sweep.TASK_LABELS[t]}: dev, vs {', vs '.join(sweep.METHOD_BASELINES.values())}"
         for t in sweep.TASK_ORDER] + ["dev average", "beyond 2 std of the recipe, "
                                                      "vs proportional"]
     out = []
@@ -341,7 +337,7 @@ def against_baselines(rows: list[dict]) -> list[str]:
             key = f"dev/{t}"
             diffs = ["–" if slug == r["slug"] or key not in base.get(slug, {})
                      else f"{100 * (b[key] - base[slug][key]):+.1f}"
-                     for slug in METHOD_BASELINES]
+                     for slug in sweep.METHOD_BASELINES]
             cells.append(", ".join([_pm(b[key], r["std"].get(key))] + diffs))
             prop = base.get("best-proportional", {}).get(key)
             if prop is not None and key in spread and abs(b[key] - prop) > 2 * spread[key]:
@@ -358,161 +354,9 @@ def against_baselines(rows: list[dict]) -> list[str]:
              "loss weighting; dev at the row's best epoch, differences in points against "
              "the same recipe with PCGrad (`best-pcgrad`) and with proportional sampling "
              "(`best-proportional`). A difference counts only beyond twice the recipe's "
-             f"seed-to-seed standard deviation (`{SPREAD_ROW}`, {spread_text}); with one "
+             f"seed-to-seed standard deviation (`{sweep.SPREAD_ROW}`, {spread_text}); with one "
              "seed a row shows no more than that.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + out + [""])
-
-
-def row_styles(n: int) -> list[dict[str, Any]]:
-    """n distinct (colour, line style, marker) for matplotlib: 20 colours (tab20), each
-    with a different style once they repeat."""
-    from matplotlib import colormaps
-
-    colors = colormaps["tab20"].colors
-    linestyles = ("-", "--", "-.", ":")
-    markers = ("o", "s", "^", "D", "v", "P", "X", "*")
-    return [{"color": colors[(i * 2) % 20 + (i // 10) % 2], "linestyle": linestyles[i % 4],
-             "marker": markers[i % 8]} for i in range(n)]
-
-
-def epoch_curve(r: dict, key: str) -> list[tuple[int, float, float | None]]:
-    """(epoch, mean over the row's seeds, std or None) of a metric, epoch by epoch."""
-    by_epoch: dict[int, list[float]] = {}
-    for run in (r.get("seeds") or {0: r}).values():
-        for x in run["records"]:
-            if key in x:
-                by_epoch.setdefault(int(x["epoch"]), []).append(float(x[key]))
-    return [(e, *mean_std(v)) for e, v in sorted(by_epoch.items())]
-
-
-def _band(ax, x, mean, std, color) -> None:
-    """The seed spread of an epoch_curve as a band of ± one std (none for one seed)."""
-    if any(sd is not None for sd in std):
-        ax.fill_between(x, [m - (sd or 0) for m, sd in zip(mean, std, strict=True)],
-                        [m + (sd or 0) for m, sd in zip(mean, std, strict=True)],
-                        color=color, alpha=0.15, linewidth=0)
-
-
-SINGLE_TASK = ("separate", "torch")  # groups of one-task rows: no dev average of their own
-
-
-def _dev_figure(rows: list[dict], ran: list[dict], path: Path, title: str,
-                references: dict[str, float] | None = None) -> Path:
-    """One dev-per-epoch figure of `ran` (a panel per task and the average): each row its
-    own colour, line style and marker, the seed spread as a band, an ensemble (from
-    `rows`) as a star; `references` (task -> score) as grey horizontal lines."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    panels = list(sweep.TASK_ORDER) + ["average"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
-    styles = dict(zip((r["slug"] for r in ran), row_styles(len(ran)), strict=True))
-    for ax, key in zip(axes[0], panels, strict=True):
-        drawn = 0
-        for r in ran:
-            if key == "average" and r["group"] in SINGLE_TASK:
-                continue
-            curve = epoch_curve(r, f"dev/{key}")
-            if curve:
-                x, mean, std = zip(*curve, strict=True)
-                ax.plot(x, mean, label=r["name"], **styles[r["slug"]])
-                _band(ax, x, mean, std, styles[r["slug"]]["color"])
-                drawn += 1
-        # An ensemble is one figure: a star at its row's last epoch, in the row's colour
-        # (not on the average panel for a single-task row, as that row's own line).
-        for r in rows:
-            base = next((b for b in ran if b["slug"] == r.get("of")), None)
-            value = r["best"].get(f"dev/{key}") if r["group"] == "ensemble" else None
-            if value is None or base is None or (key == "average"
-                                                 and base["group"] in SINGLE_TASK):
-                continue
-            last = max(int(x["epoch"]) for run in base["seeds"].values()
-                       for x in run["records"])
-            ax.scatter([last], [value], marker="*", s=160, zorder=3,
-                       color=styles[base["slug"]]["color"], edgecolors="black",
-                       label=r["name"])
-            drawn += 1
-        if references and key in references and drawn:
-            ax.axhline(references[key], color="grey", linewidth=1, linestyle=(0, (1, 1)),
-                       label="PyTorch reference, single-task (mean over its seeds)")
-        if not drawn:
-            ax.text(0.5, 0.5, "no row with all three tasks yet" if key == "average"
-                    else "no row yet", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-        ax.set_title(f"dev {sweep.TASK_LABELS.get(key, 'average (seed)')}")
-        ax.set_xlabel("epoch")
-    legend = {}
-    for ax in axes[0]:
-        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(label, h)
-    handles, labels = list(legend.values()), list(legend)
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle(title)
-    # Room below the panels for the legend: about 0.036 of the height per line of 3.
-    fig.tight_layout(rect=(0, 0.05 + 0.036 * -(-len(labels) // 3), 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot(rows: list[dict], results: Path) -> list[Path]:
-    """dev_per_epoch.png (the Table 1 and single-task rows), dev_per_epoch_best.png (the
-    best-recipe rows, on their own scale, against the PyTorch reference) and
-    train_vs_dev.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    ran = [r for r in rows if r["records"]]
-    best = [r for r in ran if r["group"] == "best"]
-    written = [_dev_figure(rows, [r for r in ran if r["group"] != "best"],
-                           results / "dev_per_epoch.png",
-                           "Table 1 rows, separate models and PyTorch references")]
-    if best:
-        reference = {t: v for t, (v, _, _) in pytorch_reference(rows).items()}
-        reference["average"] = sum(reference[t] for t in sweep.TASK_ORDER) / len(
-            sweep.TASK_ORDER)
-        written.append(_dev_figure(rows, best, results / "dev_per_epoch_best.png",
-                                   "Best-recipe rows (PAL, cross pairs, mean pooling, "
-                                   "warm-up 5e-5)", reference))
-
-    ncols = min(4, max(len(ran), 1))
-    nrows = max(1, -(-len(ran) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
-    colors = {"sst": "C0", "quora": "C1", "sts": "C2"}
-    for i, ax in enumerate(axes.flat):
-        if i >= len(ran):
-            ax.axis("off")
-            continue
-        r = ran[i]
-        for t in sweep.TASK_ORDER:
-            for split, style in (("train", "--"), ("dev", "-")):
-                curve = epoch_curve(r, f"{split}/{t}")
-                if not curve:
-                    continue
-                x, mean, std = zip(*curve, strict=True)
-                ax.plot(x, mean, style, marker="o", color=colors[t],
-                        label=f"{sweep.TASK_LABELS[t]} {split}")
-                _band(ax, x, mean, std, colors[t])
-        n_seeds = len(r.get("seeds") or {0: r})
-        ax.set_title(r["name"] + (f" ({n_seeds} seeds)" if n_seeds > 1 else ""), fontsize=8)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.suptitle("train sample (dashed) against dev (solid) per epoch; with several seeds, "
-                 "their mean and a band of ± one standard deviation")
-    fig.tight_layout()
-    written.append(results / "train_vs_dev.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-    return written
 
 
 def _shown(path: Path | str) -> str:
@@ -535,7 +379,9 @@ def _shown_arg(arg: str) -> str:
 
 def report(results: Path, budget_name: str) -> Path:
     rows = collect(results)
-    plots = plot(rows, results) if any(r["records"] for r in rows) else []
+    from experiments import sweep_plots  # imports this module
+
+    plots = sweep_plots.plot(rows, results) if any(r["records"] for r in rows) else []
     machines = {json.dumps(run["machine"], sort_keys=True) for r in rows for run in r["runs"]
                 if "machine" in run}
     used = {r["budget"] for r in rows if r["budget"]}

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from experiments import sweep, sweep_report
+from experiments import sweep, sweep_plots, sweep_report
 from flaxpals import runs
 from tests.conftest import ROOT, require
 
@@ -233,7 +233,7 @@ def test_seeds_are_reported_as_mean_and_std(tmp_path):
     assert cells[10] == "2,1,2 of 2" and cells[12] == "3"
     assert table_row(md, "Separate model: sts")[6] == "0.800"
     # the per-epoch curve behind the plot's band
-    assert sweep_report.epoch_curve(sst, "dev/sst") == [
+    assert sweep_plots.epoch_curve(sst, "dev/sst") == [
         (1, pytest.approx(statistics.mean([0.40, 0.47, 0.41])),
          pytest.approx(statistics.stdev([0.40, 0.47, 0.41]))),
         (2, pytest.approx(statistics.mean([0.48, 0.45, 0.50])),
@@ -244,7 +244,7 @@ def test_seeds_are_reported_as_mean_and_std(tmp_path):
 
 
 def test_every_row_gets_its_own_line_style():
-    styles = sweep_report.row_styles(len(sweep.ROWS) + 10)
+    styles = sweep_plots.row_styles(len(sweep.ROWS) + 10)
     keys = [(s["color"], s["linestyle"], s["marker"]) for s in styles]
     assert len(set(keys)) == len(keys)
     assert len({s["color"] for s in styles[:20]}) == 20  # 20 distinct colours first
@@ -434,6 +434,54 @@ def test_combiners_are_set_against_pcgrad_and_proportional_beyond_the_spread(tmp
     assert table_row(section, "Best recipe, additive + pcgrad")[2] == "0.480, –, -1.4"
     assert "SST acc 0.010, Quora acc 0.005, STS r 0.005" in section
     assert "Best recipe, additive + famo" not in section  # not run: no row
+    # The methods get a figure of their own; the best-recipe figure keeps PCGrad only.
+    assert "![methods](methods.png)" in report
+    assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_methods_figure_draws_each_method_against_the_baselines(tmp_path):
+    """methods.png: per task a dot per method run, the proportional row's line with the
+    band of twice the recipe's spread, PCGrad's line; a method not run keeps its label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _three_task_run(tmp_path / "best-proportional", 0.494, 0.858, 0.859)
+    _three_task_run(tmp_path / "best-pcgrad", 0.480, 0.850, 0.860)
+    _three_task_run(tmp_path / "best-cagrad", 0.520, 0.856, 0.840)
+    for seed, (sst, q, sts) in enumerate([(0.48, 0.85, 0.855), (0.49, 0.855, 0.86),
+                                          (0.50, 0.86, 0.865)]):
+        _three_task_run(tmp_path / ("best-val" + (f"-seed{seed}" if seed else "")), sst, q, sts)
+    _three_task_run(tmp_path / "best-dwa", 0.47, 0.85, 0.86)
+    (tmp_path / "best-dwa" / "config.json").write_text(json.dumps({"train": {"num_epochs": 3}}))
+    rows = sweep_report.collect(tmp_path)
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, path, **kw):
+        drawn.append(fig)
+        return real_savefig(fig, path, **kw)
+
+    plt.Figure.savefig = keep
+    try:
+        sweep_plots.methods_figure(rows, tmp_path / "methods.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    sst_panel = drawn[0].axes[0]
+    at = {round(t.get_position()[1]): t.get_text() for t in sst_panel.get_yticklabels()}
+    assert at[max(at)] == "gradvac (not run)"  # the first method, on top
+    # _three_task_run writes one epoch of a one-epoch run: finished, so no mark.
+    assert "cagrad" in at.values() and "pcgrad" not in " ".join(at.values())
+    dots = [line.get_xydata()[0] for line in sst_panel.lines if line.get_marker() == "o"]
+    assert sorted((x, at[round(y)]) for x, y in dots) == [(0.47, "dwa (unfinished)"),
+                                                          (0.520, "cagrad")]
+    verticals = sorted(line.get_xdata()[0] for line in sst_panel.lines
+                       if line.get_marker() != "o")
+    assert verticals == [0.480, 0.494]  # PCGrad, proportional
+    band = sst_panel.patches[0].get_extents().transformed(sst_panel.transData.inverted())
+    assert band.x0 == pytest.approx(0.494 - 2 * 0.010, abs=1e-6)
+    assert band.x1 == pytest.approx(0.494 + 2 * 0.010, abs=1e-6)
 
 
 def test_every_combiner_and_loss_weighting_has_a_best_recipe_row():
