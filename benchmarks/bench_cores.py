@@ -8,7 +8,7 @@
 Three measurements, each in its own process (XLA:CPU sizes its thread pool when
 JAX starts, so a thread count is a process):
 
-1. Each workload's compiled step (benchmarks.bench_steps' FlaxSide: the trainer's
+1. Each workload's compiled step (benchmarks.step_sides' FlaxSide: the trainer's
    model, optimiser and jitted steps; synthetic batches at a fixed length) runs
    `--reps` times back to back, once with the process pinned to 1 CPU and once
    with every CPU it may use. Per step: the wall time, the process's CPU time
@@ -152,7 +152,7 @@ def worker(args) -> dict:
     import jax
     import numpy as np
 
-    from benchmarks.bench_steps import FlaxSide, bench_config, synthetic_batch
+    from benchmarks.step_sides import FlaxSide, bench_config, synthetic_batch
 
     bargs = argparse.Namespace(
         tasks=sorted({w.split("/")[1] for w in args.workloads}), checkpoint=args.checkpoint,

@@ -1,7 +1,7 @@
 """Cost of PCGrad and the other combiners and loss weightings against the additive sum.
 
 Additive training steps of flaxpals' MultiTaskModel (one batch of every task
-per step), built by `benchmarks.bench_steps.FlaxSide` exactly as the trainer builds
+per step), built by `benchmarks.step_sides.FlaxSide` exactly as the trainer builds
 them (`optim.make_optimizer`, `steps.Steps`, `combiners.from_config`):
 
   sum      per-task gradients (one jax.grad each), stacked, summed by
@@ -43,11 +43,12 @@ import sys
 import time
 
 from benchmarks import bench_steps as bench
+from benchmarks import step_sides
 
 
 def all_variants() -> dict[str, str]:
     """variant -> FlaxSide family (or workload). Imports JAX: after configure_process."""
-    combiner_names, weighting_names = bench.families()
+    combiner_names, weighting_names = step_sides.families()
     return {"sum": "stacked_sum", "pcgrad": "pcgrad",
             **{n: n for n in combiner_names + weighting_names}, "sumloss": "additive"}
 
@@ -64,10 +65,10 @@ def setup(args):
                               f"--lengths={args.length}", "--no-torch"]
                              + ([] if args.dropout else ["--no-dropout"]))
     bench.configure_process(bargs)
-    flax = bench.FlaxSide(bench.bench_config(bargs), share_task_grads=True)
+    flax = step_sides.FlaxSide(step_sides.bench_config(bargs), share_task_grads=True)
     rng = np.random.default_rng(0)
-    batches = {t: bench.synthetic_batch(flax.specs[t], bargs.pair_encoding, args.batch,
-                                        args.length, flax.model.config.vocab_size, rng)
+    batches = {t: step_sides.synthetic_batch(flax.specs[t], bargs.pair_encoding, args.batch,
+                                             args.length, flax.model.config.vocab_size, rng)
                for t in bargs.tasks}
     return flax, batches
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_steps as bench
+from benchmarks import step_sides
 from flaxpals import config_lib, heads
 from tests.conftest import require
 
@@ -23,16 +24,17 @@ def build(pooling, pair_encoding, similarity, **train):
     args = bench.parse_args(["--checkpoint=tiny", "--batch=4", "--lengths=12", "--no-dropout",
                              f"--pooling={pooling}", f"--pair-encoding={pair_encoding}",
                              f"--similarity={similarity}"])
-    config = bench.bench_config(args)
+    config = step_sides.bench_config(args)
     for key, value in train.items():
         config.train[key] = value
     config_lib.validate(config)
-    flax = bench.FlaxSide(config, num_steps=10)
+    flax = step_sides.FlaxSide(config, num_steps=10)
     model = bench_torch.build_model(flax.model, flax.params)
     steps = bench_torch.TorchSteps(model, config.train, num_steps=10)
     rng = np.random.default_rng(0)
-    batches = {t: bench.synthetic_batch(flax.specs[t], pair_encoding, 4, 12,
-                                        flax.model.config.vocab_size, rng) for t in flax.specs}
+    batches = {t: step_sides.synthetic_batch(flax.specs[t], pair_encoding, 4, 12,
+                                             flax.model.config.vocab_size, rng)
+               for t in flax.specs}
     return args, flax, steps, batches
 
 
