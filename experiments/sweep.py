@@ -18,7 +18,8 @@ seeds run ± their standard deviation, and the plots the spread as a band.
 
 Resuming: a row whose metrics.jsonl already holds its last epoch is skipped;
 any other row is started again in the same workdir, where the trainer resumes
-from its latest checkpoint. `<results>/<slug>/sweep.json` records the row's
+from its latest checkpoint (a `torch-<task>` row: after its last finished epoch,
+`experiments.torch_finetune`'s resume.pt). `<results>/<slug>/sweep.json` records the row's
 command and the wall time of every invocation (a heartbeat every 30 s, so an
 interrupted invocation still counts); a row whose recorded command differs
 from the current one is refused (another budget or --set in the same folder),

@@ -2,8 +2,12 @@
 
     python -m experiments.torch_finetune --task=sst --workdir=DIR [--epochs=1 --seed=0]
 
-A rerun in the same workdir starts over (there is no resuming); the earlier
-run's metrics.jsonl is kept as metrics.jsonl.<n>.
+Resumable at epoch boundaries: after each epoch the model, optimiser, schedule and
+both RNGs go to `resume.pt` in the workdir (deleted once the last epoch is done), and
+a rerun with the same flags continues after the last saved epoch, as an uninterrupted
+run would (same order, same dropout); a rerun with other flags is refused, naming
+them. A workdir with records but no `resume.pt` (a run stopped in its first epoch, or
+a finished one) starts over, its metrics.jsonl kept as metrics.jsonl.<n>.
 
 The same job as `python -m flaxpals.main --config=configs/baseline.py:method=sequential
 --config.tasks=<task>`, written the way a transformers user writes it:
@@ -128,9 +132,41 @@ def head(parsed: reader.ParsedSplit, n: int) -> reader.ParsedSplit:
     return dataclasses.replace(parsed, **cut)
 
 
+RESUME = "resume.pt"  # the state after the last finished epoch, in the workdir
+
+
+def save_state(workdir: Path, args, record: dict, model, opt, schedule, rng) -> None:
+    """The state after an epoch, written whole (a temporary file renamed over the last),
+    with that epoch's record: a run stopped before its metrics line is written gets it
+    back on resume."""
+    state = {"args": vars(args), "record": record, "model": model.state_dict(),
+             "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
+             "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state}
+    tmp = workdir / (RESUME + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(workdir / RESUME)
+
+
+def load_state(workdir: Path, args) -> dict | None:
+    """The saved state of this workdir's run, or None where there is none; SystemExit
+    if it was saved by a run with other flags."""
+    path = workdir / RESUME
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)  # our own file: numpy's RNG state inside
+    differ = {k: (v, vars(args).get(k)) for k, v in state["args"].items()
+              if vars(args).get(k) != v}
+    if differ:
+        shown = ", ".join(f"--{k}={old} (now {new})" for k, (old, new) in sorted(differ.items()))
+        raise SystemExit(f"{path}: saved by a run with {shown}; rerun with those flags to "
+                         f"resume it, or use another workdir")
+    return state
+
+
 def set_aside_unfinished(workdir: Path) -> None:
-    """This script cannot resume: an earlier run's records move to metrics.jsonl.<n>
-    (kept, not appended to), so the new run's metrics.jsonl holds its epochs only."""
+    """A run that cannot resume (no resume.pt): an earlier run's records move to
+    metrics.jsonl.<n> (kept, not appended to), so the new run's metrics.jsonl holds its
+    epochs only."""
     old = workdir / "metrics.jsonl"
     if old.exists():
         n = 1
@@ -138,6 +174,18 @@ def set_aside_unfinished(workdir: Path) -> None:
             n += 1
         old.rename(workdir / f"metrics.jsonl.{n}")
         print(f"{old} held an earlier run's epochs: moved to metrics.jsonl.{n}", flush=True)
+
+
+# flaxpals.runs' metrics.jsonl, read and written here without importing JAX.
+def read_records(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] \
+        if path.exists() else []
+
+
+def append_record(workdir: Path, record: dict) -> None:
+    with (workdir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def main(argv=None) -> int:
@@ -165,7 +213,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)  # head init and dropout; the order comes from rng below
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    set_aside_unfinished(workdir)
+    state = load_state(workdir, args)
+    if state is None:
+        set_aside_unfinished(workdir)
     (workdir / "config.json").write_text(json.dumps({"framework": "pytorch", **vars(args)},
                                                     indent=2))
     task = get_task(args.task)
@@ -196,9 +246,20 @@ def main(argv=None) -> int:
     sample = (np.sort(rng.choice(len(train), min(args.train_sample, len(train)), replace=False))
               if args.train_sample else None)
 
-    step = 0
+    step, start = 0, 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = state["numpy_rng"]  # after the sample, drawn at the start
+        step, start = state["record"]["step"], state["record"]["epoch"] + 1
+        done = {r.get("epoch") for r in read_records(workdir)}
+        if state["record"]["epoch"] not in done:  # stopped between the save and the line
+            append_record(workdir, state["record"])
+        print(f"{workdir}: resuming after epoch {start - 1} (step {step})", flush=True)
     timer.loop_started()
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(start, args.epochs + 1):
         order = rng.permutation(len(train))[:steps_per_epoch * args.batch_size]
         losses = []
         bar = tqdm(batches(tokenizer, train, order, args.batch_size, args.max_length),
@@ -223,9 +284,11 @@ def main(argv=None) -> int:
             if sample is not None:
                 record[f"train/{task.name}"] = evaluate(model, task, tokenizer, train, sample,
                                                         args.eval_batch_size, args.max_length)
-        with (workdir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if epoch < args.epochs:
+            save_state(workdir, args, record, model, opt, schedule, rng)
+        append_record(workdir, record)
         print(f"epoch {epoch}: dev/{task.name} {dev:.4f}", flush=True)
+    (workdir / RESUME).unlink(missing_ok=True)  # finished: nothing to resume
     timing = timer.record()
     with (workdir / "timings.jsonl").open("a") as f:
         f.write(json.dumps(timing) + "\n")

@@ -315,7 +315,8 @@ def test_smoke_pytorch_row_runs_and_reports(tmp_path):
     report = (tmp_path / "RESULTS.md").read_text()
     best = max(r["dev/sst"] for r in records)
     assert float(table_row(report, "PyTorch reference: sst")[2]) == pytest.approx(best, abs=6e-4)
-    # A rerun of an unfinished row starts over and keeps the earlier records aside.
+    # A row with records but nothing to resume from (finished: its resume.pt is gone;
+    # its last line cut here) starts over and keeps the earlier records aside.
     lines = (tmp_path / "torch-sst" / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "torch-sst" / "metrics.jsonl").write_text(lines[0] + "\n")
     assert sweep.main(argv) == 0
