@@ -257,7 +257,3 @@ class BertModel(nn.Module):
                                                             placement)
         pooled = jnp.tanh(_dense(c, c.hidden_size, self.dtype, "pooler")(h[:, 0]))
         return h, pooled
-
-
-def count_params(params) -> int:
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

@@ -42,11 +42,14 @@ def _jsonable(x):
     return x
 
 
-ITEMS = ("params", "train", "sampler")
-
-
 class CheckpointMismatchError(ValueError):
-    """A checkpoint whose param tree does not fit the model being restored."""
+    """A checkpoint that does not fit the model, optimiser or sampler being restored."""
+
+
+# What a resume that does not fit its checkpoint can do; _save_config keeps the config
+# the run was saved with as the newest config.<n>.json.
+RESUME_HINT = ("resume with the config the run was saved with (the workdir's newest "
+               "config.<n>.json) or train in a new workdir")
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -55,22 +58,33 @@ def _handlers() -> dict[str, ocp.CheckpointHandler]:
             "sampler": ocp.JsonCheckpointHandler()}
 
 
+def _key(k) -> str:
+    # A field of optax's state tuples is an attribute in the live tree and a dict key in
+    # orbax's metadata of it: both are named plainly, so that the two trees compare.
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return k.name
+    return str(k)  # a position: [i]
+
+
 def _paths(tree) -> dict[str, tuple]:
-    """'a/b/c' -> shape, for every leaf of a param tree (arrays, shapes or metadata)."""
-    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+    """'a/b/c' -> shape, for every leaf of a tree (arrays, shapes or orbax metadata)."""
+    return {"/".join(_key(k) for k in path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def tree_differences(saved, target, limit: int = 5) -> list[str]:
+def tree_differences(saved, target, limit: int = 5, target_name: str = "the model"
+                     ) -> list[str]:
     """Short lines naming the first missing, unexpected and mis-shaped param paths."""
     have, want = _paths(saved), _paths(target)
     out = []
     for label, names in (("missing from the checkpoint", sorted(set(want) - set(have))),
-                         ("not in the model", sorted(set(have) - set(want)))):
+                         (f"not in {target_name}", sorted(set(have) - set(want)))):
         if names:
             more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
             out.append(f"{label}: {', '.join(names[:limit])}{more}")
-    shapes = [f"{n} {have[n]} in the checkpoint, {want[n]} in the model"
+    shapes = [f"{n} {have[n]} in the checkpoint, {want[n]} in {target_name}"
               for n in sorted(set(have) & set(want)) if have[n] != want[n]]
     if shapes:
         out.append("other shape: " + "; ".join(shapes[:limit])
@@ -143,19 +157,30 @@ class Checkpoints:
             self._best_file.write_text(json.dumps({"step": step, "metric": metric,
                                                    "score": score}))
 
-    def check_fits(self, manager: ocp.CheckpointManager, step: int, target_params) -> None:
-        """Raises CheckpointMismatchError, naming paths, when the saved param tree differs."""
+    def check_fits(self, manager: ocp.CheckpointManager, step: int, target_params,
+                   target_train=None) -> None:
+        """Raises CheckpointMismatchError, naming paths, when the saved param tree (or,
+        given `target_train`, the optimiser state's tree) differs from the target's.
+
+        Checked before restoring: a restore of a tree that does not fit fails as a damaged
+        file would, and restore_latest would set every step aside and start over."""
         try:
-            saved = manager.item_metadata(step)["params"]
+            saved = manager.item_metadata(step)
         except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself will say.
             return
-        if saved is None:
-            return
-        diffs = tree_differences(saved, target_params)
+        where = f"checkpoint {manager.directory}/{step}"
+        diffs = tree_differences(saved["params"], target_params) \
+            if saved.get("params") is not None else []
         if diffs:
-            raise CheckpointMismatchError(
-                f"checkpoint {manager.directory}/{step} does not fit the model: "
-                + "; ".join(diffs))
+            raise CheckpointMismatchError(f"{where} does not fit the model: " + "; ".join(diffs))
+        if target_train is not None and saved.get("train") is not None:
+            diffs = tree_differences(saved["train"], target_train, limit=2,
+                                     target_name="this config's")
+            if diffs:
+                raise CheckpointMismatchError(
+                    f"{where}: its optimiser state does not fit this config's (a train setting "
+                    f"that shapes it changed: combiner, loss_weighting, ema_decay, trainable, "
+                    f"...); {RESUME_HINT}: " + "; ".join(diffs))
 
     def _restore(self, manager: ocp.CheckpointManager, step: int, target):
         restored = manager.restore(step, args=ocp.args.Composite(
@@ -169,7 +194,7 @@ class Checkpoints:
         """(step, state, sampler state) of the newest readable checkpoint, or None."""
         steps = sorted(self.latest.all_steps(), reverse=True)
         if steps:
-            self.check_fits(self.latest, steps[0], target.params)
+            self.check_fits(self.latest, steps[0], target.params, _train_part(target))
         for i, step in enumerate(steps):
             try:
                 state, sampler = self._restore(self.latest, step, target)

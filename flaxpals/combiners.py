@@ -363,12 +363,6 @@ def combiner(name: str, shared: Mask, num_tasks: int, *, seed: int | Array = 0,
     return builders[name](shared, num_tasks)
 
 
-def stacks(train_cfg) -> bool:
-    """Whether the additive step hands the optimiser per-task gradients (and losses)
-    rather than their sum: any combiner but the sum, or any loss weighting."""
-    return train_cfg.combiner != "sum" or train_cfg.loss_weighting != "none"
-
-
 def from_config(train_cfg, shared: Mask, num_tasks: int, seed: int, name: str
                 ) -> optax.GradientTransformation | None:
     """The combiner `name` (`config_lib.combiner(config.train)`) or the loss weighting

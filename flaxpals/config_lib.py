@@ -158,7 +158,7 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 500  # Save the latest state every N steps (and each epoch).
     c.checkpoint.keep = 2  # Latest checkpoints kept (the best is kept apart).
 
-    c.log_every_steps = 50  # Train loss to TensorBoard/metrics every N steps.
+    c.log_every_steps = 50  # Train loss to TensorBoard every N steps (metrics.jsonl: per epoch).
     # Keep compiled XLA programs in <data.cache_dir>/jax (flaxpals/compilation.py), so a
     # rerun of the same config compiles nothing; False: compile every run afresh.
     c.compilation_cache = True
@@ -312,6 +312,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("data.buckets", list(c.data.buckets) == sorted(set(c.data.buckets))
            and all(b > 2 for b in c.data.buckets), f"must be increasing lengths > 2, got "
            f"{tuple(c.data.buckets)}")
+    _check("data.max_length", isinstance(c.data.max_length, int) and c.data.max_length >= 2,
+           f"must be an integer >= 2 ([CLS] and [SEP]), got {c.data.max_length!r}")
+    _check("seed", isinstance(c.seed, int) and c.seed >= 0,
+           f"must be an integer >= 0, got {c.seed!r}")
     _check("data.max_length", c.data.max_length <= max(c.data.buckets),
            f"{c.data.max_length} exceeds the largest bucket {max(c.data.buckets)}")
     _check("train.layer_decay", 0 < t.layer_decay <= 1,
@@ -343,6 +347,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"val/ or val_ema/ metric (e.g. val/average), got {metric!r}")
     _check("eval.best_metric", c.eval.use_ema or "_ema/" not in metric,
            f"{metric!r} needs eval.use_ema")
+    # The keys an epoch's record holds (evaluation.record_splits, with "_ema" copies).
+    prefixes = ["dev"] + ["val"] * (v > 0) + ["train"] * (c.eval.train_sample > 0)
+    prefixes += [f"{p}_ema" for p in prefixes if p != "train"] if c.eval.use_ema else []
+    names = [*c.tasks, "average", "overall"]
+    prefix, _, name = metric.partition("/")
+    _check("eval.best_metric", prefix in prefixes and name in names,
+           f"{metric!r} is not in an epoch's record: name <{'|'.join(prefixes)}>/"
+           f"<{'|'.join(names)}>")
     _check("eval.batch_size", c.eval.batch_size > 0, f"must be positive, got {c.eval.batch_size}")
     _check("eval.train_sample", c.eval.train_sample >= 0,
            f"must be >= 0 (0: no train sample), got {c.eval.train_sample}")

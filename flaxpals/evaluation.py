@@ -214,8 +214,9 @@ def _with_file(task: tasks_lib.Task, path: str, columns: dict[str, str] | None,
     if unknown:
         raise config_lib.ConfigError(f"columns: unknown key(s) {unknown}; known: {sorted(fields)}")
     fields.update(columns or {})
+    # Absolute: a relative split name would be looked up in the data directory.
     return dataclasses.replace(
-        task, source="csv", splits=(("dev", os.fspath(path)),), delimiter=delimiter,
+        task, source="csv", splits=(("dev", os.path.abspath(path)),), delimiter=delimiter,
         id_field=fields["id"] or None, text_field=fields["text"],
         text_pair_field=fields["text_pair"], label_field=fields["label"])
 

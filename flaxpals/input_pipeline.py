@@ -359,7 +359,8 @@ def split_from_parsed(task: Task, split: str, parsed: reader.ParsedSplit, tokeni
     """Tokenizes checked examples (`reader.read_file`, `reader.read_records`) into a Split;
     examples longer than max_length are cut to it and counted in notes["truncated"]."""
     if not len(parsed):
-        raise ValueError(f"{parsed.source}: no usable example (skipped {parsed.skip_counts})")
+        raise reader.DataFormatError(parsed.source, None, "no usable example",
+                                     f"every row skipped ({parsed.skip_counts})")
     encoding = pair_encoding if task.is_pair else "single"
     ids, types, ids2, types2, truncated = _tokenize(tokenizer, parsed, encoding, max_length)
     notes = dict(parsed.notes)

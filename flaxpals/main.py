@@ -50,7 +50,7 @@ config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/pal
                                 "(train; optional for eval and predict).", lock_config=True)
 flags.mark_flags_as_required(["workdir"])
 
-# Errors a user can fix from the message alone: one line, no traceback.
+
 def check_overrides(argv: list[str]) -> None:
     """Names an unknown --config.<key> in one line, before ml_collections sees it."""
     for arg in argv:
@@ -59,7 +59,25 @@ def check_overrides(argv: list[str]) -> None:
             config_lib.check_override(name)
 
 
-def run(mode: str, workdir: str, config, step: int | None = None) -> None:
+def check_mode_flags(mode: str) -> None:
+    """A flag the mode would ignore stops the run (a silently ignored --eval_file would
+    score the wrong data under the right name)."""
+    if FLAGS.eval_file and not FLAGS.task:
+        raise app.UsageError("--eval_file needs --task (the trained task it is for)")
+    file_flags = [f"--{n}" for n in ("eval_file", "task", "columns", "name")
+                  if getattr(FLAGS, n)]
+    if file_flags and mode != "eval" and not FLAGS.ensemble:
+        raise app.UsageError(f"{', '.join(file_flags)}: --mode=eval only (here --mode={mode}; "
+                             "flaxpals.predict predicts your own file)")
+    if file_flags and not FLAGS.eval_file and not FLAGS.ensemble:
+        raise app.UsageError(f"{', '.join(file_flags)}: only with --eval_file")
+    if FLAGS.step is not None and mode == "train":
+        raise app.UsageError("--step: --mode=eval or predict only (training resumes from "
+                             "the latest checkpoint)")
+
+
+def run(mode: str, workdir: str, config, step: int | None = None,
+        columns: dict[str, str] | None = None) -> None:
     if FLAGS.ensemble:
         from flaxpals import ensemble
 
@@ -80,7 +98,7 @@ def run(mode: str, workdir: str, config, step: int | None = None) -> None:
     elif mode == "eval":
         evaluation.evaluate_checkpoint(
             workdir, config, step, eval_file=FLAGS.eval_file, task=FLAGS.task,
-            columns=parse_columns(FLAGS.columns), name=FLAGS.name)
+            columns=columns, name=FLAGS.name)
     else:
         evaluation.write_predictions(workdir, config, step)
 
@@ -88,11 +106,14 @@ def run(mode: str, workdir: str, config, step: int | None = None) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.eval_file and not FLAGS.task:
-        raise app.UsageError("--eval_file needs --task (the trained task it is for)")
+    check_mode_flags(FLAGS.mode)
+    try:
+        columns = parse_columns(FLAGS.columns)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     parallel.initialize(FLAGS.distributed)  # before any JAX computation
     try:
-        run(FLAGS.mode, FLAGS.workdir, FLAGS.config, FLAGS.step)
+        run(FLAGS.mode, FLAGS.workdir, FLAGS.config, FLAGS.step, columns)
     except Stopped as e:  # a signal or the time budget, with a checkpoint
         print(e, file=sys.stderr, flush=True)
         code = e.exit_code

@@ -9,10 +9,11 @@
 
 The `multi_transform` (present only when something is frozen) gives frozen
 parts (the encoder in `adapters_only` mode, encoder and adapters in
-`head_only` mode) zero updates and no optimiser state. `combiner` (PCGrad or
-a sum) is given for the additive method, whose gradients carry a leading task
-axis. The two optional parts are absent at their defaults, so the optimiser
-state and every update are then exactly those of the plain chain:
+`head_only` mode) zero updates and no optimiser state. `combiner` (a gradient
+combiner or loss weighting, `combiners.from_config`; None for the plain sum) is
+given for the additive method, whose gradients then carry a leading task axis.
+The two optional parts are absent at their defaults, so the optimiser state and
+every update are then exactly those of the plain chain:
 
 - `scale_by_layer_decay` (train.layer_decay < 1): layer-wise learning-rate
   decay. AdamW's final update of a parameter at depth k is multiplied by

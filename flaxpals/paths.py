@@ -1,6 +1,6 @@
 """Where the CS224N data files are found.
 
-In order: an explicit argument (the `--config.data_dir` of a run), the
+In order: an explicit argument (the `--config.data.data_dir` of a run), the
 environment variable FLAXPALS_DATA_DIR, then a `shared/data/cs224n` folder
 beside or above the current directory or this package's checkout (where the
 project's machines keep the files, read-only).

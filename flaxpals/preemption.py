@@ -30,7 +30,7 @@ complete (on GCS, where there is no atomic rename, it writes commit_success.txt
 last instead); an unfinished step is invisible to restore, which takes the newest
 complete one, and a new save of that step replaces the leftover (checked by
 tests/test_preemption.py). A different second signal (SIGINT from the terminal,
-then SIGTERM from a supervisor such as flaxpals.sweep) keeps the clean stop.
+then SIGTERM from a supervisor such as experiments.sweep) keeps the clean stop.
 
 The time budget, `config.train.time_budget` = "HH:MM" (or "H:MM:SS", for short
 runs and tests; "" = none), counts from the start of `train_and_evaluate`. After

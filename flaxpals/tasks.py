@@ -25,8 +25,10 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from flaxpals.metrics import METRICS as _METRIC_FNS
+
 KINDS = ("classification", "pair_classification", "pair_regression")
-METRICS = ("accuracy", "pearson")
+METRICS = tuple(_METRIC_FNS)  # the metrics flaxpals.metrics computes
 SPLITS = ("train", "dev", "test")
 SOURCES = ("cs224n", "csv", "tfds")
 

@@ -48,7 +48,7 @@ from flaxpals import (
 )
 from flaxpals import sampler as sampler_lib
 from flaxpals import smart as smart_lib
-from flaxpals.checkpointing import Checkpoints
+from flaxpals.checkpointing import RESUME_HINT, CheckpointMismatchError, Checkpoints
 from flaxpals.evaluation import EvalSets, eval_record, record_splits, split_limit
 from flaxpals.preemption import Stopper
 from flaxpals.steps import Steps, TrainState, device_batch
@@ -147,9 +147,10 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         n = input_pipeline.batches_per_epoch(data[t.name]["train"], batch_size,
                                              process_count=processes)
         if n == 0:
-            raise ValueError(f"task {t.name}: {len(data[t.name]['train'])} training examples "
-                             f"make no full batch of train.batch_size={config.train.batch_size}"
-                             f" ({processes} process(es))")
+            raise config_lib.ConfigError(
+                f"task {t.name}: {len(data[t.name]['train'])} training examples make no "
+                f"full batch of train.batch_size={config.train.batch_size} "
+                f"({processes} process(es))")
         sizes[t.name] = n
     sampler = sampler_lib.TaskSampler(
         config_lib.schedule(config.train), sizes, num_epochs=config.train.num_epochs,
@@ -180,7 +181,11 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     if restored is not None:
         step0, state, sampler_state = restored
         loss_sums = LossSums(sampler_state.pop(LossSums.KEY, None))
-        sampler.load_state_dict(sampler_state)
+        try:
+            sampler.load_state_dict(sampler_state)
+        except ValueError as e:  # another epoch count, batch size, seed or method
+            raise CheckpointMismatchError(f"checkpoint {workdir}/checkpoints/{step0}: {e}; "
+                                          f"{RESUME_HINT}") from None
         log.info("resumed from checkpoint step %d (epoch %d)", step0, sampler.epoch)
     plans = {t: batching.TrainPlan(data[t]["train"].lengths(), tuple(config.data.buckets),
                                    batch_size, seed=config.seed + i,

@@ -83,7 +83,6 @@ def test_tiny_config_random_init():
     params = model.init(jax.random.key(0), ids, ids, ids)["params"]
     seq, pooled = model.apply({"params": params}, ids, ids, ids)
     assert seq.shape == (2, 5, 64) and pooled.shape == (2, 64)
-    assert bert.count_params(params) > 0
 
 
 def test_bad_config_values():

@@ -220,3 +220,16 @@ def test_locate_without_a_data_dir_downloads_into_the_cache(tmp_path, monkeypatc
 def test_missing_quora_test_file_says_why():
     with pytest.raises(FileNotFoundError, match="stand-in without a test file"):
         cs224n.locate(tasks.get_task("quora"), "test")
+
+
+def test_a_split_with_every_row_skipped_is_a_data_error(tok):
+    """Once a bare ValueError (a traceback from the CLI); now the error users are shown
+    in one line, naming the file and what was skipped."""
+    from flaxpals import input_pipeline
+
+    records = [(2, "a", "", None, "1"), (3, "b", "fine", None, "")]  # empty text, no label
+    parsed = reader.read_records(records, tasks.get_task("sst"), "dev", "my.csv",
+                                 labelled=True)
+    with pytest.raises(reader.DataFormatError,
+                       match=r"^my\.csv: no usable example: every row skipped \(.*empty"):
+        input_pipeline.split_from_parsed(tasks.get_task("sst"), "dev", parsed, tok)

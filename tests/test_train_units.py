@@ -76,6 +76,39 @@ def test_optimiser_values_are_checked_before_any_compute(key, value, message):
         config_lib.validate(c)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    ({"seed": -1}, r"config\.seed: must be an integer >= 0, got -1"),
+    ({"data.max_length": 1}, r"config\.data\.max_length: must be an integer >= 2"),
+    # A typo, or a split the epoch does not score: once found only after an epoch.
+    ({"eval.best_metric": "dev/averag"},
+     r"config\.eval\.best_metric: 'dev/averag' is not in an epoch's record: name "
+     r"<dev\|train>/<sst\|quora\|sts\|average\|overall>"),
+    ({"eval.best_metric": "train/average", "eval.train_sample": 0},
+     r"'train/average' is not in an epoch's record: name <dev>/"),
+])
+def test_values_that_failed_after_setup_are_checked_first(overrides, message):
+    c = load_config("baseline")
+    for key, value in overrides.items():
+        node, *path = key.split(".")
+        if path:
+            c[node][path[0]] = value
+        else:
+            c[node] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(c)
+
+
+def test_a_best_metric_of_each_scored_split_is_accepted():
+    c = load_config("baseline")
+    for metric in ("dev/sst", "dev/overall", "train/average"):
+        c.eval.best_metric = metric
+        config_lib.validate(c)
+    c.data.validation_fraction, c.train.ema_decay, c.eval.use_ema = 0.1, 0.99, True
+    for metric in ("val/quora", "val_ema/average"):
+        c.eval.best_metric = metric
+        config_lib.validate(c)
+
+
 def test_bad_keys_and_values_are_named():
     c = load_config("baseline")
     c.train.unknown_knob = 3

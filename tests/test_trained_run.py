@@ -87,6 +87,23 @@ def test_cli_stops_a_mismatched_eval_before_any_compute(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--mode=predict", "--eval_file=x.csv", "--task=sst"],
+     "--eval_file, --task: --mode=eval only (here --mode=predict"),
+    (["--mode=eval", "--task=sst"], "--task: only with --eval_file"),
+    (["--mode=eval", "--eval_file=x.csv", "--task=sst", "--columns=text"],
+     "--columns: 'text' is not key=column"),
+    (["--mode=train", "--step=5"], "--step: --mode=eval or predict only"),
+])
+def test_cli_stops_flags_the_mode_would_ignore(tmp_path, flags, message):
+    """Each used to be ignored (or, --columns, to end in a traceback): scoring the
+    run's dev set under a name that says it scored the file, say."""
+    result = _main("flaxpals.main", f"--workdir={tmp_path}", *flags)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())  # stopped before writing anything
+
+
 # ---------------------------------------------------------------- a trained run
 
 
@@ -107,17 +124,19 @@ def test_eval_with_no_config_gives_the_logged_figures(trained):
 
 
 @TRAINED
-def test_eval_on_a_file_with_its_own_columns(trained, tmp_path):
+def test_eval_on_a_file_with_its_own_columns(trained, tmp_path, monkeypatch):
     # The first 48 SST dev rows (the run's eval_limit) under other column names,
-    # comma-delimited, float labels: the same accuracy as the run's dev/sst.
+    # comma-delimited, float labels: the same accuracy as the run's dev/sst. Named
+    # relative to the working directory, as a user types it (not the data directory).
     _, workdir = trained
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "reviews.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["review_id", "body", "stars"])
         for r in read_tsv("ids-sst-dev.csv")[:48]:
             w.writerow([r["id"], r["sentence"], f"{float(r['sentiment']):.1f}"])
-    record = evaluation.evaluate_checkpoint(workdir, eval_file=str(path), task="sst",
+    record = evaluation.evaluate_checkpoint(workdir, eval_file="reviews.csv", task="sst",
                                             columns={"text": "body", "label": "stars"})
     logged = runs.record_at(workdir, record["step"])
     assert record["dev/sst"] == pytest.approx(logged["dev/sst"], abs=1e-9)
@@ -355,3 +374,37 @@ def test_a_workdir_saved_under_the_old_field_names_restores(tmp_path):
     row = ROOT / "docs" / "results" / "best-proportional"
     assert runs.read_config(row).model.encoder == json.loads(
         (row / "config.json").read_text())["model"]["checkpoint"]
+
+
+@TRAINED
+@pytest.mark.parametrize("key,value,message", [
+    # Another optimiser state tree: the restore used to fail as a damaged file would,
+    # every step was set aside and training started over from scratch.
+    ("train.ema_decay", 0.99, r"optimiser state does not fit this config's .*"
+                              r"missing from the checkpoint: opt_state/.*not in this config's: "
+                              r"opt_state/"),
+    # Another sampler (epochs): the sampler's own check, once a traceback.
+    ("train.num_epochs", 3, r"sampler state was saved with another num_epochs: 2 there, 3 here"),
+])
+def test_a_resume_that_does_not_fit_stops_and_keeps_the_checkpoints(trained, tmp_path, key,
+                                                                      value, message):
+    import shutil
+
+    from flaxpals import train
+
+    config, workdir = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    steps = sorted(p.name for p in (copy / "checkpoints").iterdir())
+    changed = config.copy_and_resolve_references()
+    section, field = key.split(".")
+    changed[section][field] = value
+    with pytest.raises(CheckpointMismatchError, match=message) as e:
+        train.train_and_evaluate(changed, copy)
+    assert "resume with the config the run was saved with" in str(e.value)
+    assert len(str(e.value)) < 800
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == steps
+    assert not (copy / "checkpoints-unreadable").exists()
+    assert runs.read_metrics(copy) == runs.read_metrics(workdir)  # nothing appended
+    assert json.loads((copy / "config.1.json").read_text()) == json.loads(
+        (workdir / "config.json").read_text())  # the run's own config, kept

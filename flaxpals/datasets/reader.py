@@ -60,11 +60,13 @@ NOTES = ("stray_quote", "odd_header", "truncated")
 
 
 class DataFormatError(ValueError):
-    """A defect in a data file: `path:line: reason: detail`."""
+    """A defect in a data file: `path:line: reason: detail` (`path: reason: detail` for
+    the file as a whole, line None)."""
 
-    def __init__(self, path: str | os.PathLike, line: int, reason: str, detail: str):
+    def __init__(self, path: str | os.PathLike, line: int | None, reason: str, detail: str):
         self.path, self.line, self.reason, self.detail = str(path), line, reason, detail
-        super().__init__(f"{path}:{line}: {reason}: {detail}")
+        where = f"{path}:{line}" if line is not None else f"{path}"
+        super().__init__(f"{where}: {reason}: {detail}")
 
 
 @dataclasses.dataclass
