@@ -103,10 +103,12 @@ RECIPES = {"table1": SEED_RECIPE, "separate": REFERENCE_RECIPE, "best": BEST_REC
 PYTORCH_REFERENCE = {"sst": 0.489, "quora": 0.856, "sts": 0.855}
 
 
-# Every gradient combiner but the plain sum, and every loss weighting, as a row
-# (flaxpals.combiners, flaxpals.weighting); pcgrad runs as combiner here, so that all
-# share method=additive.
-COMBINER_ROWS = tuple(c for c in COMBINERS if c != "sum")
+# Every gradient combiner and every loss weighting, as a row (flaxpals.combiners,
+# flaxpals.weighting); pcgrad runs as combiner here, so that all share method=additive.
+# The plain sum is a row too, as the control, added after best-pcgrad and best-gradvac
+# came out level with each other and below proportional sampling: the additive schedule
+# without a combiner, which tells a combiner's own effect from the schedule's.
+COMBINER_ROWS = tuple(COMBINERS)
 WEIGHTING_ROWS = tuple(w for w in LOSS_WEIGHTINGS if w != "none")
 METHOD_SLUGS = tuple(f"best-{m}" for m in COMBINER_ROWS + WEIGHTING_ROWS)
 
