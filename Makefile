@@ -52,5 +52,6 @@ RESULTS ?= results
 publish-results:
 	mkdir -p docs/results
 	cd $(RESULTS) && cp RESULTS.md results.json *.png $(CURDIR)/docs/results/ && \
-	  for f in */config.json */params.json */metrics.jsonl */best.json */sweep.json; do \
+	  for f in */config.json */params.json */metrics.jsonl */best.json */sweep.json \
+	           */timings.jsonl */eval-ensemble.json */best-outputs.npz; do \
 	    [ -f "$$f" ] && cp --parents "$$f" $(CURDIR)/docs/results/ || true; done

@@ -3,7 +3,8 @@
     python -m benchmarks.bench_cores                      # SST train L64, predict L128
     python -m benchmarks.bench_cores --workloads=train/sst --lengths=64 --reps=20
     python -m benchmarks.bench_cores --run-steps=0 --json=/tmp/cores.json
-    python -m benchmarks.bench_cores --checkpoint=tiny --lengths=16 --reps=2 --run-steps=0
+    python -m benchmarks.bench_cores --checkpoint=tiny --workloads=train/sst --lengths=16 \
+        --reps=2 --run-steps=0
 
 Three measurements, each in its own process (XLA:CPU sizes its thread pool when
 JAX starts, so a thread count is a process):

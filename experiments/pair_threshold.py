@@ -47,7 +47,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--row", required=True, help="a sweep row slug, e.g. pal-annealed")
     ap.add_argument("--results", default="results", help="the sweep's results folder")
-    ap.add_argument("--budget", default="cpu", choices=tuple(sweep.BUDGETS))
     ap.add_argument("--task", default="quora")
     ap.add_argument("--train-pairs", type=int, default=4000,
                     help="train pairs the threshold is fitted on")

@@ -154,8 +154,9 @@ def load_state(workdir: Path, args) -> dict | None:
     if not path.exists():
         return None
     state = torch.load(path, weights_only=False)  # our own file: numpy's RNG state inside
+    # Where the workdir is does not matter: a results folder may have moved.
     differ = {k: (v, vars(args).get(k)) for k, v in state["args"].items()
-              if vars(args).get(k) != v}
+              if k != "workdir" and vars(args).get(k) != v}
     if differ:
         shown = ", ".join(f"--{k}={old} (now {new})" for k, (old, new) in sorted(differ.items()))
         raise SystemExit(f"{path}: saved by a run with {shown}; rerun with those flags to "

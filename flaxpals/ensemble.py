@@ -240,6 +240,7 @@ def read_eval(out_dir) -> dict[str, Any] | None:
 def write_ensemble_predictions(workdirs: Sequence[str], out_dir,
                                step: int | None = None) -> list[epath.Path]:
     """CS224N prediction files of the ensemble for dev and test in <out_dir>/predictions."""
+    _need_checkpoints(workdirs)
     tasks, found = member_outputs(workdirs, ("dev", "test"), step, limits=False)
     written = []
     for split in ("dev", "test"):
@@ -256,6 +257,15 @@ def write_ensemble_predictions(workdirs: Sequence[str], out_dir,
     return written
 
 
+def _need_checkpoints(workdirs: Sequence[str]) -> None:
+    """Predicting reads each member's checkpoint: a saved best-outputs.npz (dev outputs
+    only, for --mode=eval) cannot stand in for one."""
+    saved = [os.fspath(w) for w in workdirs if is_saved(w)]
+    if saved:
+        raise EnsembleError(f"{saved}: predicting needs the runs' checkpoints; give "
+                            "their workdirs, not saved outputs")
+
+
 class Ensemble:
     """Several `Predictor`s answering as one, with Predictor's `predict` (module docstring)."""
 
@@ -270,10 +280,7 @@ class Ensemble:
     def from_workdirs(cls, workdirs: Sequence[str], step: int | None = None) -> Ensemble:
         from flaxpals.predict import Predictor
 
-        saved = [os.fspath(w) for w in workdirs if is_saved(w)]
-        if saved:
-            raise EnsembleError(f"{saved}: predicting needs the runs' checkpoints; give "
-                                "their workdirs, not saved outputs")
+        _need_checkpoints(workdirs)
         return cls([Predictor.from_workdir(w, step) for w in workdirs])
 
     @property

@@ -72,9 +72,14 @@ def export(workdir, out, step: int | None = None) -> Path:
     """Writes the run's best checkpoint (or `step`) to `out` (module docstring)."""
     from safetensors.numpy import save_file
 
+    out = Path(out)
+    # A training run's workdir: its config.json would be overwritten (an earlier export's
+    # may be: re-exporting replaces it).
+    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+        raise config_lib.ConfigError(f"--out={out} holds a training run; export to a new "
+                                     "directory")
     r = evaluation.restore(workdir, None, step)
     params = jax.device_get(r.params)
-    out = Path(out)
     bert_config, source_dir = build.encoder_config(r.config.model)
     weights.save_pretrained(params["encoder"], bert_config, out, Path(source_dir) / "vocab.txt")
     tokenizer_config = Path(source_dir) / "tokenizer_config.json"

@@ -101,6 +101,11 @@ class Predictor:
         if t.is_pair != (pairs is not None):
             raise ValueError(f"task {task!r} is a {t.kind} task: "
                              + ("give pairs=[...]" if t.is_pair else "give no pairs"))
+        if isinstance(texts, str):  # would be read one character per row
+            raise ValueError("texts: give a list of strings, not one string")
+        for name, other in (("pairs", pairs), ("ids", ids)):
+            if other is not None and len(other) != len(texts):
+                raise ValueError(f"{name}: {len(other)} of them for {len(texts)} texts")
         records = ((i + 1, None if ids is None else ids[i], text,
                     None if pairs is None else pairs[i], None)
                    for i, text in enumerate(texts))
@@ -312,6 +317,11 @@ def main(argv):
     if sum(bool(x) for x in (f.workdir, f.pretrained, f.ensemble)) != 1:
         raise ValueError("give one of --workdir (a training run), --pretrained (an export) "
                          "or --ensemble (training runs, comma-separated)")
+    # Flags that would be ignored stop the run instead.
+    if f.step is not None and f.pretrained:
+        raise ValueError("--step: with --workdir or --ensemble (an export holds one step)")
+    if f.columns and f.input == "-":
+        raise ValueError("--columns: for a file (stdin is plain lines, pairs tab-separated)")
     if f.ensemble:
         from flaxpals.ensemble import Ensemble
 

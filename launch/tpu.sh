@@ -35,8 +35,8 @@ Options:
   --project=ID             Google Cloud project (default: gcloud's configured project)
   --workdir=DIR            the run's workdir (required). A multi-host slice needs storage
                            every worker shares, i.e. gs://BUCKET/PATH: orbax checkpoints are
-                           written by all workers. A local path works on a single-host TPU VM
-                           (it is then a path on the worker).
+                           written by all workers. An absolute local path works on a
+                           single-host TPU VM (it is then a path on the worker).
   --accelerator-type=TYPE  with --create or --retry (default v4-8; e.g. v5litepod-16, v6e-8)
   --version=VERSION        with --create or --retry: TPU software version (default
                            tpu-ubuntu2204-base, the one for v4 and older; v2-alpha-tpuv5-lite
@@ -102,6 +102,11 @@ done
 
 if ! [[ "$RETRY" =~ ^[0-9]+$ ]] || { [[ "$RETRY" != 0 ]] && ((RETRY < 2)); }; then
   echo "launch/tpu.sh: --retry=N needs a number of runs N >= 2, got '$RETRY'" >&2
+  exit 2
+fi
+if [[ "$WORKDIR" != gs://* && "$WORKDIR" != /* ]]; then
+  # The run starts in ~/flaxpals, scp and rsync in ~: a relative path would name two folders.
+  echo "launch/tpu.sh: --workdir=$WORKDIR: give gs://... or an absolute path on the worker" >&2
   exit 2
 fi
 if ((RETRY)) && [[ "$WORKDIR" != gs://* ]]; then

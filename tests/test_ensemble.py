@@ -282,6 +282,10 @@ def test_unusable_saved_outputs_are_named(trained, tmp_path):
         ensemble.evaluate_ensemble([npz], tmp_path / "out", step=3)
     with pytest.raises(EnsembleError, match="predicting needs the runs' checkpoints"):
         Ensemble.from_workdirs([npz])
+    # --mode=predict --ensemble=...npz: once dev files only, and "no test file" logged.
+    with pytest.raises(EnsembleError, match="predicting needs the runs' checkpoints"):
+        ensemble.write_ensemble_predictions([npz, trained[1]], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     (stale / runs.OUTPUTS_FILE).write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(config_lib.ConfigError, match=rf"{npz}: not a readable"):
         ensemble.evaluate_ensemble([npz], tmp_path / "out")

@@ -330,6 +330,13 @@ def test_launch_help(script):
     assert "--dry-run" in result.stdout
 
 
+def test_tpu_refuses_a_relative_workdir():
+    # The run starts in ~/flaxpals and the copies in ~: runs/pal would be two folders.
+    result = _launch("tpu.sh", "--tpu=pals", "--zone=z", "--workdir=runs/pal", "--dry-run")
+    assert result.returncode == 2
+    assert "--workdir=runs/pal: give gs://... or an absolute path" in result.stderr
+
+
 def test_tpu_dry_run_prints_the_whole_sequence(tmp_path):
     result = _launch("tpu.sh", "--tpu=pals", "--zone=us-central2-b", "--project=proj",
                      "--workdir=gs://bucket/run", "--create", "--accelerator-type=v4-16",

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxpals import build, evaluation, export, runs
+from flaxpals import build, config_lib, evaluation, export, runs
 from flaxpals.checkpointing import CheckpointMismatchError, Checkpoints
 from flaxpals.datasets.reader import DataFormatError
 from flaxpals.predict import Predictor, predict_file
@@ -206,6 +206,39 @@ def test_long_texts_are_cut_and_counted_and_empty_ones_named(predictor):
     assert predictor.predict("sst", ["word " * 100])["label"].shape == (1,)
     with pytest.raises(DataFormatError, match=r"<input>:2: empty_sentence"):
         predictor.predict("sst", ["fine", "   "])
+
+
+@TRAINED
+def test_inputs_that_do_not_line_up_are_named(predictor):
+    # Once an IndexError (fewer pairs), silently dropped pairs (more) or one row per
+    # character (a string).
+    with pytest.raises(ValueError, match="pairs: 1 of them for 2 texts"):
+        predictor.predict("quora", ["a", "b"], ["c"])
+    with pytest.raises(ValueError, match="pairs: 3 of them for 2 texts"):
+        predictor.predict("quora", ["a", "b"], ["c", "d", "e"])
+    with pytest.raises(ValueError, match="ids: 1 of them for 2 texts"):
+        predictor.split("sst", ["a", "b"], ids=["x"])
+    with pytest.raises(ValueError, match="a list of strings, not one string"):
+        predictor.predict("sst", "a fine film")
+
+
+@TRAINED
+def test_export_refuses_a_training_runs_workdir(trained):
+    _, workdir = trained
+    before = (workdir / "config.json").read_text()
+    with pytest.raises(config_lib.ConfigError, match="holds a training run"):
+        export.export(workdir, workdir)
+    assert (workdir / "config.json").read_text() == before
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--pretrained=x", "--step=5"], "--step: with --workdir or --ensemble"),
+    (["--workdir=x", "--columns=text=body"], "--columns: for a file"),
+])
+def test_predict_stops_flags_it_would_ignore(flags, message):
+    result = _main("flaxpals.predict", "--task=sst", *flags, stdin="")
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 @TRAINED
