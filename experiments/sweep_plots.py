@@ -220,6 +220,7 @@ def methods_figure(rows: list[dict], path: Path) -> Path:
         ax.set_yticklabels([_method_label(s, by_slug.get(s)) for s in methods])
         ax.grid(axis="x", alpha=0.3)
         ax.margins(x=0.08)  # a dot at the edge of the range stays whole
+        ax.set_ylim(-0.6, len(methods) - 0.4)
         ax.set_title(f"dev {sweep.TASK_LABELS.get(key, 'average')}")
     legend = {}
     for ax in axes[0]:
