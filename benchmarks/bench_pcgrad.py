@@ -14,7 +14,8 @@ them (`optim.make_optimizer`, `steps.Steps`, `combiners.from_config`):
   uncertainty, dwa, famo
            the same through each loss weighting (`train.loss_weighting=NAME`),
            which also takes the stacked per-task losses;
-  sumloss  one jax.grad of the summed loss (the trainer's `method=additive`).
+  sumloss  the same per-task gradients summed as they come, never stacked (the
+           trainer's default `method=additive` step, `combiner=sum`).
 
 The per-task gradient programs are compiled once and shared by every variant
 (as the trainer's persistent compilation cache shares them), so the first

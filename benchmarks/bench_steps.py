@@ -16,7 +16,7 @@ torch.optim.AdamW with the same hyper-parameters). Dropout is on in both
 Workloads (each at every --lengths value; a batch per task for additive/pcgrad):
 
   train/<task>   one task's training step (forward, backward, clip, AdamW)
-  additive       one batch of every task, the summed loss, one update
+  additive       one batch of every task, their gradients summed, one update
   pcgrad         one batch of every task, a gradient each, PCGrad, one update
   predict/<task> the evaluation step at --eval-batch (no gradient)
 

@@ -82,7 +82,7 @@ class FlaxSide:
     """flaxpals' model, jitted steps and train states, as the trainer builds them.
 
     A "family" is one optimiser and its train state: "sum" (the plain optimiser:
-    train_step, additive_step with the summed loss, predict_step), "pcgrad"
+    train_step, additive_step summing the per-task gradients, predict_step), "pcgrad"
     (combiner pcgrad.pcgrad, per-task gradients stacked) and, for
     benchmarks/bench_pcgrad.py, "stacked_sum" (per-task gradients stacked, then
     pcgrad.sum_combiner: PCGrad's step without the projection), and one per

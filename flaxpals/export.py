@@ -1,7 +1,7 @@
 """A trained run as one self-contained model directory.
 
     python -m flaxpals.export --workdir=runs/pal --out=exported/pal      # best checkpoint
-    python -m flaxpals.export --workdir=runs/pal --out=DIR --step=961    # a latest step
+    python -m flaxpals.export --workdir=runs/pal --out=DIR --step=2500   # a kept latest step
 
 writes
 
