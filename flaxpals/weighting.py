@@ -18,7 +18,9 @@ uncertainty  Kendall, Gal & Cipolla 2018, "Multi-Task Learning Using Uncertainty
              model's step. One form for every task: the paper's regression
              (1/(2 sigma^2) L + log sigma) and classification (1/sigma^2 L +
              log sigma) losses are this one times 1/2, after the shift
-             s -> s - log 2 for classification; both settle at w_i = 1 / L_i.
+             s -> s - log 2 for classification; this form settles at
+             w_i = 1 / L_i (the paper's, being half of it, at 1 / (2 L_i)): the
+             same relative weights.
 dwa          Dynamic Weight Average, Liu, Johns & Davison 2019, "End-to-End
              Multi-Task Learning with Attention":
              w_i = K softmax_i(r / T), r_i = L_i(n-1) / L_i(n-2), where L_i(n) is
@@ -37,7 +39,8 @@ famo         FAMO, Liu et al. 2023, "Fast Adaptive Multitask Optimization":
              we take the next step's losses (the next batches), which every step
              computes anyway, so xi moves at the start of the next update. Batch
              noise mostly cancels over consecutive Deltas (each batch's loss enters
-             once with each sign).
+             once with each sign). The authors' code's optional offset of the
+             losses (`min_losses`, 0 by default) is left out: our losses are >= 0.
 
 Only the shared leaves are weighted: task-specific leaves (heads, adapters) get
 their own task's gradient untouched, as with every combiner. A weight on a
