@@ -185,9 +185,11 @@ def methods_figure(rows: list[dict], path: Path) -> Path:
     """methods.png: a panel per task and the average; a line per combiner or loss
     weighting (`sweep.METHOD_SLUGS`), its dev score at its best epoch as a dot (with a bar
     of ± one std over its seeds where several), against PAL + proportional sampling (a
-    solid line, shaded ± twice the recipe's seed spread, `sweep.SPREAD_ROW`: outside the
-    shading counts) and PAL + PCGrad (dashed). A method not run yet keeps its line,
-    empty; an unfinished one says so."""
+    solid line, shaded ± twice the standard deviation of a one-seed row's difference
+    from it, `sweep_report.difference_std` of the recipe's seed spread,
+    `sweep.SPREAD_ROW`: a one-seed dot outside the shading counts) and PAL + PCGrad
+    (dashed). A method not run yet keeps its line, empty; an unfinished one says so,
+    its dot hollow."""
     import matplotlib.pyplot as plt
 
     by_slug = {r["slug"]: r for r in rows}
@@ -203,9 +205,11 @@ def methods_figure(rows: list[dict], path: Path) -> Path:
         if prop is not None:
             ax.axvline(prop, color="C0", linewidth=1.2, label="PAL + proportional sampling")
             if metric in spread:
-                ax.axvspan(prop - 2 * spread[metric], prop + 2 * spread[metric], color="C0",
-                           alpha=0.12, linewidth=0,
-                           label=f"± 2 std of the recipe's seeds ({sweep.SPREAD_ROW})")
+                half = 2 * sweep_report.difference_std(
+                    spread[metric], 1, by_slug["best-proportional"]["n_seeds"])
+                ax.axvspan(prop - half, prop + half, color="C0", alpha=0.12, linewidth=0,
+                           label="± 2 std of a one-seed row's difference "
+                                 f"(seeds of {sweep.SPREAD_ROW})")
         pcgrad = by_slug.get("best-pcgrad", {}).get("best", {}).get(metric)
         if pcgrad is not None:
             ax.axvline(pcgrad, color="C3", linewidth=1.2, linestyle="--", label="PAL + PCGrad")
@@ -214,8 +218,11 @@ def methods_figure(rows: list[dict], path: Path) -> Path:
             value = r["best"].get(metric) if r and r["best"] else None
             if value is not None:
                 std = r["std"].get(metric)
+                done = r.get("done")
                 ax.errorbar([value], [yi], xerr=None if std is None else [std], fmt="o",
-                            color="black", capsize=3, label="method (its best epoch)")
+                            color="black", mfc="black" if done else "white", capsize=3,
+                            label="method (its best epoch)" if done
+                            else "unfinished method (its best epoch so far)")
         ax.set_yticks(y)
         ax.set_yticklabels([_method_label(s, by_slug.get(s)) for s in methods])
         ax.grid(axis="x", alpha=0.3)

@@ -82,6 +82,13 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
+def difference_std(std: float, n_a: int, n_b: int) -> float:
+    """The standard deviation of the difference between two rows' means over n_a and
+    n_b seeds, each seed's figure spread by `std`: std * sqrt(1/n_a + 1/n_b) (sqrt 2
+    times std for two one-seed rows)."""
+    return std * (1 / n_a + 1 / n_b) ** 0.5
+
+
 def aggregate(seeds: dict[int, dict]) -> dict[str, Any]:
     """A row's figures over its seeds: each metric's mean (`best`) and std (`std`) over
     the seeds' best epochs (train figures over the seeds of one sample kind,
@@ -159,7 +166,8 @@ def combined_separate(rows: list[dict], group: str = "separate") -> dict | None:
             "group": f"{group}-combined",
             "best": best, "std": std, "param_ratio": sum(ratios) if ratios else None,
             "n_seeds": min(r.get("n_seeds", 1) for r in sep),
-            "seconds": sum(r["seconds"] or 0 for r in sep), "epoch": "-", "done": True,
+            "seconds": sum(r["seconds"] or 0 for r in sep), "epoch": "-",
+            "done": all(r.get("done") for r in sep),
             # each task's train figure is its own model's: marked only where that one's is
             "head_tasks": [k.split("/")[1] for r in sep if r.get("train_sample_from") == "head"
                            for k in r["best"] if k.startswith("train/")]}
@@ -207,7 +215,9 @@ def table(rows: list[dict]) -> str:
     for r in order:
         b = r["best"]
         if not b:
-            lines.append("| " + " | ".join([r["name"], "not run yet"] + [""] * (len(head) - 2))
+            # A workdir without an epoch record: running, or stopped before its first epoch.
+            state = "started, no epoch yet" if r.get("seeds") else "not run yet"
+            lines.append("| " + " | ".join([r["name"], state] + [""] * (len(head) - 2))
                          + " |")
             continue
         headed = r.get("head_tasks", sweep.TASK_ORDER if r.get("train_sample_from") == "head"
@@ -323,39 +333,60 @@ def against_baselines(rows: list[dict]) -> list[str]:
                and all(f"dev/{t}" in r["best"] for t in sweep.TASK_ORDER)]
     if not methods:
         return []
-    spread = by_slug.get(sweep.SPREAD_ROW, {}).get("std", {})
-    base = {slug: by_slug[slug]["best"] for slug in sweep.METHOD_BASELINES
-            if slug in by_slug and by_slug[slug]["best"]}
+    spread_row = by_slug.get(sweep.SPREAD_ROW, {})
+    spread = spread_row.get("std", {})
+    bases = {slug: by_slug[slug] for slug in sweep.METHOD_BASELINES
+             if slug in by_slug and by_slug[slug]["best"]}
     head = ["Configuration", "seeds"] + [
         f"{sweep.TASK_LABELS[t]}: dev, vs {', vs '.join(sweep.METHOD_BASELINES.values())}"
-        for t in sweep.TASK_ORDER] + ["dev average", "beyond 2 std of the recipe, "
-                                                     "vs proportional"]
+        for t in sweep.TASK_ORDER] + ["dev average", "beyond 2 std of the difference"]
     out = []
     for r in methods:
-        b, cells, beyond = r["best"], [], []
+        b, cells = r["best"], []
+        beyond = {slug: [] for slug in sweep.METHOD_BASELINES}
         for t in sweep.TASK_ORDER:
             key = f"dev/{t}"
-            diffs = ["–" if slug == r["slug"] or key not in base.get(slug, {})
-                     else f"{100 * (b[key] - base[slug][key]):+.1f}"
-                     for slug in sweep.METHOD_BASELINES]
+            diffs = []
+            for slug in sweep.METHOD_BASELINES:
+                base = bases.get(slug)
+                if slug == r["slug"] or base is None or key not in base["best"]:
+                    diffs.append("–")
+                    continue
+                diff = b[key] - base["best"][key]
+                diffs.append(f"{100 * diff:+.1f}")
+                if key in spread and abs(diff) > 2 * difference_std(
+                        spread[key], r["n_seeds"], base["n_seeds"]):
+                    beyond[slug].append(f"{sweep.TASK_LABELS[t]} {100 * diff:+.1f}")
             cells.append(", ".join([_pm(b[key], r["std"].get(key))] + diffs))
-            prop = base.get("best-proportional", {}).get(key)
-            if prop is not None and key in spread and abs(b[key] - prop) > 2 * spread[key]:
-                beyond.append(f"{sweep.TASK_LABELS[t]} {100 * (b[key] - prop):+.1f}")
         unfinished = "" if r.get("done") else " (unfinished)"
-        verdict = (", ".join(beyond) or "none") if spread else "– (no spread yet)"
+        if not spread:
+            verdict = "– (no spread yet)"
+        elif not r.get("done"):
+            verdict = "– (unfinished)"  # a mid-run epoch is no result
+        else:
+            verdict = "; ".join(f"vs {sweep.METHOD_BASELINES[slug]}: {', '.join(found)}"
+                                for slug, found in beyond.items() if found) or "none"
         out.append("| " + " | ".join([r["name"] + unfinished, str(r["n_seeds"])] + cells + [
             _pm(b["dev/average"], r["std"].get("dev/average")), verdict]) + " |")
     spread_text = ", ".join(f"{sweep.TASK_LABELS[t]} {spread[f'dev/{t}']:.3f}"
                             for t in sweep.TASK_ORDER if f"dev/{t}" in spread) or "not run yet"
+    if spread and not spread_row.get("done"):
+        spread_text += ", unfinished"
+    unfinished_bases = [f"`{slug}`" for slug, base in bases.items() if not base.get("done")]
     return (["## Gradient combiners and loss weightings (issue #19)", "",
              "PAL on the best recipe (cross pairs, mean pooling, warm-up 5e-5, 3 epochs, "
              "method=additive: every step one batch of each task) with each combiner or "
              "loss weighting; dev at the row's best epoch, differences in points against "
              "the same recipe with PCGrad (`best-pcgrad`) and with proportional sampling "
-             "(`best-proportional`). A difference counts only beyond twice the recipe's "
-             f"seed-to-seed standard deviation (`{sweep.SPREAD_ROW}`, {spread_text}); with one "
-             "seed a row shows no more than that.", "",
+             "(`best-proportional`). A difference counts only beyond twice its own standard "
+             "deviation: the recipe's seed-to-seed standard deviation s "
+             f"(`{sweep.SPREAD_ROW}`, sample std over its seeds: {spread_text}) times "
+             "sqrt(1/n + 1/m) for rows of n and m seeds, sqrt 2 for two one-seed rows. "
+             f"`{sweep.SPREAD_ROW}` chooses its epoch on a validation split, these rows on "
+             "dev itself, which flatters them a little; with one seed a row shows no more "
+             "than that."
+             + (f" Unfinished baselines: {', '.join(unfinished_bases)}." if unfinished_bases
+                else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + out + [""])
 
 

@@ -8,6 +8,7 @@ resumption.
 import json
 import re
 
+import numpy as np
 import pytest
 
 from experiments import sweep, sweep_plots, sweep_report
@@ -430,10 +431,18 @@ def test_combiners_are_set_against_pcgrad_and_proportional_beyond_the_spread(tmp
     assert cells[1] == "1"
     assert cells[2] == "0.520, +4.0, +2.6"  # vs PCGrad .480, vs proportional .494
     assert cells[4] == "0.840, -2.0, -1.9"
-    # SST +2.6 > 2 x .010 and STS -1.9 > 2 x .005 count; Quora -0.2 does not.
-    assert cells[-1] == "SST acc +2.6, STS r -1.9"
+    # One seed against one: a difference's std is sqrt(2) s, so it counts beyond
+    # 2.83 points on SST and 1.41 on STS: SST +4.0 and STS -2.0 vs PCGrad, STS -1.9 vs
+    # proportional count; SST +2.6 vs proportional (beyond 2 s, not 2 sqrt(2) s) does not.
+    assert cells[-1] == "vs PCGrad: SST acc +4.0, STS r -2.0; vs proportional: STS r -1.9"
     assert table_row(section, "Best recipe, additive + pcgrad")[2] == "0.480, –, -1.4"
+    assert table_row(section, "Best recipe, additive + pcgrad")[-1] == "none"
     assert "SST acc 0.010, Quora acc 0.005, STS r 0.005" in section
+    # A row mid-run shows its figures so far, but no verdict.
+    _three_task_run(tmp_path / "best-mgda", 0.40, 0.70, 0.70)
+    (tmp_path / "best-mgda" / "config.json").write_text(json.dumps({"train": {"num_epochs": 3}}))
+    section = "\n".join(sweep_report.against_baselines(sweep_report.collect(tmp_path)))
+    assert table_row(section, "Best recipe, additive + mgda (unfinished)")[-1] == "– (unfinished)"
     assert "Best recipe, additive + famo" not in section  # not run: no row
     # The methods get a figure of their own; the best-recipe figure keeps PCGrad only.
     assert "![methods](methods.png)" in report
@@ -480,9 +489,36 @@ def test_the_methods_figure_draws_each_method_against_the_baselines(tmp_path):
     verticals = sorted(line.get_xdata()[0] for line in sst_panel.lines
                        if line.get_marker() != "o")
     assert verticals == [0.480, 0.494]  # PCGrad, proportional
+    hollow = {at[round(line.get_xydata()[0][1])]: line.get_markerfacecolor()
+              for line in sst_panel.lines if line.get_marker() == "o"}
+    assert hollow == {"dwa (unfinished)": "white", "cagrad": "black"}
     band = sst_panel.patches[0].get_extents().transformed(sst_panel.transData.inverted())
-    assert band.x0 == pytest.approx(0.494 - 2 * 0.010, abs=1e-6)
-    assert band.x1 == pytest.approx(0.494 + 2 * 0.010, abs=1e-6)
+    # twice the std of a one-seed row's difference from the one-seed baseline: 2 sqrt(2) s
+    assert band.x0 == pytest.approx(0.494 - 2 * 2 ** 0.5 * 0.010, abs=1e-6)
+    assert band.x1 == pytest.approx(0.494 + 2 * 2 ** 0.5 * 0.010, abs=1e-6)
+
+
+def test_the_std_of_a_difference_adds_the_variances():
+    # Var(a - b) = s^2 / n + s^2 / m for independent means of n and m seeds.
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 0.01, size=(200_000, 3)).mean(1)
+    b = rng.normal(0, 0.01, size=200_000)
+    assert sweep_report.difference_std(0.01, 3, 1) == pytest.approx(np.std(a - b), rel=0.01)
+    assert sweep_report.difference_std(0.01, 1, 1) == pytest.approx(0.01 * 2 ** 0.5)
+
+
+def test_rows_started_without_an_epoch_and_unfinished_separate_models_say_so(tmp_path):
+    (tmp_path / "best-imtl_g").mkdir()
+    (tmp_path / "best-imtl_g" / "config.json").write_text(
+        json.dumps({"train": {"num_epochs": 3}}))
+    rows = sweep_report.collect(tmp_path)
+    assert table_row(sweep_report.table(rows), "Best recipe, additive + imtl_g")[1] == \
+        "started, no epoch yet"
+    assert table_row(sweep_report.table(rows), "PAL + PCGrad")[1] == "not run yet"
+    separate = [_row("separate", "separate-sst", {"sst": 0.48}),
+                _row("separate", "separate-sts", {"sts": 0.85}, done=False)]
+    assert not sweep_report.combined_separate(separate)["done"]
+    assert sweep_report.combined_separate(separate[:1])["done"]
 
 
 def test_every_combiner_and_loss_weighting_has_a_best_recipe_row():
