@@ -201,7 +201,7 @@ def methods_figure(rows: list[dict], path: Path) -> Path:
     y = list(range(len(methods)))[::-1]  # the first method on top
     for ax, key in zip(axes[0], panels, strict=True):
         metric = f"dev/{key}"
-        prop = by_slug.get("best-proportional", {}).get("best", {}).get(metric)
+        prop = (by_slug.get("best-proportional", {}).get("best") or {}).get(metric)
         if prop is not None:
             ax.axvline(prop, color="C0", linewidth=1.2, label="PAL + proportional sampling")
             if metric in spread:
@@ -210,7 +210,7 @@ def methods_figure(rows: list[dict], path: Path) -> Path:
                 ax.axvspan(prop - half, prop + half, color="C0", alpha=0.12, linewidth=0,
                            label="± 2 std of a one-seed row's difference "
                                  f"(seeds of {sweep.SPREAD_ROW})")
-        pcgrad = by_slug.get("best-pcgrad", {}).get("best", {}).get(metric)
+        pcgrad = (by_slug.get("best-pcgrad", {}).get("best") or {}).get(metric)
         if pcgrad is not None:
             ax.axvline(pcgrad, color="C3", linewidth=1.2, linestyle="--", label="PAL + PCGrad")
         for yi, slug in zip(y, methods, strict=True):

@@ -20,7 +20,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from experiments import sweep, sweep_ensemble
+from experiments import sweep, sweep_ensemble, sweep_shares
 from flaxpals import config_lib, runs
 
 
@@ -453,6 +453,9 @@ def report(results: Path, budget_name: str) -> Path:
     lines += calibration(rows)
     lines += against_references(rows)
     lines += against_baselines(rows)
+    shares = sweep_shares.section(rows)
+    figure = sweep_shares.figure(rows, results / "shares.png") if shares else None
+    lines += shares + ([f"![{figure.stem}]({figure.name})", ""] if figure else [])
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Machines", ""]
     lines += [f"- {', '.join(f'{k} {v}' for k, v in json.loads(m).items())}"

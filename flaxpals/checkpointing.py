@@ -180,7 +180,8 @@ class Checkpoints:
                 raise CheckpointMismatchError(
                     f"{where}: its optimiser state does not fit this config's (a train setting "
                     f"that shapes it changed: combiner, loss_weighting, ema_decay, trainable, "
-                    f"...); {RESUME_HINT}: " + "; ".join(diffs))
+                    f"..., or the flaxpals version that saved it); {RESUME_HINT}: "
+                    + "; ".join(diffs))
 
     def _restore(self, manager: ocp.CheckpointManager, step: int, target):
         restored = manager.restore(step, args=ocp.args.Composite(

@@ -351,7 +351,8 @@ def combiner(name: str, shared: Mask, num_tasks: int, *, seed: int | Array = 0,
              ) -> optax.GradientTransformation:
     """The combiner named `name` (one of COMBINERS) over `num_tasks` tasks."""
     if name in pcgrad.COMBINERS:
-        return pcgrad.combiner(name, shared, seed=seed, reduction=reduction)
+        return pcgrad.combiner(name, shared, seed=seed, reduction=reduction,
+                               num_tasks=num_tasks)
     if name == "gradvac":
         return gradvac(shared, num_tasks, beta=gradvac_beta, seed=seed)
     if name == "cagrad":

@@ -17,13 +17,22 @@ the T(T+1)/2 reductions of the Gram matrix, which is accumulated in float32
 (float64 when `jax_enable_x64` is on) whatever the gradients' dtype.
 `coefficient_transform` builds such a transformation from a method's
 `coefs_fn(gram, state, losses) -> (coefs, new_state)`.
+
+Every such transformation (and pcgrad) keeps the last step's coefficients, and
+Gram matrix when it computes one, in its state (`CombinerState`);
+`step_stats(opt_state, task_names)` turns them into the step's metrics:
+coef/<task> = c[t]; and with a Gram matrix, task_grad_norm/<task> = |g_t|,
+share/<task> = c[t] (G c)[t] / c^T G c, task t's part of the shared update d
+along d (the shares sum to 1), and sum_share/<task>, the share the plain sum
+(c = 1) would give at the same gradients, for comparison. The trainer logs
+them to TensorBoard and their epoch means to metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +44,65 @@ PyTree = Any
 Mask = PyTree | Callable[[PyTree], PyTree]
 # coefs_fn(gram [T, T] or None, state, losses [T] or None) -> (coefs [T], new state)
 CoefsFn = Callable[[Array | None, Any, Array | None], tuple[Array, Any]]
+STAT_PREFIXES = ("coef/", "share/", "sum_share/", "task_grad_norm/")  # step_stats' metric names
+
+
+class CombinerState(NamedTuple):
+    """A combiner's state: the method's own, and what its last update used.
+
+    inner: the method's state. coefs: [T], the last update's coefficients (0
+    before the first), or () when not kept (`pcgrad` without num_tasks). gram:
+    [T, T], the last Gram matrix of the shared gradients, or () for a method
+    that computes none (the loss weightings).
+    """
+
+    inner: Any
+    coefs: Array
+    gram: Array | tuple
+
+
+def combiner_state(inner: Any, num_tasks: int, with_gram: bool = True) -> CombinerState:
+    """The state before the first update: coefficients and Gram matrix all zero."""
+    t, dtype = int(num_tasks), gram_dtype()
+    return CombinerState(inner, jnp.zeros((t,), dtype),
+                         jnp.zeros((t, t), dtype) if with_gram else ())
+
+
+def step_stats(opt_state: PyTree, task_names: Sequence[str]) -> dict[str, Array]:
+    """The metrics of the last update's combination (module docstring); {} without one."""
+    found = [x for x in jax.tree.leaves(opt_state,
+                                        is_leaf=lambda x: isinstance(x, CombinerState))
+             if isinstance(x, CombinerState)]
+    if not found:
+        return {}
+    if len(found) > 1:
+        raise ValueError(f"the optimiser state holds {len(found)} combiners; one at most")
+    (state,) = found
+    if isinstance(state.coefs, tuple):  # built without num_tasks: nothing kept
+        return {}
+    if state.coefs.shape != (len(task_names),):
+        raise ValueError(f"combiner state for {state.coefs.shape[0]} tasks, "
+                         f"given {len(task_names)} task names")
+    out = {f"coef/{t}": state.coefs[i] for i, t in enumerate(task_names)}
+    if isinstance(state.gram, tuple):
+        return out
+    gram = state.gram
+    share, sum_share = (_shares(gram, c) for c in (state.coefs.astype(gram.dtype),
+                                                   jnp.ones(gram.shape[0], gram.dtype)))
+    norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0))
+    for i, t in enumerate(task_names):
+        out[f"share/{t}"] = share[i]
+        out[f"sum_share/{t}"] = sum_share[i]
+        out[f"task_grad_norm/{t}"] = norms[i]
+    return out
+
+
+def _shares(gram: Array, coefs: Array) -> Array:
+    """c_t <g_t, d> / |d|^2 for d = sum_t c_t g_t: [T], summing to 1."""
+    along = coefs * (gram @ coefs)
+    total = jnp.sum(along)
+    # Before the first update (or with zero gradients) d = 0: shares 0, not NaN.
+    return jnp.where(total > 0, along / jnp.where(total > 0, total, 1), 0)
 
 
 def gram_dtype():
@@ -173,8 +241,10 @@ def coefficient_transform(who: str, shared: Mask, num_tasks: int,
                 raise ValueError(f"{who}: losses must have shape ({t},), got {losses.shape}")
         gram = (gram_matrix([g for g, s in zip(leaves, flags, strict=True) if s], t)
                 if needs_gram else None)
-        coefs, state = coefs_fn(gram, state, losses if needs_losses else None)
+        coefs, inner = coefs_fn(gram, state.inner, losses if needs_losses else None)
         out = [combine_leaf(g, coefs if s else None) for g, s in zip(leaves, flags, strict=True)]
-        return jax.tree.unflatten(treedef, out), state
+        return jax.tree.unflatten(treedef, out), CombinerState(
+            inner, coefs.astype(state.coefs.dtype), () if gram is None else gram)
 
-    return optax.GradientTransformationExtraArgs(lambda params: init_fn(), update_fn)
+    return optax.GradientTransformationExtraArgs(
+        lambda params: combiner_state(init_fn(), t, needs_gram), update_fn)

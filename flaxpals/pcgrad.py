@@ -123,6 +123,12 @@ def pcgrad_combine(grads_stacked: PyTree, shared_mask: PyTree, key: Array,
     (orders are `task_orders(key, T)`). Shared leaves: sum (or mean) of the
     projected gradients; task-specific leaves: sum over the task axis.
     """
+    return _combine(grads_stacked, shared_mask, key, reduction, eps)[0]
+
+
+def _combine(grads_stacked, shared_mask, key, reduction, eps):
+    """pcgrad_combine's result, the coefficients c [T] of its shared update
+    sum_j c[j] g_j (divided by T for "mean"), and the Gram matrix [T, T]."""
     _check_reduction(reduction)
     leaves, treedef = jax.tree.flatten(grads_stacked)
     shared = gradmtl.broadcast_mask(shared_mask, grads_stacked)
@@ -134,7 +140,7 @@ def pcgrad_combine(grads_stacked: PyTree, shared_mask: PyTree, key: Array,
     divide = t if reduction == "mean" else 1
     out = [gradmtl.combine_leaf(g, coefs, divide) if s else gradmtl.combine_leaf(g, None, 1)
            for g, s in zip(leaves, shared, strict=True)]
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, out), coefs / divide, gram
 
 
 def sum_combine(grads_stacked: PyTree, shared_mask: PyTree | None = None,
@@ -156,7 +162,7 @@ def sum_combine(grads_stacked: PyTree, shared_mask: PyTree | None = None,
 
 
 def pcgrad(shared: Mask, *, seed: int | Array = 0, reduction: str = "sum",
-           eps: float = 1e-12) -> optax.GradientTransformation:
+           eps: float = 1e-12, num_tasks: int | None = None) -> optax.GradientTransformation:
     """PCGrad as an optax transformation (see the module docstring).
 
     shared: pytree of bools (the parameters' structure or a prefix of it),
@@ -164,6 +170,8 @@ def pcgrad(shared: Mask, *, seed: int | Array = 0, reduction: str = "sum",
     seed: int, typed key (`jax.random.key`) or its uint32 key data.
     reduction: "sum" (the paper) or "mean" (divides the shared update by T).
     eps: added to ||g_j||^2 in the projection's denominator.
+    num_tasks: T, to keep the last update's coefficients and Gram matrix in the
+      state (`gradmtl.CombinerState`, for `gradmtl.step_stats`); None keeps none.
 
     `update(updates, state, params=None)`: every leaf of `updates` is
     [T, *param_shape]; returns parameter-shaped updates and the next state.
@@ -173,13 +181,23 @@ def pcgrad(shared: Mask, *, seed: int | Array = 0, reduction: str = "sum",
 
     def init_fn(params):
         del params
-        return PCGradState(key=make_key(), count=jnp.zeros((), jnp.int32))
+        inner = PCGradState(key=make_key(), count=jnp.zeros((), jnp.int32))
+        if num_tasks is None:
+            return gradmtl.CombinerState(inner, (), ())
+        return gradmtl.combiner_state(inner, num_tasks)
 
     def update_fn(updates, state, params=None):
         mask = gradmtl.resolve_mask(shared, params, updates)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key, impl=impl), state.count)
-        out = pcgrad_combine(updates, mask, key, reduction, eps)
-        return out, PCGradState(key=state.key, count=optax.safe_increment(state.count))
+        inner = state.inner
+        key = jax.random.fold_in(jax.random.wrap_key_data(inner.key, impl=impl), inner.count)
+        out, coefs, gram = _combine(updates, mask, key, reduction, eps)
+        inner = PCGradState(key=inner.key, count=optax.safe_increment(inner.count))
+        if num_tasks is None:
+            return out, gradmtl.CombinerState(inner, (), ())
+        if coefs.shape[0] != num_tasks:
+            raise ValueError(f"pcgrad: built for {num_tasks} tasks, got updates with "
+                             f"leading axis {coefs.shape[0]}")
+        return out, gradmtl.CombinerState(inner, coefs.astype(state.coefs.dtype), gram)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -201,12 +219,15 @@ def sum_combiner(shared: Mask | None = None, *,
 
 
 def combiner(name: str, shared_mask: Mask | None = None, seed: int | Array = 0,
-             reduction: str = "sum", eps: float = 1e-12) -> optax.GradientTransformation:
-    """The combiner named by `config.train.combiner`: "sum" or "pcgrad"."""
+             reduction: str = "sum", eps: float = 1e-12, num_tasks: int | None = None
+             ) -> optax.GradientTransformation:
+    """The combiner named by `config.train.combiner`: "sum" or "pcgrad" (`num_tasks`:
+    see `pcgrad`)."""
     if name == "sum":
         return sum_combiner(shared_mask, reduction=reduction)
     if name == "pcgrad":
         if shared_mask is None:
             raise ValueError("combiner 'pcgrad' needs a shared mask")
-        return pcgrad(shared_mask, seed=seed, reduction=reduction, eps=eps)
+        return pcgrad(shared_mask, seed=seed, reduction=reduction, eps=eps,
+                      num_tasks=num_tasks)
     raise ValueError(f"combiner {name!r} is not one of {COMBINERS}")

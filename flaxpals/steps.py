@@ -151,6 +151,8 @@ class Steps:
                                                  (state.params, state.opt_state),
                                                  task, self.task_names)
         metrics["grad_norm"] = optax.global_norm(grads)
+        if task is None:  # the combiner's coefficients, shares and norms, when it keeps them
+            metrics.update(gradmtl.step_stats(opt_state, self.task_names))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def predict_step(self, params, batch, task: str) -> jax.Array:

@@ -40,6 +40,7 @@ from flaxpals import (
     compilation,
     compile_ahead,
     config_lib,
+    gradmtl,
     input_pipeline,
     optim,
     parallel,
@@ -74,7 +75,8 @@ def _host0() -> bool:
 
 
 class LossSums:
-    """Running sums of an epoch's train losses: {"loss/<task>": [sum, count]}.
+    """Running sums of an epoch's train losses and combiner statistics (gradmtl.step_stats):
+    {"loss/<task>": [sum, count], "coef/<task>": ...}.
 
     Saved with the sampler state in every checkpoint, so an epoch resumed after
     a kill logs the mean over all its steps, not only those after the restore.
@@ -290,14 +292,18 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                     f"{', '.join(k.split('/', 1)[1] for k in bad)}: {losses}; the newest "
                     f"checkpoint in {workdir / 'checkpoints'} (step "
                     f"{ckpts.latest.latest_step()}) is the last good state")
-            loss_sums.add(losses)
+            # The combiner's statistics (gradmtl.step_stats) are averaged per epoch like the losses.
+            stats = {k: float(v) for k, v in step_metrics.items()
+                     if k.startswith(gradmtl.STAT_PREFIXES)}
+            loss_sums.add({**losses, **stats})
             bar.update(1)
             window_steps += 1
             bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in losses.items()},
                             refresh=False)
             if step % config.log_every_steps == 0:
                 rate = window_steps / (time.perf_counter() - window_start)
-                writer.write_scalars(step, {**losses, "grad_norm": float(step_metrics["grad_norm"]),
+                writer.write_scalars(step, {**losses, **stats,
+                                            "grad_norm": float(step_metrics["grad_norm"]),
                                             "steps_per_second": rate})
                 window_start, window_steps = time.perf_counter(), 0
             epoch_end = sampler.done or sampler.epoch != epoch

@@ -382,9 +382,9 @@ def test_gradvac_transformation_draws_orders_and_keeps_targets():
         orders = np.asarray(pc.task_orders(jax.random.fold_in(jax.random.key(9), step), k))
         ref, targets = gradvac_reference(a, orders, targets, 0.3)
         assert rel_err(shared_update(out, mask), ref) < 1e-4
-        np.testing.assert_allclose(np.asarray(state.targets), targets, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(state.inner.targets), targets, atol=1e-5)
         assert_heads_untouched(out, per_task, mask)
-    assert int(state.count) == 3
+    assert int(state.inner.count) == 3
 
 
 def test_gradvac_first_step_is_pcgrad():
@@ -408,7 +408,7 @@ def test_gradvac_state_survives_an_orbax_round_trip(tmp_path):
         ckpt.wait_until_finished()
         restored = ckpt.restore(tmp_path / "state", state)
     restored = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored))
-    assert np.abs(np.asarray(restored.targets)).max() > 0
+    assert np.abs(np.asarray(restored.inner.targets)).max() > 0
     a, sa = update(stacked, state, params)
     b, sb = update(stacked, restored, params)
     for x, y in zip(jax.tree.leaves((a, sa)), jax.tree.leaves((b, sb)), strict=True):
@@ -481,7 +481,8 @@ def test_callable_mask_and_chain_with_clip_and_adamw():
     tx = optax.chain(cb.cagrad(mask_fn, 3), optax.clip_by_global_norm(1.0),
                      optax.adamw(1e-2, weight_decay=0.01))
     updates, _ = jax.jit(tx.update)(stacked, tx.init(params), params)
-    combined, _ = cb.cagrad(mask, 3).update(stacked, optax.EmptyState())
+    tx3 = cb.cagrad(mask, 3)
+    combined, _ = tx3.update(stacked, tx3.init(params))
     rest = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.01))
     expected, _ = rest.update(combined, rest.init(params), params)
     for x, y in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
@@ -495,7 +496,8 @@ def test_names_and_errors():
         cb.combiner(name, mask, 3)
     # The factory passes its options through.
     a, _ = run_combiner("cagrad", stacked, mask, params, 3, cagrad_c=0.9)
-    b, _ = jax.jit(cb.cagrad(mask, 3, c=0.9).update)(stacked, optax.EmptyState(), params)
+    tx = cb.cagrad(mask, 3, c=0.9)
+    b, _ = jax.jit(tx.update)(stacked, tx.init(params), params)
     np.testing.assert_array_equal(shared_update(a, mask), shared_update(b, mask))
     with pytest.raises(ValueError, match="not one of"):
         cb.combiner("famo", mask, 3)
@@ -506,4 +508,65 @@ def test_names_and_errors():
     with pytest.raises(ValueError, match="up to 12 tasks"):
         cb.mgda(mask, 13)
     with pytest.raises(ValueError, match="built for 4 tasks"):
-        cb.imtl_g(mask, 4).update(stacked, optax.EmptyState())
+        cb.imtl_g(mask, 4).update(stacked, cb.imtl_g(mask, 4).init(params))
+
+
+# ---------------------------------------------------------------------------
+# What the state keeps for the trainer's metrics (gradmtl.step_stats)
+
+
+@pytest.mark.parametrize("name", [n for n in cb.COMBINERS if n != "sum"])
+@pytest.mark.parametrize("k,kind", [(2, "conflicting"), (3, "random"), (5, "aligned")])
+def test_step_stats_describe_the_update(name, k, kind):
+    """coef/<t> are the coefficients of the shared update; share/<t> and
+    sum_share/<t> recomputed in NumPy from the gradients' rows (c_t <g_t, d> / |d|^2,
+    for the method's d and for d = sum_t g_t); task_grad_norm/<t> = |g_t|."""
+    _, stacked, mask, params, a = make_problem(1, k, kind)
+    out, state = run_combiner(name, stacked, mask, params, k)
+    names = [f"task{i}" for i in range(k)]
+    stats = {key: float(v) for key, v in gradmtl.step_stats(state, names).items()}
+    assert set(stats) == {f"{p}{t}" for p in gradmtl.STAT_PREFIXES for t in names}
+    c = np.array([stats[f"coef/{t}"] for t in names])
+    d = shared_update(out, mask)
+    np.testing.assert_allclose(c @ a, d, rtol=1e-4, atol=1e-5 * np.abs(d).max())
+    for coefs, prefix in ((c, "share/"), (np.ones(k), "sum_share/")):
+        u = coefs @ a
+        np.testing.assert_allclose([stats[prefix + t] for t in names],
+                                   coefs * (a @ u) / (u @ u), atol=1e-5)
+    np.testing.assert_allclose([stats[f"task_grad_norm/{t}"] for t in names],
+                               np.linalg.norm(a, axis=1), rtol=1e-5)
+
+
+def test_step_stats_match_the_methods_equations():
+    """Nash-MTL's alpha_t (G alpha)_t = 1 gives every task the share 1/k; MGDA's
+    min-norm point has <g_t, d> = |d|^2 wherever w_t > 0, so its shares are its
+    weights."""
+    for k, kind, seed in itertools.product((2, 3, 4), KINDS, range(2)):
+        _, stacked, mask, params, _ = make_problem(seed, k, kind)
+        names = [str(i) for i in range(k)]
+        _, state = run_combiner("nash_mtl", stacked, mask, params, k)
+        stats = gradmtl.step_stats(state, names)
+        np.testing.assert_allclose([float(stats[f"share/{t}"]) for t in names], 1 / k,
+                                   atol=1e-3)
+        _, state = run_combiner("mgda", stacked, mask, params, k)
+        stats = gradmtl.step_stats(state, names)
+        np.testing.assert_allclose([float(stats[f"share/{t}"]) for t in names],
+                                   [float(stats[f"coef/{t}"]) for t in names], atol=1e-4)
+
+
+def test_step_stats_before_any_update_and_without_a_combiner():
+    _, stacked, mask, params, _ = make_problem(0, 3, "random")
+    names = ["a", "b", "c"]
+    stats = gradmtl.step_stats(cb.imtl_g(mask, 3).init(params), names)
+    assert all(float(v) == 0 for v in stats.values()) and len(stats) == 12  # no NaN
+    assert gradmtl.step_stats(optax.adamw(1e-3).init(params), names) == {}
+    # pcgrad built without num_tasks keeps nothing; with it, it keeps [T] coefficients.
+    assert gradmtl.step_stats(pc.pcgrad(mask).init(params), names) == {}
+    tx = pc.pcgrad(mask, num_tasks=3)
+    _, state = tx.update(stacked, tx.init(params), params)
+    assert set(gradmtl.step_stats(state, names)) >= {"coef/a", "share/c"}
+    with pytest.raises(ValueError, match="built for 4 tasks"):
+        pc.pcgrad(mask, num_tasks=4).update(stacked, pc.pcgrad(mask, num_tasks=4).init(params),
+                                            params)
+    with pytest.raises(ValueError, match="given 2 task names"):
+        gradmtl.step_stats(state, names[:2])

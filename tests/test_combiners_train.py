@@ -69,15 +69,15 @@ def test_from_config_passes_the_options():
     assert combiners.from_config(c, mask, 3, 0, config_lib.combiner(c)) is None
     c.combiner, c.cagrad_c = "cagrad", 0.0
     g = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
-    out, _ = combiners.from_config(c, mask, 3, 0, config_lib.combiner(c)).update(
-        {"w": g}, optax.EmptyState())
+    tx = combiners.from_config(c, mask, 3, 0, config_lib.combiner(c))
+    out, _ = tx.update({"w": g}, tx.init(None))
     np.testing.assert_allclose(out["w"], g.mean(0), rtol=1e-6)  # c = 0: the mean
     c.combiner, c.gradvac_beta = "gradvac", 0.5
     tx = combiners.from_config(c, mask, 3, 0, config_lib.combiner(c))
-    assert tx.init(None).targets.shape == (3, 3)
+    assert tx.init(None).inner.targets.shape == (3, 3)
     c.combiner, c.loss_weighting, c.dwa_window = "sum", "dwa", 7
     state = combiners.from_config(c, mask, 3, 0, config_lib.combiner(c)).init(None)
-    assert isinstance(state, weighting.DWAState)
+    assert isinstance(state.inner, weighting.DWAState)
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +145,15 @@ def test_trains_end_to_end(tmp_path, monkeypatch, model, name, loss_weighting):
         seen = [r[f"loss/{task}"] for r in history]
         assert seen[-1] < seen[0], f"{name}/{loss_weighting}: {task} loss did not go down: {seen}"
     assert np.isfinite(history[-1]["dev/average"])
+    # The combination's statistics, epoch means: weights for every method, and for
+    # the gradient combiners shares of the update that sum to 1.
+    for r in history:
+        assert all(np.isfinite(r[f"coef/{t}"]) for t in c.tasks), r
+        if loss_weighting == "none":
+            assert sum(r[f"share/{t}"] for t in c.tasks) == pytest.approx(1, abs=1e-5)
+            assert sum(r[f"sum_share/{t}"] for t in c.tasks) == pytest.approx(1, abs=1e-5)
+        else:
+            assert not any(k.startswith("share/") for k in r), r
     if model == "pal":
         assert json.loads((tmp_path / "params.json").read_text())["ratio_by_key"]["adapters"] > 1
     key = STATE_MOVED.get(name if loss_weighting == "none" else loss_weighting)

@@ -245,7 +245,7 @@ def test_update_uses_a_fresh_order_each_step_and_matches_reference():
         for g, r in zip(jax.tree.leaves(out), ref, strict=True):
             np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5)
         outs.append(out)
-    assert int(state.count) == 3
+    assert int(state.inner.count) == 3
     assert not np.array_equal(orders[0], orders[1])
     assert not np.array_equal(orders[1], orders[2])
     assert not np.allclose(outs[0]["enc"]["w"], outs[1]["enc"]["w"])
@@ -311,7 +311,7 @@ def test_callable_mask_and_chain_with_clip_and_adamw():
     expected, _ = rest.update(combined, rest.init(params), params)
     for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-    assert int(state[0].count) == 1
+    assert int(state[0].inner.count) == 1
 
 
 def test_state_survives_an_orbax_round_trip(tmp_path):
@@ -324,7 +324,7 @@ def test_state_survives_an_orbax_round_trip(tmp_path):
         ckpt.save(tmp_path / "state", state)
         ckpt.wait_until_finished()
         restored = ckpt.restore(tmp_path / "state", state)
-    restored = pc.PCGradState(*restored)
+    restored = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(restored))
     a, _ = tx.update(stacked, state, params)
     b, _ = tx.update(stacked, restored, params)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from experiments import sweep, sweep_plots, sweep_report
+from experiments import sweep, sweep_plots, sweep_report, sweep_shares
 from flaxpals import runs
 from tests.conftest import ROOT, require
 
@@ -447,6 +447,45 @@ def test_combiners_are_set_against_pcgrad_and_proportional_beyond_the_spread(tmp
     # The methods get a figure of their own; the best-recipe figure keeps PCGrad only.
     assert "![methods](methods.png)" in report
     assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_shares_section_reads_the_logged_statistics(tmp_path):
+    """Runs that logged gradmtl.step_stats get a line: first -> last epoch means; a
+    loss weighting (coefficients only) shows no shares; runs without any, no line."""
+    _three_task_run(tmp_path / "best-pcgrad", 0.480, 0.850, 0.860)  # logged nothing
+    assert sweep_shares.section(sweep_report.collect(tmp_path)) == []
+    _three_task_run(tmp_path / "best-imtl_g-seed1", 0.49, 0.85, 0.86)
+    (tmp_path / "best-imtl_g-seed1" / "config.json").write_text(
+        json.dumps({"train": {"num_epochs": 2}}))
+    stats = [{"share/sst": 0.5, "share/quora": 0.2, "share/sts": 0.3, "sum_share/sst": 0.6,
+              "sum_share/quora": 0.1, "sum_share/sts": 0.3},
+             {"share/sst": 0.4, "share/quora": 0.3, "share/sts": 0.3, "sum_share/sst": 0.7,
+              "sum_share/quora": 0.05, "sum_share/sts": 0.25}]
+    for epoch, extra in enumerate(stats, 1):
+        if epoch > 1:
+            runs.append_metrics(tmp_path / "best-imtl_g-seed1", {
+                "epoch": epoch, "step": 20, "dev/average": 0.7, **{
+                    f"dev/{t}": 0.7 for t in ("sst", "quora", "sts")}})
+        lines = (tmp_path / "best-imtl_g-seed1" / "metrics.jsonl").read_text().splitlines()
+        lines[epoch - 1] = json.dumps({**json.loads(lines[epoch - 1]), **extra, **{
+            f"coef/{t}": 0.25 * epoch for t in ("sst", "quora", "sts")}})
+        (tmp_path / "best-imtl_g-seed1" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    _three_task_run(tmp_path / "best-famo", 0.49, 0.85, 0.86)
+    path = tmp_path / "best-famo" / "metrics.jsonl"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "coef/sst": 1.2,
+                                "coef/quora": 0.8, "coef/sts": 1.0}) + "\n")
+    section = "\n".join(sweep_shares.section(sweep_report.collect(tmp_path)))
+    assert table_row(section, "Best recipe, additive + imtl_g") == [
+        "Best recipe, additive + imtl_g", "1", "0.50 → 0.40 (0.60 → 0.70)",
+        "0.20 → 0.30 (0.10 → 0.05)", "0.30 → 0.30 (0.30 → 0.25)",
+        "0.25 → 0.50", "0.25 → 0.50", "0.25 → 0.50"]
+    assert table_row(section, "Best recipe, additive + famo")[2:] == [
+        "–", "–", "–", "1.20", "0.80", "1.00"]
+    assert "Best recipe, additive + pcgrad" not in section
+    report = sweep_report.report(tmp_path, "smoke").read_text()
+    assert "## How the combiners split the shared update" in report
+    assert "![shares](shares.png)" in report  # imtl_g's shares: drawn
+    assert (tmp_path / "shares.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_methods_figure_draws_each_method_against_the_baselines(tmp_path):

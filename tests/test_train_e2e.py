@@ -125,25 +125,50 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     assert "epoch 1 ended before its evaluation was written" in resumed.stderr
     straight = _run_main(tmp_path / "b")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    c = tiny()
-    step_b, b = _latest_params(tmp_path / "b", c)
+    _assert_same_runs(tmp_path / "b", [tmp_path / "a", tmp_path / "c"], tiny())
+
+
+def _assert_same_runs(reference, others, c, prefix="loss/"):
+    """Each of `others` ends with `reference`'s params (step 12) and epoch lines."""
+    step_b, b = _latest_params(reference, c)
     flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
-    for run in ("a", "c"):
-        step_a, a = _latest_params(tmp_path / run, c)
+    for run in others:
+        step_a, a = _latest_params(run, c)
         assert step_a == step_b == 12
         for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]:
             np.testing.assert_allclose(leaf, flat_b[path], atol=1e-6, rtol=0,
                                        err_msg=f"run {run}: {path}")
     # Every epoch has its line with the uninterrupted run's figures, the mean train
     # losses of the epoch that was cut included (their sums travel in the checkpoint).
-    for run in ("a", "c"):
-        lines, reference = epochs(tmp_path / run), epochs(tmp_path / "b")
+    for run in others:
+        lines, want_lines = epochs(run), epochs(reference)
         assert [r["epoch"] for r in lines] == [1, 2], run
-        for got, want in zip(lines, reference, strict=True):
+        for got, want in zip(lines, want_lines, strict=True):
             assert set(got) == set(want), run
-            assert any(k.startswith("loss/") for k in got), run
+            assert any(k.startswith(prefix) for k in got), (run, prefix)
             for key, value in want.items():
                 assert got[key] == pytest.approx(value, abs=1e-5), (run, key)
+
+
+@pytest.mark.slow  # three subprocess runs: `make test-slow` and CI
+def test_a_stateful_loss_weighting_resumes_as_if_uninterrupted(tmp_path):
+    """FAMO keeps its logits, their Adam moments and the last losses in the optimiser
+    state, and its weights' epoch sums (coef/<task>) travel with the loss sums: killed
+    at step 5 and resumed from step 4's checkpoint, the run ends as one never killed."""
+    extra = ("--config.train.method=additive", "--config.train.loss_weighting=famo")
+    killed = _run_main(tmp_path / "a", 5, *extra)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = _run_main(tmp_path / "a", None, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from checkpoint step 4" in resumed.stderr
+    straight = _run_main(tmp_path / "b", None, *extra)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    c = tiny()
+    c.train.method, c.train.loss_weighting = "additive", "famo"
+    _assert_same_runs(tmp_path / "b", [tmp_path / "a"], c, prefix="coef/")
+    # FAMO's weights are a convex combination at every step, so their epoch means too.
+    for r in epochs(tmp_path / "b"):
+        assert sum(r[f"coef/{t}"] for t in c.tasks) == pytest.approx(1, abs=1e-5), r
 
 
 @TRAINED

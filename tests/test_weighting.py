@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxpals import config_lib, optim, pcgrad
+from flaxpals import config_lib, gradmtl, optim, pcgrad
 from flaxpals import weighting as wt
 from tests.test_combiners import assert_heads_untouched, make_problem, rel_err, shared_update
 
@@ -146,14 +146,19 @@ def test_dwa_weights_move_after_two_windows():
     np.testing.assert_allclose(w[6], 2 * e / e.sum())
     outs, a, state, *_ = run_weighting("dwa", 2, losses)
     np.testing.assert_allclose(outs[6], w[6] @ a, rtol=1e-6)
-    assert int(state.windows) == 3
+    assert int(state.inner.windows) == 3
+    # The state keeps the last step's weights for the metrics, and no Gram matrix.
+    stats = gradmtl.step_stats(state, ["x", "y"])
+    assert sorted(stats) == ["coef/x", "coef/y"]
+    np.testing.assert_allclose([float(stats["coef/x"]), float(stats["coef/y"])], w[-1],
+                               rtol=1e-6)
 
 
 def test_uncertainty_settles_at_inverse_losses():
     """Constant losses: s -> log L, so w_i = exp(-s_i) -> 1 / L_i (Kendall et al.)."""
     losses = np.tile(np.array([[0.5, 2.0, 4.0]], np.float32), (1500, 1))
     _, _, state, *_ = run_weighting("uncertainty", 3, losses)
-    np.testing.assert_allclose(np.exp(-np.asarray(state.log_vars)), 1 / losses[0], rtol=2e-2)
+    np.testing.assert_allclose(np.exp(-np.asarray(state.inner.log_vars)), 1 / losses[0], rtol=2e-2)
 
 
 def test_famo_favours_the_task_that_improves_least():
@@ -161,9 +166,9 @@ def test_famo_favours_the_task_that_improves_least():
     steps = np.arange(30)[:, None]
     losses = np.exp(-np.array([[0.1, 0.01, 0.01]]) * steps).astype(np.float32)
     _, _, state, *_ = run_weighting("famo", 3, losses)
-    xi = np.asarray(state.logits)
+    xi = np.asarray(state.inner.logits)
     assert xi[0] < xi[1] - 0.1 and abs(xi[1] - xi[2]) < 1e-3, xi
-    assert np.asarray(wt.famo_weights(state.logits, jnp.ones(3)))[0] < 1 / 3
+    assert np.asarray(wt.famo_weights(state.inner.logits, jnp.ones(3)))[0] < 1 / 3
 
 
 @pytest.mark.parametrize("name", sorted(BUILD))
@@ -250,7 +255,7 @@ def test_from_config_builds_each_weighting():
     for name in wt.LOSS_WEIGHTINGS[1:]:
         cfg.loss_weighting = name
         state = wt.from_config(cfg, mask, 3).init(None)
-        assert type(state).__name__.lower().startswith(name[:3]), state
+        assert type(state.inner).__name__.lower().startswith(name[:3]), state
     cfg.loss_weighting = "gradnorm"
     with pytest.raises(ValueError, match="not one of"):
         wt.from_config(cfg, mask, 3)
