@@ -216,7 +216,11 @@ def _fields(task: Task, columns: dict[str, str], names: Sequence[str], source: s
     """The Task field names for a file's columns: --columns, else the task's own, else
     text / text_pair; the id column is used when the file has one."""
     known = {"id", "text", "text_pair"}
-    unknown = sorted(set(columns) - known - {"label"})
+    if "label" in columns:  # a mapping that would be read and then ignored
+        raise ValueError("--columns: predict reads no labels (label=...); to score a "
+                         "labelled file use `python -m flaxpals.main --mode=eval "
+                         "--eval_file=...`")
+    unknown = sorted(set(columns) - known)
     if unknown:
         raise ValueError(f"--columns: unknown key(s) {unknown}; known: {sorted(known)}")
     defaults = {"text": (task.text_field, "text", "sentence", "sentence1"),

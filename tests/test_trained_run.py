@@ -314,6 +314,10 @@ def test_a_bad_row_is_skipped_and_counted_or_named_in_strict_mode(predictor, tmp
         predict_file(predictor, "sst", str(path), io.StringIO(), strict=True)
     with pytest.raises(DataFormatError, match=r"no column for text .*--columns=text="):
         predict_file(predictor, "sst", str(path), io.StringIO(), columns={"text": "body"})
+    # A label column would be read and ignored: predict says so and names eval.
+    with pytest.raises(ValueError, match=r"predict reads no labels.*--mode=eval"):
+        predict_file(predictor, "sst", str(path), io.StringIO(),
+                     columns={"text": "sentence", "label": "stars"})
 
 
 @TRAINED
