@@ -104,7 +104,8 @@ class FlaxSide:
         self.model, self.params, self.tokenizer, self.tasks = build.build_model(config)
         self.specs = {s.name: s for s in self.model.tasks}
         shared = task_params.shared_param_mask(self.params, tuple(self.specs))
-        self._combiners = {"sum": None, "pcgrad": pcgrad.pcgrad(shared, seed=config.seed),
+        self._combiners = {"sum": None, "pcgrad": pcgrad.pcgrad(shared, seed=config.seed,
+                                                                num_tasks=len(self.specs)),
                            "stacked_sum": pcgrad.sum_combiner(shared)}
         combiner_names, weighting_names = families()
         for family in combiner_names + weighting_names:

@@ -18,8 +18,9 @@ the T(T+1)/2 reductions of the Gram matrix, which is accumulated in float32
 `coefficient_transform` builds such a transformation from a method's
 `coefs_fn(gram, state, losses) -> (coefs, new_state)`.
 
-Every such transformation (and pcgrad) keeps the last step's coefficients, and
-Gram matrix when it computes one, in its state (`CombinerState`);
+Every such transformation (and pcgrad built with `num_tasks`) keeps the last
+step's coefficients, and Gram matrix when it computes one, in its state
+(`CombinerState`);
 `step_stats(opt_state, task_names)` turns them into the step's metrics:
 coef/<task> = c[t]; and with a Gram matrix, task_grad_norm/<task> = |g_t|,
 share/<task> = c[t] (G c)[t] / c^T G c, task t's part of the shared update d
@@ -57,7 +58,7 @@ class CombinerState(NamedTuple):
     """
 
     inner: Any
-    coefs: Array
+    coefs: Array | tuple
     gram: Array | tuple
 
 
@@ -244,7 +245,8 @@ def coefficient_transform(who: str, shared: Mask, num_tasks: int,
         coefs, inner = coefs_fn(gram, state.inner, losses if needs_losses else None)
         out = [combine_leaf(g, coefs if s else None) for g, s in zip(leaves, flags, strict=True)]
         return jax.tree.unflatten(treedef, out), CombinerState(
-            inner, coefs.astype(state.coefs.dtype), () if gram is None else gram)
+            inner, coefs.astype(state.coefs.dtype),
+            () if gram is None else gram.astype(state.gram.dtype))
 
     return optax.GradientTransformationExtraArgs(
         lambda params: combiner_state(init_fn(), t, needs_gram), update_fn)

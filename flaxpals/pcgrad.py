@@ -50,7 +50,7 @@ COMBINERS = ("sum", "pcgrad")
 
 
 class PCGradState(NamedTuple):
-    """The transformation's state: plain arrays, so orbax can save it.
+    """PCGrad's own state (the `inner` of its gradmtl.CombinerState): arrays, for orbax.
 
     key: uint32 key data (`jax.random.key_data` of the seed's key).
     count: int32 scalar, the number of updates done so far.
@@ -197,7 +197,8 @@ def pcgrad(shared: Mask, *, seed: int | Array = 0, reduction: str = "sum",
         if coefs.shape[0] != num_tasks:
             raise ValueError(f"pcgrad: built for {num_tasks} tasks, got updates with "
                              f"leading axis {coefs.shape[0]}")
-        return out, gradmtl.CombinerState(inner, coefs.astype(state.coefs.dtype), gram)
+        return out, gradmtl.CombinerState(inner, coefs.astype(state.coefs.dtype),
+                                          gram.astype(state.gram.dtype))
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -515,14 +515,15 @@ def test_names_and_errors():
 # What the state keeps for the trainer's metrics (gradmtl.step_stats)
 
 
-@pytest.mark.parametrize("name", [n for n in cb.COMBINERS if n != "sum"])
+@pytest.mark.parametrize("name,reduction", [(n, {}) for n in cb.COMBINERS if n != "sum"]
+                         + [("pcgrad", {"reduction": "mean"})])
 @pytest.mark.parametrize("k,kind", [(2, "conflicting"), (3, "random"), (5, "aligned")])
-def test_step_stats_describe_the_update(name, k, kind):
+def test_step_stats_describe_the_update(name, reduction, k, kind):
     """coef/<t> are the coefficients of the shared update; share/<t> and
     sum_share/<t> recomputed in NumPy from the gradients' rows (c_t <g_t, d> / |d|^2,
     for the method's d and for d = sum_t g_t); task_grad_norm/<t> = |g_t|."""
     _, stacked, mask, params, a = make_problem(1, k, kind)
-    out, state = run_combiner(name, stacked, mask, params, k)
+    out, state = run_combiner(name, stacked, mask, params, k, **reduction)
     names = [f"task{i}" for i in range(k)]
     stats = {key: float(v) for key, v in gradmtl.step_stats(state, names).items()}
     assert set(stats) == {f"{p}{t}" for p in gradmtl.STAT_PREFIXES for t in names}

@@ -154,6 +154,13 @@ def test_trains_end_to_end(tmp_path, monkeypatch, model, name, loss_weighting):
             assert sum(r[f"sum_share/{t}"] for t in c.tasks) == pytest.approx(1, abs=1e-5)
         else:
             assert not any(k.startswith("share/") for k in r), r
+        # Each method's own equation, step by step, so in the means: MGDA's shares are
+        # its weights; Nash-MTL's alpha_t (G alpha)_t = 1 gives every task 1/3.
+        for t in c.tasks:
+            if name == "mgda":
+                assert r[f"share/{t}"] == pytest.approx(r[f"coef/{t}"], abs=1e-4), r
+            if name == "nash_mtl":
+                assert r[f"share/{t}"] == pytest.approx(1 / 3, abs=1e-3), r
     if model == "pal":
         assert json.loads((tmp_path / "params.json").read_text())["ratio_by_key"]["adapters"] > 1
     key = STATE_MOVED.get(name if loss_weighting == "none" else loss_weighting)

@@ -281,8 +281,8 @@ def test_additive_step_is_the_gradient_of_the_summed_loss():
 def test_pcgrad_step_in_parts_matches_one_program():
     steps, state, _ = _setup()
     names = tuple(t.name for t in TASKS)
-    tx = optax.chain(pcgrad.pcgrad(task_params.shared_param_mask(state.params, names), seed=3),
-                     optax.sgd(0.5))
+    tx = optax.chain(pcgrad.pcgrad(task_params.shared_param_mask(state.params, names), seed=3,
+                                   num_tasks=len(names)), optax.sgd(0.5))
     steps = Steps(steps.model, tx, "pcgrad")
     mesh = parallel.make_mesh()
     state = state.replace(opt_state=tx.init(state.params))
@@ -290,12 +290,16 @@ def test_pcgrad_step_in_parts_matches_one_program():
     state = parallel.put(state, sharding)
     batches = {t.name: _random_batch(t, n, i)
                for i, (t, n) in enumerate(zip(TASKS, (16, 8, 8), strict=True))}
-    whole, _ = jax.jit(steps.additive_step)(state, batches)
+    whole, whole_metrics = jax.jit(steps.additive_step)(state, batches)
     whole, before = jax.device_get((whole.params, state.params))
-    parts, _ = steps.jitted(mesh, sharding)[1](state, batches)  # donates state
+    parts, metrics = steps.jitted(mesh, sharding)[1](state, batches)  # donates state
     for w, p in zip(jax.tree.leaves(whole), jax.tree.leaves(jax.device_get(parts.params)),
                     strict=True):
         np.testing.assert_allclose(p, w, rtol=1e-5, atol=1e-6)
+    # The combiner's statistics (kept in the sharded, donated state) agree as well.
+    assert {f"share/{n}" for n in names} <= set(metrics)
+    for key, value in jax.device_get(whole_metrics).items():
+        np.testing.assert_allclose(metrics[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
     assert any(not np.allclose(w, b) for w, b in
                zip(jax.tree.leaves(whole), jax.tree.leaves(before), strict=True))
 
