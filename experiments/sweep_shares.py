@@ -48,7 +48,7 @@ def section(rows: list[dict]) -> list[str]:
     runs = logged_runs(rows)
     if not runs:
         return []
-    names = {"sst": "SST", "quora": "Quora", "sts": "STS"}
+    names = {t: label.split()[0] for t, label in sweep.TASK_LABELS.items()}  # "SST acc" -> SST
     head = (["Configuration", "seed"]
             + [f"{names[t]} share (the sum's)" for t in sweep.TASK_ORDER]
             + [f"{names[t]} coefficient" for t in sweep.TASK_ORDER])
