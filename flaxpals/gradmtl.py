@@ -61,6 +61,14 @@ class CombinerState(NamedTuple):
     coefs: Array | tuple
     gram: Array | tuple
 
+    def after(self, inner: Any, coefs: Array, gram: Array | None) -> CombinerState:
+        """The next state: `inner`, and the update's coefficients and Gram matrix where
+        this state keeps them (in its dtypes, so the state's shapes and types stay put)."""
+        def kept(old, new):
+            return () if isinstance(old, tuple) or new is None else new.astype(old.dtype)
+
+        return CombinerState(inner, kept(self.coefs, coefs), kept(self.gram, gram))
+
 
 def combiner_state(inner: Any, num_tasks: int, with_gram: bool = True) -> CombinerState:
     """The state before the first update: coefficients and Gram matrix all zero."""
@@ -244,9 +252,7 @@ def coefficient_transform(who: str, shared: Mask, num_tasks: int,
                 if needs_gram else None)
         coefs, inner = coefs_fn(gram, state.inner, losses if needs_losses else None)
         out = [combine_leaf(g, coefs if s else None) for g, s in zip(leaves, flags, strict=True)]
-        return jax.tree.unflatten(treedef, out), CombinerState(
-            inner, coefs.astype(state.coefs.dtype),
-            () if gram is None else gram.astype(state.gram.dtype))
+        return jax.tree.unflatten(treedef, out), state.after(inner, coefs, gram)
 
     return optax.GradientTransformationExtraArgs(
         lambda params: combiner_state(init_fn(), t, needs_gram), update_fn)

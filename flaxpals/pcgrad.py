@@ -191,14 +191,11 @@ def pcgrad(shared: Mask, *, seed: int | Array = 0, reduction: str = "sum",
         inner = state.inner
         key = jax.random.fold_in(jax.random.wrap_key_data(inner.key, impl=impl), inner.count)
         out, coefs, gram = _combine(updates, mask, key, reduction, eps)
-        inner = PCGradState(key=inner.key, count=optax.safe_increment(inner.count))
-        if num_tasks is None:
-            return out, gradmtl.CombinerState(inner, (), ())
-        if coefs.shape[0] != num_tasks:
+        if num_tasks is not None and coefs.shape[0] != num_tasks:
             raise ValueError(f"pcgrad: built for {num_tasks} tasks, got updates with "
                              f"leading axis {coefs.shape[0]}")
-        return out, gradmtl.CombinerState(inner, coefs.astype(state.coefs.dtype),
-                                          gram.astype(state.gram.dtype))
+        inner = PCGradState(key=inner.key, count=optax.safe_increment(inner.count))
+        return out, state.after(inner, coefs, gram)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
