@@ -28,9 +28,9 @@ from flaxpals import build, evaluation
 def raw_outputs(restored, eval_sets, task: str, split: str, limit: int):
     """(logits [n], labels [n]) of a split's `limit` rows (-1: all; train: the seeded
     sample)."""
-    s, rows, out = evaluation.outputs(restored.predict_step, restored.params, eval_sets, task,
+    s, rows, out = evaluation.outputs(restored.predict, restored.params, eval_sets, task,
                                       split, limit)
-    return out, np.asarray(s.labels)[rows].astype(int)
+    return out[:, 0], np.asarray(s.labels)[rows].astype(int)  # the pair logit
 
 
 def best_threshold(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

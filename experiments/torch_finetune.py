@@ -274,7 +274,7 @@ def main(argv=None) -> int:
             schedule.step()
             losses.append(loss.item())
             step += 1
-            timer.step_done()
+            timer.steps_done(1)
         record = {"epoch": epoch, "step": step, f"loss/{task.name}": float(np.mean(losses))}
         with timer.evaluating():
             dev = evaluate(model, task, tokenizer, data["dev"], np.arange(len(data["dev"])),

@@ -33,7 +33,10 @@ a plain Hugging Face BERT tree):
             branches=adapters.branches(task, attention_mask, deterministic),
             placement=adapter_cfg.placement)
 
-`task` must be a Python string (static under jit: one trace per task).
+`task` is a name or a Python int (static under jit: only that task's adapter
+is traced), or a traced int32 index into `tasks`: then every task's adapter is
+traced in each layer and `nn.switch` runs the chosen one (one program for every
+task; the others' parameters get a zero gradient).
 """
 
 from __future__ import annotations
@@ -286,19 +289,30 @@ class TaskAdapters(nn.Module):
             raise ValueError("adapter kind 'none' has no branch")
         return mod(layer, h, bias, deterministic)
 
-    def branches(self, task: str, attention_mask: Array, deterministic: bool = True
+    def branches(self, task, attention_mask: Array, deterministic: bool = True
                  ) -> Callable[[int], Callable[[Array], Array]] | None:
-        """The `branches` argument of `bert.BertModel` for `task`.
+        """The `branches` argument of `bert.BertModel` for `task` (a name, a Python int or
+        a traced index; module docstring).
 
         attention_mask: [batch, length], 1 for real tokens. Returns layer index ->
         (h [batch, length, hidden] -> TS(h)), or None for kind "none".
         """
         if self.kind == "none":
             return None
-        if task not in self.tasks:
+        if isinstance(task, int):
+            task = self.tasks[task]
+        if isinstance(task, str) and task not in self.tasks:
             raise ValueError(f"unknown task {task!r}; this model's tasks are {self.tasks}")
         bias = attention_bias(attention_mask, self.dtype)
-        return lambda layer: (lambda h: self(task, layer, h, bias, deterministic))
+        if isinstance(task, str):
+            return lambda layer: (lambda h: self(task, layer, h, bias, deterministic))
+
+        def selected(layer: int) -> Callable[[Array], Array]:
+            fns = [lambda mdl, h, bias, t=t: mdl(t, layer, h, bias, deterministic)
+                   for t in self.tasks]
+            return lambda h: nn.switch(task, fns, self, h, bias)
+
+        return selected
 
     def init_all(self) -> None:
         """Creates every task's parameters in every layer (call it during `init`).

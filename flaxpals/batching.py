@@ -10,16 +10,18 @@ Buckets: an example of length n (tokens, specials included) goes to the
 smallest bucket length >= n; one longer than the largest bucket goes to the
 largest and is truncated there.
 
-Training plan, epoch e (0-based), process p of P:
-- shard: the process keeps examples p, p+P, p+2P, ... of the split (file
-  order), cut to N // P so that every process has as many batches;
-- shuffle: a permutation of the shard from PCG64 seeded with (seed, p, e), so
+Training plan, epoch e (0-based), process p of P: every process plans the same
+global batches of G = P x batch_size examples, and takes rows p*batch_size to
+(p+1)*batch_size of each. So all processes agree on every step's length (their
+rows meet in one global array and one all-reduce), and P processes train on the
+batches one process with the same global batch size would.
+- shuffle: a permutation of the split from PCG64 seeded with (seed, 0, e), so
   every epoch has a new order, deterministic given the seed;
-- bucket: in permuted order, each bucket's examples are cut into full batches;
-  the leftover (< batch size) of a bucket joins the next larger bucket (it
+- bucket: in permuted order, each bucket's examples are cut into full global
+  batches; the leftover (< G) of a bucket joins the next larger bucket (it
   fits, padded longer), and only the leftover of the largest bucket (fewer
-  than batch_size examples) sits the epoch out. So an epoch has exactly
-  (N // P) // batch_size batches and each example appears at most once in it;
+  than G examples) sits the epoch out. So an epoch has exactly N // G batches
+  and each example appears at most once in it;
 - batch order: shuffled with the same generator, so buckets interleave.
 
 Evaluation plan: every example exactly once, bucket by bucket, file order
@@ -72,36 +74,39 @@ class TrainPlan:
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         lengths = np.asarray(lengths)
-        per_process = len(lengths) // process_count
-        if per_process < batch_size:
-            raise ValueError(f"{len(lengths)} examples over {process_count} process(es) do "
-                             f"not fill one batch of {batch_size}")
+        self.global_batch = batch_size * process_count
+        if len(lengths) < self.global_batch:
+            raise ValueError(f"{len(lengths)} examples do not fill one global batch of "
+                             f"{batch_size} x {process_count} process(es)")
         self.batch_size, self.seed = batch_size, int(seed)
         self.process_index = process_index
-        self.shard = np.arange(process_index, len(lengths), process_count)[:per_process]
-        self._bucket = bucket_ids(lengths[self.shard], self.buckets)
-        self.batches_per_epoch = per_process // batch_size
+        self._rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+        self._bucket = bucket_ids(lengths, self.buckets)
+        self.batches_per_epoch = len(lengths) // self.global_batch
         self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """(indices [batches_per_epoch, batch_size] into the split, lengths [batches])."""
+        """(this process's indices [batches_per_epoch, batch_size] into the split,
+        lengths [batches], the same on every process)."""
         cached = self._cached  # read once: another thread may replace it
         if cached is not None and cached[0] == e:
             return cached[1], cached[2]
-        rng = np.random.Generator(np.random.PCG64([self.seed, self.process_index, e]))
-        perm = rng.permutation(len(self.shard))
+        # Process 0's stream of the per-process plans this replaces: one process plans
+        # (and trains on) exactly what it did.
+        rng = np.random.Generator(np.random.PCG64([self.seed, 0, e]))
+        perm = rng.permutation(len(self._bucket))
         in_bucket = self._bucket[perm]
         chunks, lengths = [], []
         carry = np.zeros(0, np.int64)
         for k, length in enumerate(self.buckets):
             members = np.concatenate([carry, perm[in_bucket == k]])
-            n = len(members) // self.batch_size
+            n = len(members) // self.global_batch
             if n:
-                chunks.append(members[:n * self.batch_size].reshape(n, self.batch_size))
+                chunks.append(members[:n * self.global_batch].reshape(n, self.global_batch))
                 lengths += [length] * n
-            carry = members[n * self.batch_size:]
+            carry = members[n * self.global_batch:]
         order = rng.permutation(self.batches_per_epoch)
-        indices = self.shard[np.concatenate(chunks)[order]]
+        indices = np.concatenate(chunks)[order][:, self._rows]
         out = (indices, np.asarray(lengths, np.int32)[order])
         self._cached = (e, *out)
         return out

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from flaxpals import bert, input_pipeline, weights
+from flaxpals import bert, config_lib, input_pipeline, weights
 from flaxpals import tasks as tasks_lib
 from flaxpals.adapters import AdapterConfig
 from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
@@ -50,7 +50,9 @@ def load_encoder(model_cfg) -> tuple[bert.BertConfig, dict | None, Tokenizer]:
     return _with_dropout(config, model_cfg), params, Tokenizer.from_checkpoint(vocab_dir)
 
 
-def model_options(model_cfg) -> ModelOptions:
+def model_options(model_cfg, platform: str | None = None) -> ModelOptions:
+    """The model's options from config.model; model.dtype auto resolved for `platform`
+    (default: JAX's backend; `config_lib.compute_dtype`)."""
     adapter = AdapterConfig(
         kind=model_cfg.adapter,
         size=None if model_cfg.adapter_size < 0 else model_cfg.adapter_size,
@@ -59,7 +61,8 @@ def model_options(model_cfg) -> ModelOptions:
     return ModelOptions(
         adapter=adapter, pooling=model_cfg.pooling,
         pair_encoding=model_cfg.pair_encoding, similarity=model_cfg.similarity,
-        head_dropout=model_cfg.head_dropout, dtype=model_cfg.dtype)
+        head_dropout=model_cfg.head_dropout,
+        dtype=config_lib.compute_dtype(model_cfg, platform))
 
 
 def _model_and_init(config, bert_config) -> tuple[MultiTaskModel, Any, list[tasks_lib.Task]]:

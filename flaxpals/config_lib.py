@@ -27,6 +27,10 @@ from flaxpals.weighting import LOSS_WEIGHTINGS
 # The sampler's methods, plus pcgrad: the additive schedule with PCGrad combining the
 # task gradients.
 METHODS = sampler.METHODS + ("pcgrad",)
+# data.shapes: how batches are padded (`shape_policy`).
+SHAPE_POLICIES = ("auto", "buckets", "fixed")
+# model.dtype: the compute dtype; auto is the platform's (`compute_dtype`).
+DTYPES = ("auto", "float32", "bfloat16")
 # eval.train_sample_from's values, the preferred first (a report averaging seeds of
 # both kinds takes the first it finds).
 TRAIN_SAMPLES = ("random", "head")
@@ -45,7 +49,9 @@ def base() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.encoder = "minilm"  # A directory, 'minilm' (embedded), a hub id, or 'tiny'.
-    c.model.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
+    # Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU) | float32 | bfloat16;
+    # params stay float32 (`compute_dtype`).
+    c.model.dtype = "auto"
     c.model.adapter = "none"  # Task-specific layers: none | pal | lowrank.
     c.model.adapter_size = -1  # Adapter width d; -1: the paper's size scaled to the encoder.
     c.model.adapter_heads = 6  # Attention heads inside a PAL.
@@ -65,9 +71,13 @@ def base() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # Token-id cache; "": $FLAXPALS_CACHE_DIR, else $XDG_CACHE_HOME/flaxpals.
     c.data.strict = False  # Raise on a defective row instead of skipping and counting it.
     c.data.max_length = 128  # Truncation length in tokens (specials included).
-    # Padded lengths: one compilation per task and bucket used. A step costs about its
-    # padded length, so finer buckets pad less (the CS224N train sets pad to 14-16% fewer
-    # tokens than with 16/32/64/128); each used bucket is one more program to compile.
+    # How batches are padded (`shape_policy`): buckets (to the smallest of data.buckets that
+    # fits: few padded tokens, a program per length used) | fixed (all to data.max_length:
+    # one program per step) | auto (buckets on CPU, fixed on GPU and TPU).
+    c.data.shapes = "auto"
+    # Padded lengths of shapes=buckets: one compilation per bucket used (and per batch
+    # structure). A step costs about its padded length, so finer buckets pad less (the
+    # CS224N train sets pad to 14-16% fewer tokens than with 16/32/64/128).
     c.data.buckets = (16, 24, 32, 48, 64, 96, 128)
     c.data.train_limit = -1  # Use only the first N training examples per task; -1: all.
     c.data.eval_limit = -1  # Evaluate on the first N dev examples per task; -1: all.
@@ -225,6 +235,41 @@ def combiner(train_cfg) -> str:
     return "pcgrad" if train_cfg.method == "pcgrad" else train_cfg.combiner
 
 
+def shape_policy(data_cfg, platform: str | None = None) -> str:
+    """The shape policy in force: data.shapes, or for auto the platform's (default: JAX's
+    backend): buckets on CPU, where a step costs about its padded length and a program
+    compiles in seconds; fixed on GPU and TPU, where a step at the full length costs
+    little more and each program takes tens of seconds to compile."""
+    if data_cfg.shapes != "auto":
+        return data_cfg.shapes
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return "buckets" if platform == "cpu" else "fixed"
+
+
+def padded_lengths(data_cfg, platform: str | None = None) -> tuple[int, ...]:
+    """The lengths batches are padded to under `shape_policy`: data.buckets, or
+    (data.max_length,) for fixed."""
+    if shape_policy(data_cfg, platform) == "fixed":
+        return (int(data_cfg.max_length),)
+    return tuple(data_cfg.buckets)
+
+
+def compute_dtype(model_cfg, platform: str | None = None) -> str:
+    """model.dtype, or for auto the platform's: bfloat16 on GPU and TPU (twice the float32
+    matmul rate; params stay float32), float32 on CPU (XLA:CPU computes bfloat16 dots
+    in float32 anyway, after converting)."""
+    if model_cfg.dtype != "auto":
+        return model_cfg.dtype
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
 def tiny(c: ml_collections.ConfigDict) -> None:
     """The test scale: random-init tiny encoder, little data, a few steps."""
     c.model.encoder = "tiny"
@@ -309,6 +354,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.train.time_budget: {e}") from None
     _check("tasks", len(c.tasks) > 0 and len(set(c.tasks)) == len(c.tasks),
            f"must be non-empty and without repeats, got {tuple(c.tasks)}")
+    _check("data.shapes", c.data.shapes in SHAPE_POLICIES,
+           f"{c.data.shapes!r} is not {'|'.join(SHAPE_POLICIES)}")
+    _check("model.dtype", c.model.dtype in DTYPES, f"{c.model.dtype!r} is not {'|'.join(DTYPES)}")
     _check("data.buckets", list(c.data.buckets) == sorted(set(c.data.buckets))
            and all(b > 2 for b in c.data.buckets), f"must be increasing lengths > 2, got "
            f"{tuple(c.data.buckets)}")
@@ -370,7 +418,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     from flaxpals.build import model_options  # the model's own checks, at the boundary
 
     try:
-        model_options(c.model)
+        model_options(c.model, platform="cpu")  # checks only: touches no device
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
 

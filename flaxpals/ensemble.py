@@ -190,7 +190,7 @@ def member_outputs(members: Sequence[str], splits: Sequence[str], step: int | No
         sets = evaluation_lib.EvalSets(data, r.config, r.mesh)
         for split in splits:
             kept = {}
-            evaluation_lib.evaluate(r.predict_step, r.params, sets, r.tasks, split, keep=kept)
+            evaluation_lib.evaluate(r.predict, r.params, sets, r.tasks, split, keep=kept)
             for task, rows in kept.items():
                 found.add(os.fspath(member), task, split, *rows)
         log.info("ensemble member %s: step %d", os.fspath(member), r.step)

@@ -1,16 +1,18 @@
 """Evaluation and CS224N prediction files, during training and from a saved run.
 
     sets = EvalSets(data, config, mesh)
-    scores, preds = evaluate(predict_step, params, sets, tasks, "dev")
-    record = eval_record(predict_step, params, sets, tasks, config)   # dev + train sample
+    scores, preds = evaluate(predict, params, sets, tasks, "dev")
+    record = eval_record(predict, params, sets, tasks, config)   # dev + train sample
 
     restored = restore(workdir, config=None, step=None)   # the run's own config.json
     evaluate_checkpoint(workdir)                          # --mode=eval
     evaluate_checkpoint(workdir, eval_file="my.csv", task="sst", columns={"text": "body"})
     write_predictions(workdir)                            # --mode=predict
 
-A restored run is built from its workdir's config.json; a given config may
-change only what chooses data or evaluation (`runs.config_for_restore`).
+`predict(params, batch, task)` is `programs.Programs.predict`: a task's padded
+outputs on the device. A restored run is built from its workdir's config.json; a
+given config may change only what chooses data or evaluation
+(`runs.config_for_restore`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from flaxpals import batching, build, compilation, config_lib, heads, input_pipe
 from flaxpals import metrics as metrics_lib
 from flaxpals import tasks as tasks_lib
 from flaxpals.checkpointing import Checkpoints
-from flaxpals.steps import MODEL_KEYS, Steps
+from flaxpals.programs import Programs
+from flaxpals.steps import MODEL_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class EvalSets:
             if s is None:
                 return None
             self._cache[key] = s, list(input_pipeline.eval_batches(
-                s, self._batch_size, buckets=tuple(self._config.data.buckets),
+                s, self._batch_size, buckets=config_lib.padded_lengths(self._config.data),
                 process_index=jax.process_index(), process_count=jax.process_count()))
         return self._cache[key]
 
@@ -77,7 +80,7 @@ class EvalSets:
         s = self.select(task, split, limit)
         if s is None:
             return []
-        plan = batching.eval_plan(s.lengths(), tuple(self._config.data.buckets),
+        plan = batching.eval_plan(s.lengths(), config_lib.padded_lengths(self._config.data),
                                   self._batch_size, process_index=jax.process_index(),
                                   process_count=jax.process_count())
         return sorted({length for _, length in plan})
@@ -88,12 +91,12 @@ class EvalSets:
                                       if k in batch}, self._mesh)
 
 
-def outputs(predict_step, params, eval_sets: EvalSets, task: str, split: str,
+def outputs(predict, params, eval_sets: EvalSets, task: str, split: str,
             limit: int = -1, progress=None) -> tuple[Any, np.ndarray, np.ndarray] | None:
-    """(the split, its row indices, the model's outputs of those rows) or None.
+    """(the split, its row indices, `predict`'s outputs of those rows) or None.
 
-    Outputs are logits [n, classes], a pair logit [n] or a score [n]; they come
-    back from all processes together, so every process holds the whole split.
+    Outputs are as `predict` gives them (a task's: padded [n, width], `heads.unpad`);
+    they come back from all processes together, so every process holds the whole split.
     """
     found = eval_sets.get(task, split, limit)
     if found is None:
@@ -103,7 +106,7 @@ def outputs(predict_step, params, eval_sets: EvalSets, task: str, split: str,
     for batch in batches:
         arrays = eval_sets.to_device(batch)
         rows = arrays.pop("index")
-        out.append(parallel.to_host(predict_step(params, arrays, task)))
+        out.append(parallel.to_host(predict(params, arrays, task)))
         index.append(parallel.to_host(rows))
         if progress is not None:
             progress.update(int((batch["index"] >= 0).sum()))
@@ -112,18 +115,19 @@ def outputs(predict_step, params, eval_sets: EvalSets, task: str, split: str,
     return s, index[real], out[real]
 
 
-def evaluate(predict_step, params, eval_sets: EvalSets, tasks, split: str,
+def evaluate(predict, params, eval_sets: EvalSets, tasks, split: str,
              limit: int = -1, keep: dict | None = None
              ) -> tuple[dict[str, float], dict[str, dict]]:
     """Metrics of every task on a split, and the predictions by example id; `keep`, if
-    given, gets keep[task] = (ids, labels or None, outputs) in file order
+    given, gets keep[task] = (ids, labels or None, the task's own outputs) in file order
     (`runs.SavedOutputs.rows`)."""
     scores, preds = {}, {}
     for task in tasks:
-        found = outputs(predict_step, params, eval_sets, task.name, split, limit)
+        found = outputs(predict, params, eval_sets, task.name, split, limit)
         if found is None:
             continue
         s, rows, out = found
+        out = heads.unpad(task.kind, task.num_labels, out)
         if keep is not None:
             order = np.argsort(rows)  # batches ran bucket by bucket
             keep[task.name] = (s.ids[rows][order],
@@ -152,7 +156,7 @@ def split_limit(config, split: str) -> int:
     return config.eval.train_sample if split == "train" else -1
 
 
-def eval_record(predict_step, params, eval_sets, tasks, config,
+def eval_record(predict, params, eval_sets, tasks, config,
                 splits=None, keep: dict | None = None) -> dict[str, float]:
     """{prefix/task: metric, prefix/average, prefix/overall} for (split, prefix) pairs
     (default: `record_splits(config)`); the train split is cut to the sample of
@@ -161,7 +165,7 @@ def eval_record(predict_step, params, eval_sets, tasks, config,
     metric_of = {t.name: t.metric for t in tasks}
     for split, prefix in splits or record_splits(config):
         limit = split_limit(config, split)
-        scores, _ = evaluate(predict_step, params, eval_sets, tasks, split, limit,
+        scores, _ = evaluate(predict, params, eval_sets, tasks, split, limit,
                              None if keep is None else keep.setdefault(split, {}))
         record.update({f"{prefix}/{t}": v for t, v in scores.items()})
         record.update({f"{prefix}/{k}": v for k, v in metrics_lib.summary(scores,
@@ -171,7 +175,8 @@ def eval_record(predict_step, params, eval_sets, tasks, config,
 
 @dataclasses.dataclass
 class Restored:
-    """A run restored for inference: its config, model, params on the mesh and step."""
+    """A run restored for inference: its config, model, params on the mesh and step;
+    predict: `Programs.predict` of its model."""
 
     config: Any
     model: Any
@@ -180,7 +185,7 @@ class Restored:
     tasks: list[tasks_lib.Task]
     step: int
     mesh: Any
-    predict_step: Any
+    predict: Any
 
 
 def restore(workdir, config=None, step: int | None = None) -> Restored:
@@ -199,8 +204,8 @@ def restore(workdir, config=None, step: int | None = None) -> Restored:
         step, params = ckpts.restore_params(target, "best" if step is None else "latest", step)
     finally:
         ckpts.close()
-    predict_step = Steps(model, None).jitted_predict(mesh, sharding, config.symbolic_length)
-    return Restored(config, model, params, tokenizer, tasks, step, mesh, predict_step)
+    predict = Programs.inference(model, mesh, sharding, config.symbolic_length).predict
+    return Restored(config, model, params, tokenizer, tasks, step, mesh, predict)
 
 
 def _with_file(task: tasks_lib.Task, path: str, columns: dict[str, str] | None,
@@ -250,7 +255,7 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
     data = build.load_data(r.config, tasks, r.tokenizer,
                            splits=tuple(s for s, _ in splits if s != "val"))
     kept = {}
-    record = {"step": r.step, **eval_record(r.predict_step, r.params,
+    record = {"step": r.step, **eval_record(r.predict, r.params,
                                             EvalSets(data, r.config, r.mesh), tasks,
                                             r.config, splits, kept)}
     if config is None and step is None and eval_file is None:
@@ -298,7 +303,7 @@ def write_predictions(workdir, config=None, step: int | None = None) -> list[epa
     written = []
     eval_sets = EvalSets(data, r.config, r.mesh)
     for split in ("dev", "test"):
-        _, preds = evaluate(r.predict_step, r.params, eval_sets, r.tasks, split)
+        _, preds = evaluate(r.predict, r.params, eval_sets, r.tasks, split)
         for task in r.tasks:
             if task.name not in preds:
                 log.info("%s: no %s file; no predictions written", task.name, split)

@@ -40,7 +40,7 @@ from flaxpals import (
     weights,
 )
 from flaxpals.checkpointing import CheckpointMismatchError, tree_differences
-from flaxpals.steps import Steps
+from flaxpals.programs import Programs
 
 FORMAT = 1
 TASKS_FILE = "tasks.safetensors"
@@ -170,9 +170,9 @@ def restore_exported(directory) -> evaluation.Restored:
     mesh = parallel.make_mesh()
     sharding = parallel.state_shardings(shapes, mesh, config.parallel.fsdp)
     params = parallel.put(params, sharding)
-    predict_step = Steps(model, None).jitted_predict(mesh, sharding, config.symbolic_length)
+    predict = Programs.inference(model, mesh, sharding, config.symbolic_length).predict
     return evaluation.Restored(config, model, params, tokenizer, tasks, meta["step"], mesh,
-                               predict_step)
+                               predict)
 
 
 def main(argv):

@@ -11,10 +11,16 @@
 
 The bi-encoder pair heads follow the seed's design (a shared projection of
 each sentence's embedding, then their dot product).
+
+One program serves every task when the task is a traced index (`by_task` picks
+the task's branch with `lax.switch`): every task's outputs are then padded to a
+common width, [batch, width], the task's own in the first columns (`width`,
+`pad`, `unpad`), and labels reach the loss as float32 (class ids are exact).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -73,14 +79,64 @@ class BiEncoderHead(nn.Module):
         return (a * b).sum(-1)
 
 
+def width(kind: str, num_labels: int) -> int:
+    """Output columns of a task: its classes (classification), else 1 (a pair logit, a score)."""
+    return num_labels if kind == "classification" else 1
+
+
+def pad(outputs: Array, columns: int) -> Array:
+    """A task's outputs ([batch, classes] or [batch]) as [batch, columns], zeros after them."""
+    if outputs.ndim == 1:
+        outputs = outputs[:, None]
+    return jnp.pad(outputs, ((0, 0), (0, columns - outputs.shape[1])))
+
+
+def unpad(kind: str, num_labels: int, outputs):
+    """Padded outputs [batch, columns] (NumPy or JAX) -> the task's own: logits
+    [batch, classes] (classification), else [batch]."""
+    return outputs[:, :num_labels] if kind == "classification" else outputs[:, 0]
+
+
+def is_static(task) -> bool:
+    """Whether `task` is known at trace time (a name or a Python int), not a traced index."""
+    return isinstance(task, str | int)
+
+
+def by_task(specs: Sequence[Any], task, fn: Callable[..., Any], *operands):
+    """fn(spec, *operands) for the task's spec (anything with .name, .kind, .num_labels).
+
+    task: a name or index, called directly (only that task's code is traced); or a
+    traced int32 index, then every task's branch is traced and `lax.switch` runs the
+    chosen one, so one program serves them all.
+    """
+    if is_static(task):
+        index = task if isinstance(task, int) else [s.name for s in specs].index(task)
+        return fn(specs[index], *operands)
+    branches = [lambda *ops, s=s: fn(s, *ops) for s in specs]
+    return jax.lax.switch(task, branches, *operands)
+
+
+def task_loss(specs: Sequence[Any], task, outputs: Array, labels: Array, mask: Array) -> Array:
+    """`loss_fn` of the task (`by_task`) on the model's outputs: the task's own for a static
+    task, padded [batch, columns] for a traced one (`unpad`)."""
+    def one(spec, outputs, labels, mask):
+        if not is_static(task):
+            outputs = unpad(spec.kind, spec.num_labels, outputs)
+        return loss_fn(spec.kind, outputs, labels, mask)
+
+    return by_task(specs, task, one, outputs, labels, mask)
+
+
 def loss_fn(kind: str, outputs: Array, labels: Array, mask: Array) -> Array:
     """The mean loss over real examples.
 
     outputs: [batch, classes] logits (classification) or [batch] logits/scores;
-    labels: [batch] int classes, {0, 1} or float targets; mask: [batch] 1 for real examples.
+    labels: [batch] classes (int, or float holding ints), {0, 1} or float targets;
+    mask: [batch] 1 for real examples.
     """
     if kind == "classification":
-        per_example = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(
+            outputs, labels.astype(jnp.int32))
     elif kind == "pair_classification":
         per_example = optax.sigmoid_binary_cross_entropy(outputs, labels.astype(jnp.float32))
     elif kind == "pair_regression":

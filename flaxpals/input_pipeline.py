@@ -394,8 +394,9 @@ def _pad(ragged: Ragged, rows: np.ndarray, length: int, pad_id: int):
     return values, mask.astype(np.int32)
 
 
-def _gather(split: Split, index: np.ndarray, length: int) -> dict[str, np.ndarray]:
-    """The batch of rows `index` (-1: a padding row), padded to `length`."""
+def _gather(split: Split, index: np.ndarray, length: int, to_device=None) -> dict[str, Any]:
+    """The batch of rows `index` (-1: a padding row), padded to `length`; then
+    `to_device(batch)` when given."""
     padding = index < 0
     rows = np.maximum(index, 0)
     batch = {"index": index, "mask": (~padding).astype(np.float32)}
@@ -421,12 +422,14 @@ def _gather(split: Split, index: np.ndarray, length: int) -> dict[str, np.ndarra
     ids = split.ids[rows]
     ids[padding] = ""
     batch["ids"] = ids
-    return batch
+    return batch if to_device is None else to_device(batch)
 
 
 def _batches(split: Split, plan: Iterator[tuple[np.ndarray, int]],
-             prefetch: int) -> Iterator[dict[str, np.ndarray]]:
-    """Gathers the plan's batches on one background thread, `prefetch` ahead, in order.
+             prefetch: int, to_device=None) -> Iterator[dict[str, Any]]:
+    """Gathers the plan's batches on one background thread, `prefetch` ahead, in order;
+    `to_device`, if given, is applied to each there too (the trainer's: onto the mesh), so
+    the batches wait on the devices, not on the host.
 
     Closing the iterator (or dropping it) cancels the batches not started; the
     thread finishes the one in hand (a millisecond) and exits, so an abandoned
@@ -437,7 +440,8 @@ def _batches(split: Split, plan: Iterator[tuple[np.ndarray, int]],
     try:
         for index, length in plan:
             # A copy: the plan's index rows are views of its cached epoch.
-            pending.append(pool.submit(_gather, split, np.array(index, np.int64), int(length)))
+            pending.append(pool.submit(_gather, split, np.array(index, np.int64), int(length),
+                                       to_device))
             if len(pending) > prefetch:
                 yield pending.popleft().result()
         while pending:
@@ -465,9 +469,10 @@ def train_batches(split: Split, batch_size: int, *, seed: int,
 
 
 def planned_batches(split: Split, plan: batching.TrainPlan, *, start_batch: int = 0,
-                    num_epochs: int | None = None,
-                    prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-    """train_batches from a plan already built (the trainer shares it with compile_ahead)."""
+                    num_epochs: int | None = None, prefetch: int = 2,
+                    to_device=None) -> Iterator[dict[str, Any]]:
+    """train_batches from a plan already built (the trainer's, which also lists the shapes
+    to compile from it); `to_device`: as `_batches`."""
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     stop = None if num_epochs is None else num_epochs * plan.batches_per_epoch
@@ -478,7 +483,7 @@ def planned_batches(split: Split, plan: batching.TrainPlan, *, start_batch: int 
             yield plan.batch(k)
             k += 1
 
-    return _batches(split, indices(), prefetch)
+    return _batches(split, indices(), prefetch, to_device)
 
 
 def eval_batches(split: Split, batch_size: int, *, buckets: Sequence[int] = DEFAULT_BUCKETS,
@@ -498,5 +503,6 @@ def eval_batches(split: Split, batch_size: int, *, buckets: Sequence[int] = DEFA
 
 
 def batches_per_epoch(split: Split, batch_size: int, *, process_count: int = 1) -> int:
-    """Train batches per epoch of one process: (len(split) // process_count) // batch_size."""
-    return (len(split) // process_count) // batch_size
+    """Train batches per epoch (every process the same): len(split) // (batch_size x
+    process_count), batch_size being the per-process batch."""
+    return len(split) // (batch_size * process_count)

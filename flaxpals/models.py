@@ -6,9 +6,16 @@ Param tree:
     adapters/<task>/...    PALs or low-rank layers of <task> (absent for the plain encoder)
     heads/<task>/...       the head of <task>
 
-`MultiTaskModel.__call__(batch, task)` runs one task; `task` is a Python string
-(a static argument under `jax.jit`). `init_all` touches every task so that
+`MultiTaskModel.__call__(batch, task)` runs one task. `task` is a name or a
+Python int (static: only that task's adapters and head are traced, and the
+outputs are the task's own), or a traced int32 index into `tasks` (the task as
+data: every task's adapters and head are traced and `nn.switch` runs the chosen
+one, so one program serves every task; outputs padded to `output_width`,
+`heads.unpad` recovers the task's own). `init_all` touches every task so that
 `init` creates every task's parameters.
+
+    out = model.apply({"params": p}, batch, "sst")           # [batch, 5] logits
+    out = jax.jit(lambda p, b, t: model.apply({"params": p}, b, t))(p, batch, jnp.int32(0))
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxpals import heads as heads_lib
 from flaxpals.adapters import AdapterConfig, TaskAdapters
 from flaxpals.bert import BertConfig, BertModel
 from flaxpals.heads import PAIR_ENCODINGS, SIMILARITY_HEADS, BiEncoderHead, ClassifierHead
@@ -74,8 +82,14 @@ class TaskHeads(nn.Module):
     tasks: tuple[TaskSpec, ...]
     options: ModelOptions
 
+    @property
+    def width(self) -> int:
+        """Columns of the padded outputs of a traced task: the widest task's."""
+        return max(heads_lib.width(t.kind, t.num_labels) for t in self.tasks)
+
     @nn.compact
-    def __call__(self, task: TaskSpec, a: Array, b: Array | None, deterministic: bool) -> Array:
+    def head(self, task: TaskSpec, a: Array, b: Array | None, deterministic: bool) -> Array:
+        """The task's own outputs from its sentence vectors (b: the second sentence's)."""
         o, dtype = self.options, DTYPES[self.options.dtype]
         if task.kind == "classification":
             return ClassifierHead(task.num_labels, o.head_dropout, dtype, name=task.name)(
@@ -85,6 +99,23 @@ class TaskHeads(nn.Module):
         similarity = o.similarity if task.kind == "pair_regression" else "dot"
         return BiEncoderHead(similarity, o.head_dropout, dtype, name=task.name)(
             a, b, deterministic)
+
+    def __call__(self, task, a: Array, b: Array | None, deterministic: bool) -> Array:
+        """task: a TaskSpec (its own outputs) or a traced index (padded outputs, `width`)."""
+        if isinstance(task, TaskSpec):
+            return self.head(task, a, b, deterministic)
+        bi = self.options.pair_encoding == "bi"
+
+        def branch(spec: TaskSpec):
+            def run(mdl, a, b):
+                if bi and spec.kind != "classification" and b is None:
+                    # A bi-encoded pair task never comes in a batch of single sentences:
+                    # its branch in such a program is never taken.
+                    return jnp.zeros((a.shape[0], self.width), jnp.float32)
+                return heads_lib.pad(mdl.head(spec, a, b, deterministic), self.width)
+            return run
+
+        return nn.switch(task, [branch(t) for t in self.tasks], self, a, b)
 
 
 class MultiTaskModel(nn.Module):
@@ -108,11 +139,21 @@ class MultiTaskModel(nn.Module):
                 return t
         raise KeyError(f"unknown task {name!r}; this model has {[t.name for t in self.tasks]}")
 
+    def task_index(self, name: str) -> int:
+        """The task's position in `tasks`: the index a traced task carries."""
+        return self.tasks.index(self.task(name))
+
+    @property
+    def output_width(self) -> int:
+        """Columns of the outputs of a traced task (`__call__`)."""
+        return max(heads_lib.width(t.kind, t.num_labels) for t in self.tasks)
+
     def encode(self, input_ids: Array, attention_mask: Array, token_type_ids: Array,
-               task: str | None, deterministic: bool,
+               task, deterministic: bool,
                inputs_embeds: Array | None = None) -> Array:
         """One sentence (or cross-encoded pair) per row -> its vector [batch, hidden];
-        task None: the shared encoder alone, without any task's adapters.
+        task: a name, or a traced index (`__call__`); None: the shared encoder alone,
+        without any task's adapters.
 
         inputs_embeds: the embedding layer's output to start from (BertModel)."""
         branches = (None if self.adapters is None or task is None
@@ -142,14 +183,17 @@ class MultiTaskModel(nn.Module):
         h = self.encoder(*inputs, deterministic, embeddings_only=True)
         return tuple(jnp.split(h, sentences))
 
-    def __call__(self, batch: Mapping[str, Array], task: str, deterministic: bool = True,
+    def __call__(self, batch: Mapping[str, Array], task, deterministic: bool = True,
                  inputs_embeds: tuple[Array, ...] | None = None) -> Array:
-        """The task's outputs: logits [batch, classes] or logits/scores [batch].
+        """The task's outputs: logits [batch, classes] or logits/scores [batch] for a
+        static task (a name or int); [batch, output_width] for a traced index.
 
         inputs_embeds: as `embed` gives them (perhaps perturbed), in place of the
         embedding layer's output; the batch still gives the attention masks.
         """
-        spec = self.task(task)
+        if isinstance(task, str):
+            task = self.task_index(task)
+        spec = self.tasks[task] if heads_lib.is_static(task) else task
         inputs, sentences = self._encoder_inputs(batch)
         if inputs_embeds is not None:
             if len(inputs_embeds) != sentences:
@@ -157,9 +201,7 @@ class MultiTaskModel(nn.Module):
                                  f"has {sentences} sentence(s) per example")
             inputs_embeds = jnp.concatenate(inputs_embeds)
         emb = self.encode(*inputs, task, deterministic, inputs_embeds=inputs_embeds)
-        if sentences == 1:
-            return self.heads(spec, emb, None, deterministic)
-        a, b = jnp.split(emb, 2)
+        a, b = (emb, None) if sentences == 1 else jnp.split(emb, 2)
         return self.heads(spec, a, b, deterministic)
 
     def init_all(self, batches: Mapping[str, Mapping[str, Array]]) -> dict[str, Array]:

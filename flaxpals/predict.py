@@ -120,15 +120,19 @@ class Predictor:
                                                 pair_encoding=c.model.pair_encoding)
 
     def outputs(self, split: input_pipeline.Split, step=None) -> np.ndarray:
-        """The model's outputs for every row of `split`, in its order."""
+        """The outputs for every row of `split`, in its order: the model's for the split's
+        task (logits [n, classes], a pair logit or a score [n]); or `step`'s (a function
+        of params, batch and task name) if given."""
         sets = evaluation.EvalSets({split.task.name: {"test": split}}, self._r.config,
                                    self._r.mesh)
         bar = tqdm(total=len(split), desc=f"predict {split.task.name}", unit="ex",
                    disable=len(split) < PROGRESS_FROM or jax.process_index() != 0,
                    file=sys.stderr)
-        _, rows, out = evaluation.outputs(step or self._r.predict_step, self._r.params, sets,
+        _, rows, out = evaluation.outputs(step or self._r.predict, self._r.params, sets,
                                           split.task.name, "test", progress=bar)
         bar.close()
+        if step is None:  # the model's outputs come padded to its widest task's
+            out = heads.unpad(split.task.kind, split.task.num_labels, out)
         ordered = np.empty_like(out)
         ordered[rows] = out
         return ordered

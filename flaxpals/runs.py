@@ -44,7 +44,7 @@ from flaxpals.tasks import tasks_of_config
 log = logging.getLogger(__name__)
 
 # Fields that decide the model's parameters or its function: a restored run must agree.
-MODEL_FIELDS = ("model.encoder", "model.dtype", "model.adapter", "model.adapter_size",
+MODEL_FIELDS = ("model.encoder", "model.adapter", "model.adapter_size",
                 "model.adapter_heads", "model.placement", "model.pooling",
                 "model.pair_encoding", "model.similarity", "tasks")
 # Sections that only choose data or evaluation: a restoring command may change them.

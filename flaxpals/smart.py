@@ -183,39 +183,48 @@ def perturbation(divergence_of, embeds, key: jax.Array, options: SmartOptions):
     return jax.tree.map(jax.lax.stop_gradient, delta)
 
 
-def regularised_loss(model, params, batch, task: str, key: jax.Array,
+def regularised_loss(model, params, batch, task, key: jax.Array,
                      options: SmartOptions, anchor=None) -> jax.Array:
     """The task loss plus the SMART terms (module docstring) of one batch.
 
-    model: a MultiTaskModel; key: the dropout key of every forward pass (the noise's
-    key is derived from it); anchor: the EMA params, needed when bregman_weight > 0.
+    model: a MultiTaskModel; task: a name, or a traced index (the divergence of the
+    task's kind is then chosen by `heads.by_task`); key: the dropout key of every
+    forward pass (the noise's key is derived from it); anchor: the EMA params, needed
+    when bregman_weight > 0.
     """
-    kind = model.task(task).kind
-    sg = jax.lax.stop_gradient
+    specs, sg = model.tasks, jax.lax.stop_gradient
 
     def run(p, embeds=None):
         return model.apply({"params": p}, batch, task, deterministic=False,
                            rngs={"dropout": key}, inputs_embeds=embeds)
 
+    def task_divergence(p, q, mask):
+        def one(spec, p, q, mask):
+            if not heads.is_static(task):
+                p, q = (heads.unpad(spec.kind, spec.num_labels, x) for x in (p, q))
+            return divergence(spec.kind, p, q, mask)
+
+        return heads.by_task(specs, task, one, p, q, mask)
+
     embeds = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": key},
                          method="embed")
     outputs = run(params, embeds)
     mask = batch["mask"]
-    total = heads.loss_fn(kind, outputs, batch["labels"], mask)
+    total = heads.task_loss(specs, task, outputs, batch["labels"], mask)
     if options.weight > 0:
         fixed_params, fixed_embeds, fixed_outputs = sg(params), sg(embeds), sg(outputs)
 
         def divergence_of(delta):
             moved = run(fixed_params, jax.tree.map(jnp.add, fixed_embeds, delta))
-            return divergence(kind, fixed_outputs, moved, mask)
+            return task_divergence(fixed_outputs, moved, mask)
 
         delta = perturbation(divergence_of, fixed_embeds,
                              jax.random.fold_in(key, _NOISE_STREAM), options)
         adversarial = run(params, jax.tree.map(jnp.add, embeds, delta))
-        total = total + options.weight * divergence(kind, outputs, adversarial, mask)
+        total = total + options.weight * task_divergence(outputs, adversarial, mask)
     if options.bregman_weight > 0:
         if anchor is None:
             raise ValueError("train.smart_bregman_weight > 0 needs the EMA params "
                              "(train.ema_decay > 0)")
-        total = total + options.bregman_weight * divergence(kind, outputs, sg(run(anchor)), mask)
+        total = total + options.bregman_weight * task_divergence(outputs, sg(run(anchor)), mask)
     return total

@@ -77,14 +77,24 @@ def shared_param_mask(params: PyTree, tasks: Sequence[str]) -> PyTree:
     return jax.tree_util.tree_map_with_path(lambda p, _: owner(p, tasks) is None, params)
 
 
-def keep_other_tasks(new: PyTree, old: PyTree, task: str, tasks: Sequence[str]) -> PyTree:
+def keep_other_tasks(new: PyTree, old: PyTree, task, tasks: Sequence[str]) -> PyTree:
     """`new`, except that leaves owned by a task other than `task` come from `old`.
 
     new, old: trees of the same structure (e.g. (params, opt_state) before and
-    after an update). Works inside jit: `task` and `tasks` are Python strings.
+    after an update). `task`: a name (static: each leaf is picked at trace time), or
+    a traced int32 index into `tasks` (each task-owned leaf is `new` where its owner
+    is the task, else `old`, chosen on the device; shared leaves are `new`).
     """
-    mask = task_param_mask(new, task, tasks)
-    return jax.tree_util.tree_map(lambda m, n, o: n if m else o, mask, new, old)
+    if isinstance(task, str):
+        mask = task_param_mask(new, task, tasks)
+        return jax.tree_util.tree_map(lambda m, n, o: n if m else o, mask, new, old)
+    tasks = validate_tasks(tasks)
+
+    def pick(path, n, o):
+        t = owner(path, tasks)
+        return n if t is None else jax.numpy.where(task == tasks.index(t), n, o)
+
+    return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
 def _size(x) -> int:

@@ -1,15 +1,18 @@
 """Where a run's wall time goes: start-up, steps, compiling, evaluating.
 
     timer = RunTimer(compilation.STATS)  # at the start of a run
-    timer.step_done()                  # after each step's results are on the host
+    timer.loop_started()               # just before the first step
+    timer.steps_done(n)                # when the last n steps' results are on the host
     with timer.evaluating(): ...       # each epoch's evaluation
     record = timer.record()            # the run's line of timings.jsonl
 
-A step during which XLA compiled (a new bucket shape, say), or loaded a program
-from the persistent cache, is counted apart
-from the steady steps, so `steady_step_s` is the median time of a step that
-only ran. Seconds are wall-clock; `since_process_start` counts from the
-process's own start (imports included) where the OS says when that was.
+The loop does not wait on the device after every step, so steps are timed in
+windows, from one wait to the next: a window during which XLA compiled (a new
+bucket shape, say), or loaded a program from the persistent cache, is counted
+apart from the steady ones, and `steady_step_s` is the median of the steady
+windows' time per step (each window weighted by its steps). Seconds are
+wall-clock; `since_process_start` counts from the process's own start (imports
+included) where the OS says when that was.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class RunTimer:
         self.compiled_at_start = self.stats.snapshot()
         self._by_function_at_start = self.stats.by_function()
         self.first_step_at = None  # seconds since the process started
-        self.steady, self.compiling = [], []  # step seconds
+        self.steady, self.compiling = [], []  # (steps, seconds) of each window
         self.eval_s = 0.0
         self._last = None
         self._compiled = self.compiled_at_start
@@ -73,14 +76,17 @@ class RunTimer:
         self._last = time.perf_counter()
         self._compiled = self.stats.snapshot()
 
-    def step_done(self) -> None:
+    def steps_done(self, n: int) -> None:
+        """The last `n` steps' results are on the host: closes their window."""
+        if n <= 0:
+            return
         now, compiled = time.perf_counter(), self.stats.snapshot()
         if self.first_step_at is None:
             self.first_step_at = since_process_start()
-        # A step that compiled, or loaded a program from the persistent cache, is not steady.
+        # A window that compiled, or loaded a program from the persistent cache, is not steady.
         new = compiled is not None and (compiled.programs, compiled.cache_hits) != (
             self._compiled.programs, self._compiled.cache_hits)
-        (self.compiling if new else self.steady).append(now - self._last)
+        (self.compiling if new else self.steady).append((n, now - self._last))
         self._last, self._compiled = now, compiled
 
     @contextlib.contextmanager
@@ -97,14 +103,15 @@ class RunTimer:
         """The run's timings: one line of the workdir's timings.jsonl (flaxpals.runs)."""
         now = self.stats.snapshot()
         compiled = None if now is None else (now - self.compiled_at_start).as_dict()
+        per_step = [s / n for n, s in self.steady for _ in range(n)]
         return {
             "process_start_s": round(self.age_at_start, 3),  # imports etc. before the run
             "first_step_s": None if self.first_step_at is None else round(self.first_step_at, 3),
-            "steps": len(self.steady) + len(self.compiling),
-            "steady_step_s": round(statistics.median(self.steady), 5) if self.steady else None,
-            "steady_steps_s": round(sum(self.steady), 3),
-            "compiling_steps": len(self.compiling),
-            "compiling_steps_s": round(sum(self.compiling), 3),
+            "steps": sum(n for n, _ in self.steady + self.compiling),
+            "steady_step_s": round(statistics.median(per_step), 5) if per_step else None,
+            "steady_steps_s": round(sum(s for _, s in self.steady), 3),
+            "compiling_steps": sum(n for n, _ in self.compiling),
+            "compiling_steps_s": round(sum(s for _, s in self.compiling), 3),
             "eval_s": round(self.eval_s, 3),
             "run_s": round(time.perf_counter() - self.started, 3),
             "total_s": round(since_process_start(), 3),

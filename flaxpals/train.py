@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 
 import jax
@@ -38,7 +37,6 @@ from flaxpals import (
     batching,
     build,
     compilation,
-    compile_ahead,
     config_lib,
     gradmtl,
     input_pipeline,
@@ -52,6 +50,7 @@ from flaxpals import smart as smart_lib
 from flaxpals.checkpointing import RESUME_HINT, CheckpointMismatchError, Checkpoints
 from flaxpals.evaluation import EvalSets, eval_record, record_splits, split_limit
 from flaxpals.preemption import Stopper
+from flaxpals.programs import Programs, train_shapes
 from flaxpals.steps import Steps, TrainState, device_batch
 from flaxpals.summary_writer import SummaryWriter
 from flaxpals.timing import RunTimer
@@ -140,6 +139,9 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     accounting = task_params.param_accounting(params, names)
     runs.write_json(workdir / "params.json", accounting)
     log.info("%s", task_params.format_accounting(accounting))
+    policy, lengths = config_lib.shape_policy(config.data), config_lib.padded_lengths(config.data)
+    log.info("shapes: %s (padded lengths %s); compute dtype %s, params float32", policy,
+             ", ".join(map(str, lengths)), model.options.dtype)
 
     data = build.load_data(config, tasks, tokenizer)
     eval_sets = EvalSets(data, config, mesh)
@@ -174,8 +176,8 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     log.info("%s", parallel.describe(state, state_sharding, mesh))
     steps = Steps(model, tx, combiner_name, config.train.loss_weighting,
                   smart_lib.from_config(config.train))
-    train_step, additive_step, predict_step = steps.jitted(mesh, state_sharding,
-                                                           config.symbolic_length)
+    programs = Programs(steps, mesh, state_sharding, fixed_shapes=policy == "fixed",
+                        symbolic_length=config.symbolic_length)
 
     ckpts = Checkpoints(workdir, config.checkpoint.keep)
     restored = ckpts.restore_latest(state)
@@ -189,14 +191,18 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
             raise CheckpointMismatchError(f"checkpoint {workdir}/checkpoints/{step0}: {e}; "
                                           f"{RESUME_HINT}") from None
         log.info("resumed from checkpoint step %d (epoch %d)", step0, sampler.epoch)
-    plans = {t: batching.TrainPlan(data[t]["train"].lengths(), tuple(config.data.buckets),
-                                   batch_size, seed=config.seed + i,
-                                   process_index=jax.process_index(), process_count=processes)
+    plans = {t: batching.TrainPlan(data[t]["train"].lengths(), lengths, batch_size,
+                                   seed=config.seed + i, process_index=jax.process_index(),
+                                   process_count=processes)
              for i, t in enumerate(names)}
+
+    def to_device(batch):  # on the batch threads: each step's batches wait on the devices
+        return parallel.global_batch(device_batch(batch), mesh)
+
     iters = {t: input_pipeline.planned_batches(data[t]["train"], plans[t],
-                                               start_batch=sampler.positions[t])
+                                               start_batch=sampler.positions[t],
+                                               to_device=to_device)
              for t in names}
-    ahead = None  # the compile-ahead worker, started after the first step
 
     best = ckpts.best_score()
     history = []
@@ -213,8 +219,9 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         with timer.evaluating():
             for tag, evaluated in optim.eval_weights(state.params, state.opt_state,
                                                      config.eval.use_ema).items():
-                record.update(eval_record(predict_step, evaluated, eval_sets, tasks, config,
-                                          record_splits(config, tag), kept.setdefault(tag, {})))
+                record.update(eval_record(programs.predict, evaluated, eval_sets, tasks,
+                                          config, record_splits(config, tag),
+                                          kept.setdefault(tag, {})))
         history.append(record)
         compiled = compilation.STATS.since(timer.compiled_at_start)
         writer.write_scalars(step, {**{k: v for k, v in record.items() if "/" in k},
@@ -248,11 +255,12 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     if at_epoch_end and parallel.host0_decides(sampler.step not in logged):
         log.info("epoch %d ended before its evaluation was written: evaluating it now",
                  sampler.step // sampler.steps_per_epoch)
-        finish_epoch(sampler.step // sampler.steps_per_epoch, sampler.step, loss_sums)
+        with sync_point():
+            finish_epoch(sampler.step // sampler.steps_per_epoch, sampler.step, loss_sums)
     if at_epoch_end:
         loss_sums = LossSums()
 
-    window_start, window_steps = time.perf_counter(), 0
+    window = Window()  # the steps whose metrics are still on the device
     stop.install(lambda: ckpts.slowest_save)
 
     def write_timings() -> None:
@@ -260,72 +268,81 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         runs.append_timings(workdir, record)
         log.info(RunTimer.summary(record))
 
+    def flush(step: int) -> None:
+        """Fetches the window's metrics: stops at a non-finite loss, naming the window;
+        adds them to the epoch's sums and writes their means to TensorBoard."""
+        fetched = window.fetch()
+        if not fetched:
+            return
+        timer.steps_done(len(fetched))
+        first, last = fetched[0][0], fetched[-1][0]
+        for at, losses, _ in fetched:
+            bad = [k.split("/", 1)[1] for k, v in losses.items() if not np.isfinite(v)]
+            if bad:
+                ckpts.wait()
+                raise TrainingError(
+                    f"non-finite loss in steps {first}-{last} (first at step {at}, epoch "
+                    f"{(at - 1) // sampler.steps_per_epoch + 1}) for task(s) "
+                    f"{', '.join(bad)}: {losses}; the newest checkpoint in "
+                    f"{workdir / 'checkpoints'} (step {ckpts.latest.latest_step()}) is the "
+                    "last good state")
+        for _, losses, stats in fetched:
+            # The combiner's statistics (gradmtl.step_stats) are averaged like the losses.
+            loss_sums.add({**losses, **{k: v for k, v in stats.items()
+                                        if k.startswith(gradmtl.STAT_PREFIXES)}})
+        means = Window.means(fetched)
+        bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in means.items()
+                         if k.startswith("loss/")}, refresh=False)
+        if _host0():
+            seconds = timer.steady[-1][1] if timer.steady else None
+            rate = {"steps_per_second": len(fetched) / seconds} if seconds else {}
+            writer.write_scalars(step, {**means, **rate})
+
     timer.loop_started()
+    first_step = None
     try:
         while not sampler.done:
             epoch = sampler.epoch
             chosen = sampler.next()
-            batches = {t: parallel.global_batch(device_batch(next(iters[t])), mesh) for t in chosen}
-            if ahead is not None:  # a shape the worker is compiling now: wait, not trace it twice
-                for t, b in batches.items():
-                    ahead.wait_if_running(compile_ahead.train_job(t, b["input_ids"].shape[1]))
-            if len(chosen) > 1:  # the additive schedule: a batch of every task
-                state, step_metrics = additive_step(state, batches)
-            else:
-                (task,) = chosen
-                state, step_metrics = train_step(state, batches[task], task)
+            state, step_metrics = programs.train(state, {t: next(iters[t]) for t in chosen})
             step = sampler.step
-            step_metrics = jax.device_get(step_metrics)
-            timer.step_done()
-            if ahead is None and config.compile_ahead:
-                ahead = compile_ahead.for_training(
-                    config, (train_step, additive_step, predict_step), model, state, mesh, data,
-                    plans, sampler.positions, eval_sets,
-                    [(split, split_limit(config, split)) for split, _ in record_splits(config)],
-                    done={(t, b["input_ids"].shape[1]) for t, b in batches.items()})
-            losses = {k: float(v) for k, v in step_metrics.items() if k.startswith("loss/")}
-            bad = [k for k, v in losses.items() if not np.isfinite(v)]
-            if bad:
-                ckpts.wait()
-                raise TrainingError(
-                    f"non-finite loss at step {step} (epoch {epoch}) for task(s) "
-                    f"{', '.join(k.split('/', 1)[1] for k in bad)}: {losses}; the newest "
-                    f"checkpoint in {workdir / 'checkpoints'} (step "
-                    f"{ckpts.latest.latest_step()}) is the last good state")
-            # The combiner's statistics (gradmtl.step_stats) are averaged per epoch like the losses.
-            stats = {k: float(v) for k, v in step_metrics.items()
-                     if k.startswith(gradmtl.STAT_PREFIXES)}
-            loss_sums.add({**losses, **stats})
+            window.add(step, step_metrics)
             bar.update(1)
-            window_steps += 1
-            bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in losses.items()},
-                            refresh=False)
-            if step % config.log_every_steps == 0:
-                rate = window_steps / (time.perf_counter() - window_start)
-                writer.write_scalars(step, {**losses, **stats,
-                                            "grad_norm": float(step_metrics["grad_norm"]),
-                                            "steps_per_second": rate})
-                window_start, window_steps = time.perf_counter(), 0
+            if first_step is None:  # after the first step: compile the rest meanwhile
+                first_step = step
+                if config.compile_ahead:
+                    programs.compile_ahead(
+                        state, train_shapes(plans, sampler.positions), config.train.batch_size,
+                        [(t, n) for t in names for split, _ in record_splits(config)
+                         for n in eval_sets.lengths(t, split, split_limit(config, split))],
+                        config.eval.batch_size,
+                        additive=config_lib.schedule(config.train) == "additive")
             epoch_end = sampler.done or sampler.epoch != epoch
-            stopping = stop.check(step)  # a signal or the time budget, agreed by all processes
-            if step % config.checkpoint.every_steps == 0 or epoch_end or stopping:
-                ckpts.save(step, state, progress(), force=epoch_end or stopping)
+            # Waits for the device only here: the first step, every log_every_steps, and
+            # the checkpoints (whose state must have finite losses).
+            sync = (step == first_step or step % config.log_every_steps == 0 or epoch_end
+                    or step % config.checkpoint.every_steps == 0)
+            # A signal or the time budget; on several processes a collective, so all
+            # agree: made at the waits only.
+            stopping = stop.check(step) if sync or processes == 1 else False
+            if sync or stopping:
+                with sync_point():
+                    flush(step)
+                    if step % config.checkpoint.every_steps == 0 or epoch_end or stopping:
+                        ckpts.save(step, state, progress(), force=epoch_end or stopping)
             if stopping:  # this step is being saved: write it and go
                 bar.close()
-                if ahead is not None:  # its compile in flight counts in the timings
-                    ahead.cancel()
-                    ahead.join()
+                programs.close()  # its compile in flight counts in the timings
                 write_timings()
                 raise stop.stopped(step, ckpts)
             for hook in AFTER_STEP_HOOKS:
                 hook(step, ckpts)
             if epoch_end:
-                finish_epoch(epoch, step, loss_sums)
+                with sync_point():
+                    finish_epoch(epoch, step, loss_sums)
                 loss_sums = LossSums()
     finally:  # a compile still running when the process exits aborts it
-        if ahead is not None:
-            ahead.cancel()
-            ahead.join()
+        programs.close()
         writer.close()  # however the loop ends: a stop or an error keeps the events too
     bar.close()
     ckpts.wait()
@@ -334,3 +351,38 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     return history[-1] if history else {}
 
 
+def sync_point():
+    """Where the loop may read the device (metrics, checkpoints, evaluation): everywhere
+    else, a run under `jax.transfer_guard_device_to_host("disallow_explicit")` stops at a
+    transfer, which is how the tests hold the loop to waiting only here."""
+    return jax.transfer_guard_device_to_host("allow")
+
+
+class Window:
+    """The metrics of the steps since the last fetch, left on the device until `fetch`."""
+
+    def __init__(self):
+        self._steps: list[tuple[int, dict]] = []
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._steps.append((step, metrics))
+
+    def fetch(self) -> list[tuple[int, dict[str, float], dict[str, float]]]:
+        """[(step, {loss/<task>: value}, {other metric: value})] of every step held, in
+        order, fetched in one transfer; the window is then empty."""
+        held, self._steps = self._steps, []
+        values = jax.device_get([m for _, m in held])
+        out = []
+        for (step, _), m in zip(held, values, strict=True):
+            m = {k: float(v) for k, v in m.items()}
+            out.append((step, {k: v for k, v in m.items() if k.startswith("loss/")},
+                        {k: v for k, v in m.items() if not k.startswith("loss/")}))
+        return out
+
+    @staticmethod
+    def means(fetched) -> dict[str, float]:
+        """Each metric's mean over the steps that have it."""
+        sums = LossSums()
+        for _, losses, other in fetched:
+            sums.add({**losses, **other})
+        return sums.means()
