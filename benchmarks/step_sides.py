@@ -158,13 +158,13 @@ class FlaxSide:
         self.state(family)
         if kind not in ("train", "predict"):
             return self._compile_additive(family, {t: dev(b) for t, b in batch.items()})
-        if kind == "train":
-            fn, args, static = self.train_step, (dev(batch),), {"task": task}
-        else:
-            fn, args, static = self.predict_step, (dev(batch),), {"task": task}
+        # The task as data, as the trainer passes it (a traced index).
+        index = self.jax.numpy.int32(self.model.task_index(task))
+        fn = self.train_step if kind == "train" else self.predict_step
+        args = (dev(batch), index)
         first = self.states[family].params if kind == "predict" else self.states[family]
         t0 = time.perf_counter()
-        lowered = fn.lower(first, *args, **static)
+        lowered = fn.lower(first, *args)
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
@@ -197,7 +197,8 @@ class FlaxSide:
                 compiled_grads[t], out_info[t] = self._shared_grads[key]
                 continue
             t0 = time.perf_counter()
-            lowered = grads_fn.lower(for_gradients(state), b, t)
+            lowered = grads_fn.lower(for_gradients(state), b,
+                                     self.jax.numpy.int32(self.model.task_index(t)))
             t1 = time.perf_counter()
             compiled_grads[t] = lowered.compile()
             lower_s, compile_s = lower_s + t1 - t0, compile_s + time.perf_counter() - t1
@@ -212,9 +213,10 @@ class FlaxSide:
         lower_s, compile_s = lower_s + t1 - t0, compile_s + time.perf_counter() - t1
 
         def call():  # the trainer's composition, on the compiled parts
-            state, metrics = additive_from_parts(lambda s, b, t: compiled_grads[t](s, b),
-                                                 compiled_apply, tuple(batches),
-                                                 self.states[family], batches)
+            state, metrics = additive_from_parts(
+                lambda s, b, t: compiled_grads[t](s, b, self.jax.numpy.int32(
+                    self.model.task_index(t))), compiled_apply, tuple(batches),
+                self.states[family], batches, lambda t: t)
             self.states[family] = state
             jax.block_until_ready((state, metrics))
 

@@ -20,6 +20,8 @@ The same job as `python -m flaxpals.main --config=configs/baseline.py:method=seq
   classes, one pair logit with BCE, or one score with MSE), as flaxpals' defaults;
 - AdamW 5e-5, weight decay 0.01 except biases and LayerNorms, 10% linear warm-up then
   linear decay, gradient clipping at norm 1, batch 32, shuffled each epoch;
+- on a GPU (`--device`, default: CUDA when there is one), bf16 autocast as flaxpals'
+  model.dtype=auto computes there (`--precision`);
 - at each epoch's end the dev split, and optionally a fixed random train sample, scored
   with `flaxpals.metrics`.
 
@@ -93,7 +95,7 @@ def loss_fn(kind: str, outputs, labels):
 
 
 def predictions(kind: str, outputs) -> np.ndarray:
-    x = outputs.detach().float().numpy()
+    x = outputs.detach().float().cpu().numpy()
     if kind == "classification":
         return x.argmax(-1)
     if kind == "pair_classification":
@@ -114,12 +116,13 @@ def batches(tokenizer, parsed, rows, batch_size, max_length):
         yield enc, r
 
 
-def evaluate(model, task, tokenizer, parsed, rows, batch_size, max_length) -> float:
+def evaluate(model, task, tokenizer, parsed, rows, batch_size, max_length, device="cpu",
+             autocast=False) -> float:
     model.eval()
     preds = []
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=autocast):
         for batch, _ in batches(tokenizer, parsed, rows, batch_size, max_length):
-            preds.append(predictions(task.kind, model(batch)))
+            preds.append(predictions(task.kind, model(batch.to(device))))
     model.train()
     labels = np.asarray([parsed.labels[j] for j in rows])
     return metrics_lib.task_metric(task.metric, np.concatenate(preds), labels)
@@ -208,7 +211,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train_limit", type=int, default=0, help="first N train rows (0: all)")
     p.add_argument("--eval_limit", type=int, default=0, help="first N dev rows (0: all)")
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")
+    p.add_argument("--precision", choices=("auto", "float32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on a GPU, float32 on the CPU")
     args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.precision == "auto":
+        args.precision = "float32" if args.device == "cpu" else "bf16"
+    autocast = args.precision == "bf16"
 
     timer = RunTimer()
     torch.manual_seed(args.seed)  # head init and dropout; the order comes from rng below
@@ -229,7 +240,7 @@ def main(argv=None) -> int:
     tokenizer = transformers.BertTokenizerFast.from_pretrained(directory)
     tokenizer.model_max_length = args.max_length
     outputs = task.num_labels if task.kind == "classification" else 1
-    model = Model(directory, outputs, pooling=args.pooling)
+    model = Model(directory, outputs, pooling=args.pooling).to(args.device)
     model.train()
 
     no_decay = [n for n, _ in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
@@ -266,7 +277,9 @@ def main(argv=None) -> int:
         bar = tqdm(batches(tokenizer, train, order, args.batch_size, args.max_length),
                    total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", mininterval=5)
         for batch, _ in bar:
-            loss = loss_fn(task.kind, model(batch), batch["labels"])
+            batch = batch.to(args.device)
+            with torch.autocast(args.device, torch.bfloat16, enabled=autocast):
+                loss = loss_fn(task.kind, model(batch), batch["labels"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -278,13 +291,14 @@ def main(argv=None) -> int:
         record = {"epoch": epoch, "step": step, f"loss/{task.name}": float(np.mean(losses))}
         with timer.evaluating():
             dev = evaluate(model, task, tokenizer, data["dev"], np.arange(len(data["dev"])),
-                           args.eval_batch_size, args.max_length)
+                           args.eval_batch_size, args.max_length, args.device, autocast)
             record[f"dev/{task.name}"] = dev
             record.update({f"dev/{k}": v for k, v in metrics_lib.summary(
                 {task.name: dev}, {task.name: task.metric}).items()})
             if sample is not None:
-                record[f"train/{task.name}"] = evaluate(model, task, tokenizer, train, sample,
-                                                        args.eval_batch_size, args.max_length)
+                record[f"train/{task.name}"] = evaluate(
+                    model, task, tokenizer, train, sample, args.eval_batch_size,
+                    args.max_length, args.device, autocast)
         if epoch < args.epochs:
             save_state(workdir, args, record, model, opt, schedule, rng)
         append_record(workdir, record)

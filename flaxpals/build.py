@@ -23,11 +23,17 @@ from flaxpals.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+# Encoders with random weights, by config.model.encoder name, and MiniLM's vocabulary
+# (bert-base-uncased's): "tiny" for tests; "bert-base-random", bert-base-uncased's shape,
+# for benchmarks on machines that cannot download its weights.
+RANDOM_ENCODERS = {"tiny": bert.tiny_config, "bert-base-random": bert.BertConfig}
+
 
 def encoder_config(model_cfg) -> tuple[bert.BertConfig, Any]:
     """(encoder config, the checkpoint directory with its vocab.txt), reading no weights."""
-    if model_cfg.encoder == "tiny":
-        config, directory = bert.tiny_config(), weights.resolve_checkpoint("minilm")
+    if model_cfg.encoder in RANDOM_ENCODERS:
+        config = RANDOM_ENCODERS[model_cfg.encoder]()
+        directory = weights.resolve_checkpoint("minilm")
     else:
         config, directory = weights.load_config(model_cfg.encoder)
     return _with_dropout(config, model_cfg), directory
@@ -42,8 +48,8 @@ def _with_dropout(config: bert.BertConfig, model_cfg) -> bert.BertConfig:
 
 def load_encoder(model_cfg) -> tuple[bert.BertConfig, dict | None, Tokenizer]:
     """(encoder config, pretrained params or None for random init, tokenizer)."""
-    if model_cfg.encoder == "tiny":
-        config, params = bert.tiny_config(), None
+    if model_cfg.encoder in RANDOM_ENCODERS:
+        config, params = RANDOM_ENCODERS[model_cfg.encoder](), None
         vocab_dir = weights.resolve_checkpoint("minilm")  # a real vocabulary for the tokens
     else:
         config, params, vocab_dir = weights.load_pretrained(model_cfg.encoder)

@@ -45,9 +45,9 @@ def length_of(batch: Any) -> int | None:
     return lengths.pop() if len(lengths) == 1 else None
 
 
-def structure(batch: Any) -> tuple[str, ...]:
-    """What, besides its length, makes a batch another program: its keys."""
-    return tuple(sorted(batch))
+def structure(batch: Any) -> tuple[tuple[str, str], ...]:
+    """What, besides its length, makes a batch another program: its keys and dtypes."""
+    return tuple(sorted((k, str(v.dtype)) for k, v in batch.items()))
 
 
 def abstract(tree: Any, length: Any = None) -> Any:
@@ -127,6 +127,6 @@ class ByLength:
                     first_line = (str(e).splitlines() or [""])[0][:200]
                     log.warning("%s for batches of %s: tracing per length (the "
                                 "symbolic-length export failed: %s: %s)", self.__name__,
-                                ", ".join(kind), type(e).__name__, first_line)
+                                ", ".join(k for k, _ in kind), type(e).__name__, first_line)
                     self._exported[kind] = _FAILED
             return self._exported[kind]

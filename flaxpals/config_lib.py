@@ -48,7 +48,9 @@ def base() -> ml_collections.ConfigDict:
     c.extra_tasks = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    c.model.encoder = "minilm"  # A directory, 'minilm' (embedded), a hub id, or 'tiny'.
+    # A directory, 'minilm' (embedded), a hub id, or random weights (build.RANDOM_ENCODERS):
+    # 'tiny' (tests) or 'bert-base-random' (bert-base-uncased's shape, for benchmarks).
+    c.model.encoder = "minilm"
     # Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU) | float32 | bfloat16;
     # params stay float32 (`compute_dtype`).
     c.model.dtype = "auto"

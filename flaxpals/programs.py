@@ -96,6 +96,11 @@ class Programs:
         metrics[f"loss/{task}"] = metrics.pop("loss")
         return state, metrics
 
+    def lower_train(self, state, batch, task: str):
+        """The Lowered train program of `task`'s batches of this shape (`.compile()` it;
+        its `cost_analysis()` counts the step's FLOPs)."""
+        return self._train.lower(state, batch, self._index[task])
+
     def predict(self, params, batch, task: str):
         """The model's outputs for a global batch of `task`: [rows, output_width], padded
         (`heads.unpad` on the host gives the task's own), on the device."""

@@ -1,4 +1,4 @@
-"""Steps traced once per task with a symbolic length (flaxpals/by_length.py).
+"""Steps traced once per batch structure with a symbolic length (flaxpals/by_length.py).
 
 The reference is JAX's own per-length trace of the same step (`symbolic_length=False`):
 the refined programs must compute the same updates, losses and predictions.
@@ -17,7 +17,7 @@ from flaxpals.adapters import AdapterConfig
 from flaxpals.bert import tiny_config
 from flaxpals.config_lib import base
 from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
-from flaxpals.steps import Steps, TrainState
+from flaxpals.steps import Steps, TrainState, task_indices
 
 TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classification"),
          TaskSpec("sts", "pair_regression"))
@@ -50,7 +50,7 @@ def _steps(symbolic: bool, options: ModelOptions, adamw: bool):
     mesh = parallel.make_mesh()
     sharding = parallel.state_shardings(state, mesh)
     fns = Steps(model, tx).jitted(mesh, sharding, symbolic_length=symbolic)
-    return fns, parallel.put(state, sharding), mesh
+    return fns, parallel.put(state, sharding), mesh, task_indices([t.name for t in TASKS], mesh)
 
 
 def _run(symbolic: bool, schedule, predictions, options=PLAIN, adamw=False):
@@ -60,20 +60,20 @@ def _run(symbolic: bool, schedule, predictions, options=PLAIN, adamw=False):
     original = Steps.train_step
 
     def counted(self, state, batch, task):
-        traced.append((task, str(batch["input_ids"].shape[1])))  # "length" when symbolic
+        traced.append(str(batch["input_ids"].shape[1]))  # "length" when symbolic
         return original(self, state, batch, task)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(Steps, "train_step", counted)
-        (train, _, predict), state, mesh = _steps(symbolic, options, adamw)
+        (train, _, predict), state, mesh, index = _steps(symbolic, options, adamw)
         specs = {t.name: t for t in TASKS}
         losses = []
         for i, (task, n) in enumerate(schedule):
             batch = parallel.global_batch(_batch(specs[task], n, i), mesh)
-            state, metrics = train(state, batch, task)
-            losses.append(float(metrics[f"loss/{task}"]))
+            state, metrics = train(state, batch, index[task])
+            losses.append(float(metrics["loss"]))
         outputs = [np.asarray(predict(state.params, parallel.global_batch(
-            _batch(specs[task], n, 100 + i), mesh), task)) for i, (task, n) in
+            _batch(specs[task], n, 100 + i), mesh), index[task])) for i, (task, n) in
             enumerate(predictions)]
     return (train, predict), jax.device_get(state.params), losses, outputs, traced
 
@@ -90,25 +90,26 @@ def _compare(schedule, predictions, **kw):
 
 
 def test_symbolic_length_steps_compute_what_per_length_traces_compute():
-    """The trainer's steps (SST trained and cross-encoded Quora pairs predicted at two
-    lengths; plain encoder, SGD): the same losses, updates and predictions as per-length
-    traces. The export traces the train body once for all further lengths (one here;
-    the slow test below runs three lengths with PAL, AdamW and every task kind)."""
-    schedule = [("sst", 16), ("quora", 16), ("sst", 24), ("sst", 16)]
+    """The trainer's steps (SST and cross-encoded Quora pairs trained, Quora predicted at
+    two lengths; plain encoder, SGD): the same losses, updates and predictions as
+    per-length traces. The task is data, so the train body is traced once for the first
+    length (every task) and once more, symbolic, for all further lengths (one here; the
+    slow test below runs three lengths with PAL, AdamW and every task kind)."""
+    schedule = [("sst", 16), ("quora", 16), ("sst", 24), ("sst", 16), ("quora", 24)]
     predictions = [("quora", 16), ("quora", 24), ("quora", 16)]
     train, predict, traced, ref_traced = _compare(schedule, predictions)
-    assert train.exported("sst") and predict.exported("quora")
-    assert not train.exported("quora")  # one length: never exported
-    assert traced == [("sst", "16"), ("quora", "16"), ("sst", "length")]
-    assert ref_traced == [("sst", "16"), ("quora", "16"), ("sst", "24")]
-    assert train.jitted._cache_size() == 2  # only each task's first length went through jit
+    assert traced == ["16", "length"]
+    assert ref_traced == ["16", "24"]
+    assert train.jitted._cache_size() == 1  # only the first length went through jit
+    assert predict.jitted._cache_size() == 1
 
 
 @pytest.mark.slow
 def test_symbolic_length_steps_every_task_kind():
     schedule = [(t.name, n) for n in (16, 24, 32) for t in TASKS]
-    train, predict, _, _ = _compare(schedule, schedule, options=OPTIONS, adamw=True)
-    assert all(train.exported(t.name) and predict.exported(t.name) for t in TASKS)
+    train, predict, traced, _ = _compare(schedule, schedule, options=OPTIONS, adamw=True)
+    assert traced == ["16", "length"]
+    assert train.jitted._cache_size() == predict.jitted._cache_size() == 1
 
 
 def test_a_step_that_cannot_be_exported_traces_per_length(caplog):
@@ -117,21 +118,20 @@ def test_a_step_that_cannot_be_exported_traces_per_length(caplog):
             return x + batch["ids"].sum()
         return x - batch["ids"].sum()
 
-    fn = by_length.ByLength(jax.jit(step, static_argnames="task"))
-    x = jnp.zeros(())
+    fn = by_length.ByLength(jax.jit(step))
+    x, task = jnp.zeros(()), jnp.int32(0)
     with caplog.at_level(logging.WARNING, logger="flaxpals.by_length"):
-        got = [float(fn(x, {"ids": jnp.ones((2, n))}, "t")) for n in (16, 24, 32, 16)]
+        got = [float(fn(x, {"ids": jnp.ones((2, n))}, task)) for n in (16, 24, 32, 16)]
     assert got == [-32.0, 48.0, 64.0, -32.0]
-    assert not fn.exported("t")
+    assert fn.jitted._cache_size() == 3  # every length through jit
     warnings = [r for r in caplog.records if "tracing per length" in r.getMessage()]
-    assert len(warnings) == 1 and "step for task t" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "step for batches of ids" in warnings[0].getMessage()
 
 
 def test_batches_whose_arrays_disagree_on_the_length_take_the_jitted_path():
-    fn = by_length.ByLength(jax.jit(lambda x, b, task: x + b["a"].sum() + b["b"].sum(),
-                                    static_argnames="task"))
+    fn = by_length.ByLength(jax.jit(lambda x, b, task: x + b["a"].sum() + b["b"].sum()))
     x = jnp.zeros(())
     for n in (4, 8):
-        assert float(fn(x, {"a": jnp.ones((2, n)), "b": jnp.ones((2, 3))}, "t")) == 2 * n + 6
+        assert float(fn(x, {"a": jnp.ones((2, n)), "b": jnp.ones((2, 3))}, 0)) == 2 * n + 6
     assert by_length.length_of({"a": jnp.ones((2, 4)), "b": jnp.ones((2, 3))}) is None
     assert by_length.length_of({"a": jnp.ones((2, 4)), "labels": jnp.ones(2)}) == 4

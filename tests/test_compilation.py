@@ -34,9 +34,9 @@ def _build_and_run(config):
                        jax.random.key_data(jax.random.key(1)))
     train_step, _, predict_step = Steps(model, tx).jitted()
     batch = dummy_batch(tasks[0], config.model.pair_encoding, 4, 16)
-    batch = {**batch, "labels": jnp.arange(4) % 5, "mask": jnp.ones(4)}
-    state, metrics = train_step(state, batch, "sst")
-    jax.block_until_ready((metrics, predict_step(state.params, batch, "sst")))
+    batch = {**batch, "labels": (jnp.arange(4) % 5).astype(jnp.float32), "mask": jnp.ones(4)}
+    state, metrics = train_step(state, batch, jnp.int32(0))
+    jax.block_until_ready((metrics, predict_step(state.params, batch, jnp.int32(0))))
 
 
 def test_a_second_build_loads_every_program_from_the_cache(fresh_cache):

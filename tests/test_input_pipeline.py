@@ -206,13 +206,19 @@ def test_seeded_shuffle_resume_and_skip_cost(tok, cache):
     assert len(far) == 32 and far == order(0, start=e * per_epoch + i, n=1)[0]
 
 
-def test_each_process_reads_its_own_shard(tok, cache):
+def test_each_process_reads_its_rows_of_the_same_global_batches(tok, cache):
     split = load("sst", "dev", tok, cache)
-    train = [np.concatenate([b["index"] for b in ip.train_batches(
-        split, 16, seed=0, process_index=p, process_count=2, num_epochs=1)]) for p in (0, 1)]
-    assert len(train[0]) == len(train[1]) == (len(split) // 2 // 16) * 16
+    parts = [list(ip.train_batches(split, 16, seed=0, buckets=(16, 32, 64), process_index=p,
+                                   process_count=2, num_epochs=1)) for p in (0, 1)]
+    one = list(ip.train_batches(split, 32, seed=0, buckets=(16, 32, 64), num_epochs=1))
+    assert len(parts[0]) == len(parts[1]) == len(one) == len(split) // 32
+    # Step by step the same length on both processes, and together one process's batch.
+    for a, b, whole in zip(*parts, one, strict=True):
+        assert a["input_ids"].shape == b["input_ids"].shape == (16, whole["input_ids"].shape[1])
+        np.testing.assert_array_equal(np.concatenate([a["index"], b["index"]]), whole["index"])
+    assert len({b["input_ids"].shape[1] for b in one}) > 1  # several lengths: not vacuous
+    train = [np.concatenate([b["index"] for b in part]) for part in parts]
     assert not set(train[0]) & set(train[1])
-    assert set(train[0]) <= set(range(0, len(split), 2))
     evals = [list(ip.eval_batches(split, 16, process_index=p, process_count=2)) for p in (0, 1)]
     assert len(evals[0]) == len(evals[1])
     index = [np.concatenate([b["index"] for b in e]) for e in evals]
@@ -254,7 +260,7 @@ def test_bad_arguments_are_refused(tok, cache):
         load("sts", "dev", tok, cache, pair_encoding="siamese")
     with pytest.raises(ValueError, match="buckets"):
         next(ip.train_batches(split, 8, seed=0, buckets=(64, 32)))
-    with pytest.raises(ValueError, match="do not fill one batch"):
+    with pytest.raises(ValueError, match="do not fill one global batch"):
         next(ip.train_batches(split, 1000, seed=0))
     with pytest.raises(ValueError, match="process_index"):
         next(ip.eval_batches(split, 8, process_index=2, process_count=2))

@@ -23,10 +23,11 @@ import jax
 import numpy as np
 import pytest
 
-from flaxpals import build, parallel, runs
+from flaxpals import batching, build, config_lib, parallel, runs
 from flaxpals.bert import tiny_config
 from flaxpals.checkpointing import Checkpoints
 from flaxpals.models import MultiTaskModel, TaskSpec, dummy_batch
+from flaxpals.sampler import TaskSampler
 from tests.conftest import tiny
 
 # One module-wide set of subprocess runs (`jobs`): under pytest-xdist
@@ -55,8 +56,13 @@ SAMPLED = {**SMALL, "data.train_limit": 8, "model.hidden_dropout": 0.0,
 RUNS = {"sampled": ("method=sqrt", SAMPLED),
         "additive": ("method=additive", SMALL),
         "pcgrad": ("method=pcgrad", SMALL)}
+# The two-process run (2 x 2 devices, replicated), against the same run on one device:
+# two length buckets, so the processes must agree on every step's length (each plans
+# the same global batches and takes its rows), and dropout on (its masks are drawn for
+# the global batch, however its rows are split over processes).
+TWO = ("method=sqrt", {**SMALL, "data.buckets": (16, 32), "data.train_limit": 64})
 # On 4 devices the sampled run has its params and optimiser state split over the
-# devices (FSDP); the two processes (2 x 2 devices) run it replicated.
+# devices (FSDP).
 FOUR = {**RUNS, "sampled": ("method=sqrt", {**SAMPLED, "parallel.fsdp": True})}
 # bf16 compute on one fixed SST batch for three epochs.
 BF16 = {"tasks": ("sst",), "model.dtype": "bfloat16", "data.train_limit": 8,
@@ -109,10 +115,11 @@ def jobs(tmp_path_factory):
     four = [_run(tmp, "indivisible", "method=sqrt", {**SMALL, "train.batch_size": 6})]
     four += [_run(tmp, f"4-{m}", arg, o) for m, (arg, o) in FOUR.items()]
     out = {"tmp": tmp,
-           "one": Job(tmp, "one", {"devices": 1, "runs": [*one, _run(tmp, "bf16", "", BF16)]}),
+           "one": Job(tmp, "one", {"devices": 1, "runs": [*one, _run(tmp, "bf16", "", BF16),
+                                                          _run(tmp, "1-two", *TWO)]}),
            "four": Job(tmp, "four", {"devices": 4, "runs": four})}
     port = _free_port()
-    arg, overrides = RUNS["sampled"]
+    arg, overrides = TWO
     out["two"] = [Job(tmp, f"proc{i}", {
         "devices": 2, "distributed": {"port": port, "num_processes": 2, "process_id": i},
         "runs": [{**_run(tmp, "2proc", arg, overrides), "out": str(tmp / f"2proc-{i}.json")}]})
@@ -242,8 +249,27 @@ def test_checkpoint_of_four_devices_restores_on_one(jobs, initial_params):
 # ---------------------------------------------------------------- two processes
 
 
+def test_the_two_process_run_has_steps_of_two_lengths():
+    """Not vacuous: its steps come in both buckets, which the processes must agree on."""
+    config = tiny("baseline", TWO[0], **TWO[1])
+    model, _, tokenizer, tasks = build.abstract_model(config)
+    data = build.load_data(config, tasks, tokenizer, splits=("train",))
+    plans = {t: batching.TrainPlan(data[t]["train"].lengths(), config.data.buckets, 4,
+                                   seed=config.seed + i, process_count=2)
+             for i, t in enumerate(config.tasks)}
+    sampler = TaskSampler(config_lib.schedule(config.train),
+                          {t: p.batches_per_epoch for t, p in plans.items()}, num_epochs=1,
+                          steps_per_epoch=config.train.steps_per_epoch, seed=config.seed)
+    lengths = set()
+    while not sampler.done:
+        positions = sampler.positions
+        (task,) = sampler.next()
+        lengths.add(plans[task].batch(positions[task])[1])
+    assert lengths == {16, 32}
+
+
 def test_two_processes_agree_and_match_one_device(jobs):
-    one = jobs["one"].results()[0]
+    one = jobs["one"].results()[len(RUNS) + 1]
     results = [job.results()[0] for job in jobs["two"]]
     assert [(r["process"], r["processes"], r["local_devices"], r["devices"])
             for r in results] == [(0, 2, 2, 4), (1, 2, 2, 4)]

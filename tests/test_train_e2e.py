@@ -201,14 +201,52 @@ def test_corrupt_latest_checkpoint_falls_back(trained, caplog, tmp_path):
     assert not (workdir / "checkpoints" / str(steps[-1])).exists()
 
 
-def test_nan_loss_stops_the_run_naming_task_and_step(tmp_path):
+def test_nan_loss_stops_the_run_naming_the_window_task_and_step(tmp_path):
+    # Metrics are read every log_every_steps (2) and at checkpoints (every 4 steps).
     c = tiny(**{"train.learning_rate": 1e35, "train.schedule": "constant",
-                "train.grad_clip": 0.0, "checkpoint.every_steps": 1})
-    with pytest.raises(train.TrainingError, match=r"non-finite loss at step \d+ .* task\(s\) \w+"):
+                "train.grad_clip": 0.0, "checkpoint.every_steps": 4})
+    with pytest.raises(train.TrainingError, match=r"non-finite loss in steps (\d+)-(\d+) "
+                       r"\(first at step \d+, epoch 1\) for task\(s\) \w+") as e:
         train.train_and_evaluate(c, tmp_path)
+    first, last = map(int, e.value.args[0].split("steps ")[1].split(" ")[0].split("-"))
+    assert last - first + 1 <= c.log_every_steps and last % c.log_every_steps == 0
     ckpts = Checkpoints(tmp_path, 2)
-    assert ckpts.latest.latest_step() is not None  # the last good state is kept
+    # The last good state is kept: no checkpoint of a step after a non-finite loss.
+    assert ckpts.latest.latest_step() is None or ckpts.latest.latest_step() < first
     ckpts.close()
+
+
+def test_steps_between_the_loops_waits_read_nothing_from_the_device(tmp_path, monkeypatch):
+    """The loop reads the device (metrics, checkpoints, evaluation) only at the first step,
+    every log_every_steps and at checkpoints: any other read (a stray float() of a
+    metric, a per-step device_get) raises under the transfer guard set here."""
+    c = tiny(**{"log_every_steps": 4, "checkpoint.every_steps": 100,
+                "train.steps_per_epoch": 9, "train.num_epochs": 2})
+    started = train.RunTimer.loop_started
+    reads = []
+
+    def guarded(self):  # from the loop's start on, only train.sync_point() may read
+        jax.config.update("jax_transfer_guard_device_to_host", "disallow_explicit")
+        started(self)
+
+    def counted():
+        reads.append(1)
+        return original()
+
+    original = train.sync_point
+    monkeypatch.setattr(train.RunTimer, "loop_started", guarded)
+    monkeypatch.setattr(train, "sync_point", counted)
+    try:
+        train.train_and_evaluate(c, tmp_path)
+    finally:
+        jax.config.update("jax_transfer_guard_device_to_host", "allow")
+    # Control: the guard bites outside the waits.
+    with pytest.raises(Exception, match="transfer"):
+        with jax.transfer_guard_device_to_host("disallow_explicit"):
+            jax.device_get(jax.numpy.ones(2) + 1)
+    # 18 steps: waits at steps 1, 4, 8, 9 (an epoch's end), 12, 16, 18, and 2 evaluations.
+    assert len(reads) == 9
+    assert [r["step"] for r in epochs(tmp_path)] == [9, 18]
 
 
 def test_cli_rejects_a_bad_override_naming_the_key(tmp_path):
