@@ -72,8 +72,18 @@ class Programs:
         else:
             self._train, self._additive, self._predict = steps.jitted(
                 mesh, state_sharding, symbolic_length, fixed_shapes)
-        self._index = task_indices(self.names, mesh)
         self._worker: Worker | None = None
+
+    @functools.cached_property
+    def _index(self) -> dict:
+        """name -> the task index the programs take, on the devices (made when first run)."""
+        return task_indices(self.names, self.mesh)
+
+    def _abstract_index(self):
+        """The task index as lowering sees it: a replicated int32 scalar, no values (so a
+        program can be compiled for devices this process cannot run on)."""
+        sharding = None if self.mesh is None else parallel.replicated(self.mesh)
+        return jax.ShapeDtypeStruct((), np.int32, sharding=sharding)
 
     @classmethod
     def inference(cls, model, mesh, params_sharding, symbolic_length: bool = True) -> Programs:
@@ -98,8 +108,19 @@ class Programs:
 
     def lower_train(self, state, batch, task: str):
         """The Lowered train program of `task`'s batches of this shape (`.compile()` it;
-        its `cost_analysis()` counts the step's FLOPs)."""
-        return self._train.lower(state, batch, self._index[task])
+        its `cost_analysis()` counts the step's FLOPs). Arguments may be abstract
+        (ShapeDtypeStructs with shardings)."""
+        self.steps.model.task(task)  # a known task
+        return self._train.lower(state, batch, self._abstract_index())
+
+    def lower_additive(self, state, batches):
+        """The Lowered additive step of one padded length (`fixed_shapes`): one program."""
+        return self._additive.lower(state, batches)
+
+    def lower_predict(self, params, batch, task: str):
+        """The Lowered predict program of `task`'s batches of this shape."""
+        self.steps.model.task(task)
+        return self._predict.lower(params, batch, self._abstract_index())
 
     def predict(self, params, batch, task: str):
         """The model's outputs for a global batch of `task`: [rows, output_width], padded
@@ -148,7 +169,7 @@ class Programs:
             batch = batch_spec(self.steps.model.task(task), self._pairs, train_rows, length,
                                sharding, labels=True)
             jobs.append((name, functools.partial(_compile, step, step_state, batch,
-                                                 self._index[task])))
+                                                 self._abstract_index())))
         for task, length in predict:
             name = self.predict_job(task, length)
             if name in seen:
@@ -157,7 +178,7 @@ class Programs:
             batch = batch_spec(self.steps.model.task(task), self._pairs, predict_rows, length,
                                sharding)
             jobs.append((name, functools.partial(_compile, self._predict, state.params, batch,
-                                                 self._index[task])))
+                                                 self._abstract_index())))
         self._worker = start(jobs)
 
     def close(self) -> None:

@@ -76,18 +76,21 @@ class RunTimer:
         self._last = time.perf_counter()
         self._compiled = self.stats.snapshot()
 
-    def steps_done(self, n: int) -> None:
-        """The last `n` steps' results are on the host: closes their window."""
+    def steps_done(self, n: int) -> float:
+        """The last `n` steps' results are on the host: closes their window; returns its
+        seconds."""
         if n <= 0:
-            return
+            return 0.0
         now, compiled = time.perf_counter(), self.stats.snapshot()
         if self.first_step_at is None:
             self.first_step_at = since_process_start()
         # A window that compiled, or loaded a program from the persistent cache, is not steady.
         new = compiled is not None and (compiled.programs, compiled.cache_hits) != (
             self._compiled.programs, self._compiled.cache_hits)
-        (self.compiling if new else self.steady).append((n, now - self._last))
+        seconds = now - self._last
+        (self.compiling if new else self.steady).append((n, seconds))
         self._last, self._compiled = now, compiled
+        return seconds
 
     @contextlib.contextmanager
     def evaluating(self):

@@ -1,10 +1,12 @@
 """End to end on the tiny random-init config and the real CS224N files."""
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -216,37 +218,73 @@ def test_nan_loss_stops_the_run_naming_the_window_task_and_step(tmp_path):
     ckpts.close()
 
 
-def test_steps_between_the_loops_waits_read_nothing_from_the_device(tmp_path, monkeypatch):
-    """The loop reads the device (metrics, checkpoints, evaluation) only at the first step,
-    every log_every_steps and at checkpoints: any other read (a stray float() of a
-    metric, a per-step device_get) raises under the transfer guard set here."""
-    c = tiny(**{"log_every_steps": 4, "checkpoint.every_steps": 100,
-                "train.steps_per_epoch": 9, "train.num_epochs": 2})
-    started = train.RunTimer.loop_started
-    reads = []
+def _host_reads(monkeypatch, stray=False) -> tuple[list, list]:
+    """(reads outside train.sync_point, reads inside it) of a jax.Array's value by the
+    training loop's thread, from the loop's start on (every np.asarray, float(),
+    .item() and jax.device_get of a jax.Array reads `ArrayImpl._value`).
 
-    def guarded(self):  # from the loop's start on, only train.sync_point() may read
-        jax.config.update("jax_transfer_guard_device_to_host", "disallow_explicit")
+    jax.transfer_guard_device_to_host would say the same on an accelerator; on a CPU,
+    where device memory is host memory, it lets every read through. `stray`: the loop
+    also reads its grad norm after every step (the control)."""
+    from jax._src import array as jax_array
+
+    state = {"thread": None, "inside": 0}
+    outside, inside = [], []
+    value = jax_array.ArrayImpl._value
+
+    def read(self):
+        if threading.get_ident() == state["thread"]:
+            (inside if state["inside"] else outside).append(1)
+        return value.fget(self)
+
+    started, sync_point = train.RunTimer.loop_started, train.sync_point
+
+    def loop_started(self):
+        state["thread"] = threading.get_ident()
         started(self)
 
+    @contextlib.contextmanager
     def counted():
-        reads.append(1)
-        return original()
+        state["inside"] += 1
+        try:
+            with sync_point():
+                yield
+        finally:
+            state["inside"] -= 1
 
-    original = train.sync_point
-    monkeypatch.setattr(train.RunTimer, "loop_started", guarded)
+    monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(read))
+    monkeypatch.setattr(train.RunTimer, "loop_started", loop_started)
     monkeypatch.setattr(train, "sync_point", counted)
-    try:
-        train.train_and_evaluate(c, tmp_path)
-    finally:
-        jax.config.update("jax_transfer_guard_device_to_host", "allow")
-    # Control: the guard bites outside the waits.
-    with pytest.raises(Exception, match="transfer"):
-        with jax.transfer_guard_device_to_host("disallow_explicit"):
-            jax.device_get(jax.numpy.ones(2) + 1)
-    # 18 steps: waits at steps 1, 4, 8, 9 (an epoch's end), 12, 16, 18, and 2 evaluations.
-    assert len(reads) == 9
+    if stray:
+        step = train.Programs.train
+
+        def train_and_read(self, state, batches):
+            state, metrics = step(self, state, batches)
+            float(metrics["grad_norm"])
+            return state, metrics
+
+        monkeypatch.setattr(train.Programs, "train", train_and_read)
+    return outside, inside
+
+
+def test_steps_between_the_loops_waits_read_nothing_from_the_device(tmp_path, monkeypatch):
+    """The loop reads the device (metrics, checkpoints, evaluation) only at the first step,
+    every log_every_steps and at checkpoints, so a step never waits for the one before."""
+    c = tiny(**{"log_every_steps": 4, "checkpoint.every_steps": 100,
+                "train.steps_per_epoch": 9, "train.num_epochs": 2})
+    outside, inside = _host_reads(monkeypatch)
+    train.train_and_evaluate(c, tmp_path)
     assert [r["step"] for r in epochs(tmp_path)] == [9, 18]
+    assert not outside
+    assert inside  # the metrics, the checkpoints and the evaluations were read there
+
+
+def test_the_host_read_counter_sees_a_stray_read(tmp_path, monkeypatch):
+    c = tiny(**{"log_every_steps": 4, "checkpoint.every_steps": 100,
+                "train.steps_per_epoch": 3, "train.num_epochs": 1, "eval.train_sample": 0})
+    outside, _ = _host_reads(monkeypatch, stray=True)
+    train.train_and_evaluate(c, tmp_path)
+    assert len(outside) == 3  # one per step
 
 
 def test_cli_rejects_a_bad_override_naming_the_key(tmp_path):
