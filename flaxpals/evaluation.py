@@ -194,7 +194,7 @@ def restore(workdir, config=None, step: int | None = None) -> Restored:
     sharding = parallel.state_shardings(shapes, mesh, config.parallel.fsdp)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, sharding)
-    ckpts = Checkpoints(workdir, config.checkpoint.keep)
+    ckpts = Checkpoints(workdir, config.checkpoint.keep, runs.fingerprint(config))
     try:
         step, params = ckpts.restore_params(target, "best" if step is None else "latest", step)
     finally:
@@ -250,9 +250,10 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
     data = build.load_data(r.config, tasks, r.tokenizer,
                            splits=tuple(s for s, _ in splits if s != "val"))
     kept = {}
-    record = {"step": r.step, **eval_record(r.predict_step, r.params,
-                                            EvalSets(data, r.config, r.mesh), tasks,
+    sets = EvalSets(data, r.config, r.mesh)
+    record = {"step": r.step, **eval_record(r.predict_step, r.params, sets, tasks,
                                             r.config, splits, kept)}
+    record["rows"] = row_counts(sets, tasks, r.config, splits)
     if config is None and step is None and eval_file is None:
         # The run's own data and best checkpoint: (re)writes what training wrote, for
         # runs from before the file existed.
@@ -263,6 +264,25 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
     runs.write_json(epath.Path(workdir) / f"eval-{r.step}{suffix}.json", record)
     print(json.dumps(record, indent=2))
     return record
+
+
+def row_counts(sets: EvalSets, tasks, config, splits) -> dict[str, dict[str, Any]]:
+    """{"<prefix>/<task>": {"read", "skipped", "skipped_by_reason", "kept", "scored"}}:
+    what each metric of an eval record was computed on. `read` counts the file's rows,
+    `skipped` the rows the reader skipped (`skipped_by_reason`: rows per reason; a row
+    may have two), `scored` the rows the metric saw (fewer than `kept` under
+    data.eval_limit or the train sample)."""
+    out = {}
+    for split, prefix in splits:
+        for task in tasks:
+            scored = sets.select(task.name, split, split_limit(config, split))
+            if scored is None:
+                continue
+            out[f"{prefix}/{task.name}"] = {
+                "read": int(scored.num_rows), "skipped": int(scored.num_skipped),
+                "skipped_by_reason": dict(scored.skip_counts),
+                "kept": int(scored.num_rows - scored.num_skipped), "scored": len(scored)}
+    return out
 
 
 # CS224N prediction files: task -> (file prefix, header column). The spelling
