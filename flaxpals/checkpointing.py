@@ -95,6 +95,18 @@ def _is_disk_full(e: BaseException | None) -> bool:
     return False
 
 
+class _QuietDiskFull(logging.Filter):
+    """Drops orbax's own error logs (tracebacks from its writer threads) of a full disk:
+    `DiskFullError` says it in one line, with what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (_is_disk_full(error) or "No space left on device" in record.getMessage())
+
+
+_QUIET = _QuietDiskFull()
+
+
 def _size(path: epath.Path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
                for f in files)
@@ -207,6 +219,9 @@ class Checkpoints:
             item_handlers=_handlers())
         self._best_file = workdir / "best.json"
         self._unrecorded_logged = False
+        absl_logger = logging.getLogger("absl")  # orbax logs through absl
+        if _QUIET not in absl_logger.filters:
+            absl_logger.addFilter(_QUIET)
 
     @staticmethod
     def _args(state, sampler_state):
@@ -221,7 +236,7 @@ class Checkpoints:
 
     def save(self, step: int, state, sampler_state: dict, force: bool = False) -> None:
         self._wait(self.latest)  # the previous save's error, if any, surfaces here
-        self._check_space(self.latest, step)
+        self._check_space(self.latest, step, state)
         self._save_started = time.monotonic()
         try:
             self.latest.save(step, args=self._args(state, sampler_state), force=force,
@@ -249,20 +264,25 @@ class Checkpoints:
                 return _size(epath.Path(manager.directory) / str(step))
         return None
 
-    def _check_space(self, manager: ocp.CheckpointManager, step: int) -> None:
-        """Raises DiskFullError before a save that would not fit (local disks only)."""
+    def _check_space(self, manager: ocp.CheckpointManager, step: int, state) -> None:
+        """Raises DiskFullError before a save that would not fit (local disks only): the
+        size of the newest complete step, or before the first one the params' bytes (a
+        step holds them and more)."""
         directory = epath.Path(manager.directory)
         if "://" in os.fspath(directory):
             return  # a bucket has no free space to ask about
         needed = self._needed()
+        about = "about"
         if needed is None:
-            return
+            needed = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                         for x in jax.tree.leaves(state.params))
+            about = "at least"
         free = shutil.disk_usage(os.fspath(directory)).free
         margin = needed // 20 + 2**20  # files written beside it: metrics, events, best.json
         if free < needed + margin:
             raise DiskFullError(
                 f"disk full: {directory} has {_megabytes(free)} free; checkpoint step {step} "
-                f"needs about {_megabytes(needed + margin)}; not saved, {self._last_good()}. "
+                f"needs {about} {_megabytes(needed + margin)}; not saved, {self._last_good()}. "
                 f"Free {_megabytes(needed + margin - free)} or more there and run the same "
                 "command again to resume")
 
@@ -277,6 +297,10 @@ class Checkpoints:
     def _raise_if_disk_full(self, e: BaseException, manager: ocp.CheckpointManager) -> None:
         if not _is_disk_full(e):
             return
+        try:  # let orbax's writer threads end before the partial step is removed
+            manager.close()
+        except Exception:  # noqa: BLE001 - the same failure again; it is being reported.
+            pass
         removed = self._remove_partial(manager)
         free = shutil.disk_usage(os.fspath(manager.directory)).free \
             if "://" not in os.fspath(manager.directory) else None
@@ -366,7 +390,7 @@ class Checkpoints:
     def save_best(self, step: int, state, sampler_state: dict, score: float,
                   metric: str) -> None:
         self._wait(self.best)
-        self._check_space(self.best, step)
+        self._check_space(self.best, step, state)
         record = {"step": step, "metric": metric, "score": float(score)}
         try:
             self.best.save(step, args=self._args(state, sampler_state), force=True,
