@@ -72,6 +72,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -116,12 +117,13 @@ def _say(text: str) -> None:
 
 def _leave_terminal() -> None:
     """Points stdout and stderr at /dev/null where they are a terminal (a hung-up one
-    fails writes with EIO: the progress bar would end the loop before its save)."""
+    fails writes with EIO: the progress bar would end the loop before its save). A
+    character device, not isatty(): a hung-up terminal may no longer answer isatty."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         for fd in (1, 2):
             try:
-                if os.isatty(fd):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
                     os.dup2(devnull, fd)
             except OSError:
                 pass
