@@ -209,8 +209,8 @@ def read_input(path: str, task: Task, columns: dict[str, str] | None = None,
     columns = dict(columns or {})
     if path == "-" or path.endswith(".txt"):
         if columns:
-            raise ValueError("--columns: for a CSV, TSV or JSONL file (plain lines have no "
-                             "columns; pairs are tab-separated)")
+            raise ValueError("--columns: for a file with columns (CSV, TSV or JSONL; plain "
+                             "lines have none, pairs are tab-separated)")
         if path == "-":
             stream = stdin if stdin is not None else sys.stdin.buffer
             return _plain_lines(stream, task, "<stdin>", strict), False
@@ -359,8 +359,8 @@ def main(argv):
     if f.step is not None and f.pretrained:
         raise ValueError("--step: with --workdir or --ensemble (an export holds one step)")
     if f.columns and (f.input == "-" or f.input.endswith(".txt")):
-        raise ValueError("--columns: for a CSV, TSV or JSONL file (stdin and .txt files are "
-                         "plain lines, pairs tab-separated)")
+        raise ValueError("--columns: for a file with columns (CSV, TSV or JSONL; stdin and "
+                         ".txt files are plain lines, pairs tab-separated)")
     if f.ensemble:
         from flaxpals.ensemble import Ensemble
 

@@ -312,7 +312,7 @@ def test_a_bad_row_is_skipped_and_counted_or_named_in_strict_mode(predictor, tmp
     assert [r["id"] for r in csv.DictReader(io.StringIO(stream.getvalue()))] == ["1", "3"]
     with pytest.raises(DataFormatError, match=r"bad\.csv:3: empty_sentence"):
         predict_file(predictor, "sst", str(path), io.StringIO(), strict=True)
-    with pytest.raises(DataFormatError, match=r"no column for text .*--columns=text="):
+    with pytest.raises(DataFormatError, match=r"no column 'body' \(--columns=text=body\) in"):
         predict_file(predictor, "sst", str(path), io.StringIO(), columns={"text": "body"})
     # A label column would be read and ignored: predict says so and names eval.
     with pytest.raises(ValueError, match=r"predict reads no labels.*--mode=eval"):
