@@ -292,7 +292,7 @@ def test_predict_reads_csv_tsv_jsonl_and_stdin(predictor, tmp_path):
         rows = list(csv.DictReader(io.StringIO(stream.getvalue())))
         assert [r["id"] for r in rows] == ids, name
         assert [int(r["label"]) for r in rows] == want, name
-        assert summary == {"rows": 3, "kept": 3, "skipped": {}, "truncated": 0}
+        assert summary == {"rows": 3, "kept": 3, "skipped": {}, "truncated": 0, "notes": {}}
     out = tmp_path / "out.jsonl"
     predict_file(predictor, "sts", "-", str(out), stdin=io.StringIO(
         "a man sings\ta man is singing\na cat\ta car\n"))
