@@ -783,9 +783,10 @@ def test_sighup_from_a_closed_terminal_saves_the_step_reached(tmp_path):
         except OSError:
             break
     run.send_signal(signal.SIGHUP)
-    fd2 = f"/proc/{run.pid}/fd/2"
+    fd2, deadline = f"/proc/{run.pid}/fd/2", time.monotonic() + 60
     while os.path.exists(fd2) and os.readlink(fd2) != os.devnull:
-        time.sleep(0.01)  # until the handler has left the terminal
+        assert time.monotonic() < deadline, "the handler never left the terminal"
+        time.sleep(0.01)
     os.close(master)  # the terminal goes away: writes to it would now fail
     assert run.wait(timeout=120) == 143
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
