@@ -17,9 +17,9 @@ its code. The handlers are restored when the Stopper's `with` block ends.
 
 SIGHUP (the terminal or ssh session closed: the usual end of a run started by hand
 on a TPU VM) is handled as SIGTERM, same stop code and exit code 143, its lines
-naming SIGHUP. A hung-up terminal fails every write with EIO, which would end the
-loop in a traceback before its save: on SIGHUP, stdout and stderr that are
-terminals are pointed at /dev/null first.
+naming SIGHUP. Writes to a hung-up terminal may fail (EIO), and a failed write of
+the progress bar or a log line would end the loop before its save: on SIGHUP,
+stdout and stderr that are terminals are pointed at /dev/null first.
 
 Exit codes (launch/tpu.sh --retry reads them; docs/preemption.md):
 
@@ -116,9 +116,9 @@ def _say(text: str) -> None:
 
 
 def _leave_terminal() -> None:
-    """Points stdout and stderr at /dev/null where they are a terminal (a hung-up one
-    fails writes with EIO: the progress bar would end the loop before its save). A
-    character device, not isatty(): a hung-up terminal may no longer answer isatty."""
+    """Points stdout and stderr at /dev/null where they are a terminal (writes to a
+    hung-up one may fail, ending the loop before its save). A character device, not
+    isatty(): a hung-up terminal may no longer answer isatty."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         for fd in (1, 2):
