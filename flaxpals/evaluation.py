@@ -229,7 +229,9 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
     `eval-<step>.json` (`eval-<step>-<name>.json` on other data); with neither a
     config, a step nor a file, also the outputs to best-outputs.npz (flaxpals/runs.py).
 
-    Default: dev and the train sample, as training records them each epoch.
+    Default: dev and the train sample, as training records them each epoch. The record
+    also says, under "rows", what each figure was computed on (`row_counts`: rows read,
+    skipped by reason, kept and scored).
     `eval_file` (with `task`): that labelled CSV/TSV file as the task's dev split,
     its columns named by `columns`. A config whose data.data_dir differs from the
     run's evaluates every task's dev file there.
