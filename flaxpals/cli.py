@@ -7,24 +7,45 @@ handler on stderr; other libraries' (orbax, TensorFlow, ...) from WARNING up.
         cli.run(main)      # absl's app.run; an error the user can fix exits with one line
 
 `USER_ERRORS` are the errors whose message says what to fix (a config key, a
-data file's line, a checkpoint that does not fit): they print `error: ...` and
-exit 1, with no traceback. Anything else is a bug and keeps its traceback.
+data file's line or checksum, a checkpoint that does not fit, a workdir another
+trainer holds, a full disk): they print `error: ...` and exit 1, with no traceback.
+An OSError for a full disk (ENOSPC, EDQUOT) from any write is one line too, naming
+the file and the space left there. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging as std_logging
+import os
+import shutil
 import sys
 from collections.abc import Callable
 
 from absl import app, logging
 
-from flaxpals import checkpointing, config_lib, runs, weights
+from flaxpals import checkpointing, config_lib, runs, weights, workdir_lock
+from flaxpals.datasets.cs224n import ChecksumError
 from flaxpals.datasets.reader import DataFormatError
 
 USER_ERRORS = (config_lib.ConfigError, runs.ConfigMismatchError, DataFormatError,
-               checkpointing.CheckpointMismatchError, weights.CheckpointError,
-               FileNotFoundError)
+               checkpointing.CheckpointMismatchError, checkpointing.BestUnknownError,
+               checkpointing.DiskFullError, weights.CheckpointError, ChecksumError,
+               workdir_lock.WorkdirLockedError, FileNotFoundError)
+
+
+def disk_full_message(e: OSError) -> str:
+    """One line for an OSError of a full disk: the file, and the space left there."""
+    where = e.filename or "a file"
+    free = ""
+    if e.filename:
+        folder = os.path.dirname(os.path.abspath(os.fspath(e.filename)))
+        try:
+            free = f" ({shutil.disk_usage(folder).free / 2**20:.1f} MB free there)"
+        except OSError:
+            pass
+    return (f"disk full writing {where}{free}: {e.strerror or e}; free space there and "
+            "run the same command again (training resumes from its last checkpoint)")
 
 
 def guarded(main: Callable, extra: tuple[type[Exception], ...] = ()) -> Callable:
@@ -37,6 +58,10 @@ def guarded(main: Callable, extra: tuple[type[Exception], ...] = ()) -> Callable
             return main(argv)
         except USER_ERRORS + extra as e:
             message = f"error: {e}"
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            message = f"error: {disk_full_message(e)}"
         # Exit outside the except block: the traceback's frames are freed first, so
         # open batch iterators close before the interpreter shuts down.
         sys.exit(message)

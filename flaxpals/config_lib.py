@@ -175,10 +175,10 @@ def base() -> ml_collections.ConfigDict:
     # rerun of the same config compiles nothing; False: compile every run afresh.
     c.compilation_cache = True
     # After the first step, compile the run's other train and predict shapes on a background
-    # thread while it trains (flaxpals/compile_ahead.py); False: each when first needed.
+    # thread while it trains (flaxpals/programs.py); False: each when first needed.
     c.compile_ahead = True
-    # Trace each step once per task, its padded length symbolic (jax.export), and fix the
-    # length per bucket (flaxpals/by_length.py); False: trace it again at every length.
+    # Trace each step once per batch structure, its padded length symbolic (jax.export), and
+    # fix the length per bucket (flaxpals/by_length.py); False: trace it again per length.
     c.symbolic_length = True
     return c
 

@@ -199,7 +199,7 @@ def restore(workdir, config=None, step: int | None = None) -> Restored:
     sharding = parallel.state_shardings(shapes, mesh, config.parallel.fsdp)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, sharding)
-    ckpts = Checkpoints(workdir, config.checkpoint.keep)
+    ckpts = Checkpoints(workdir, config.checkpoint.keep, runs.fingerprint(config))
     try:
         step, params = ckpts.restore_params(target, "best" if step is None else "latest", step)
     finally:
@@ -234,7 +234,9 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
     `eval-<step>.json` (`eval-<step>-<name>.json` on other data); with neither a
     config, a step nor a file, also the outputs to best-outputs.npz (flaxpals/runs.py).
 
-    Default: dev and the train sample, as training records them each epoch.
+    Default: dev and the train sample, as training records them each epoch. The record
+    also says, under "rows", what each figure was computed on (`row_counts`: rows read,
+    skipped by reason, kept and scored).
     `eval_file` (with `task`): that labelled CSV/TSV file as the task's dev split,
     its columns named by `columns`. A config whose data.data_dir differs from the
     run's evaluates every task's dev file there.
@@ -255,9 +257,10 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
     data = build.load_data(r.config, tasks, r.tokenizer,
                            splits=tuple(s for s, _ in splits if s != "val"))
     kept = {}
-    record = {"step": r.step, **eval_record(r.predict, r.params,
-                                            EvalSets(data, r.config, r.mesh), tasks,
+    sets = EvalSets(data, r.config, r.mesh)
+    record = {"step": r.step, **eval_record(r.predict, r.params, sets, tasks,
                                             r.config, splits, kept)}
+    record["rows"] = row_counts(sets, tasks, r.config, splits)
     if config is None and step is None and eval_file is None:
         # The run's own data and best checkpoint: (re)writes what training wrote, for
         # runs from before the file existed.
@@ -268,6 +271,25 @@ def evaluate_checkpoint(workdir, config=None, step: int | None = None, *,
     runs.write_json(epath.Path(workdir) / f"eval-{r.step}{suffix}.json", record)
     print(json.dumps(record, indent=2))
     return record
+
+
+def row_counts(sets: EvalSets, tasks, config, splits) -> dict[str, dict[str, Any]]:
+    """{"<prefix>/<task>": {"read", "skipped", "skipped_by_reason", "kept", "scored"}}:
+    what each metric of an eval record was computed on. `read` counts the file's rows,
+    `skipped` the rows the reader skipped (`skipped_by_reason`: rows per reason; a row
+    may have two), `scored` the rows the metric saw (fewer than `kept` under
+    data.eval_limit or the train sample)."""
+    out = {}
+    for split, prefix in splits:
+        for task in tasks:
+            scored = sets.select(task.name, split, split_limit(config, split))
+            if scored is None:
+                continue
+            out[f"{prefix}/{task.name}"] = {
+                "read": int(scored.num_rows), "skipped": int(scored.num_skipped),
+                "skipped_by_reason": dict(scored.skip_counts),
+                "kept": int(scored.num_rows - scored.num_skipped), "scored": len(scored)}
+    return out
 
 
 # CS224N prediction files: task -> (file prefix, header column). The spelling

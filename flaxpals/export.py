@@ -17,12 +17,21 @@ writes
 
 `Predictor.from_pretrained(DIR)` (flaxpals.predict) loads it back with no
 workdir and no config file: `restore_exported(DIR)`.
+
+The directory is written whole or not at all: into a temporary sibling
+(`DIR.tmp-<pid>`), renamed to DIR at the end. An existing non-empty DIR is refused
+unless `--overwrite` (then replaced at that rename; a training run's workdir is
+refused always), and so is a DIR that is a file. flaxpals.json records the model's
+fingerprint (flaxpals/runs.py): an edit of its config into another model stops the
+restore. A damaged export (a truncated file) stops with `ExportError` naming the
+file and the fix: export again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -45,6 +54,17 @@ from flaxpals.programs import Programs
 FORMAT = 1
 TASKS_FILE = "tasks.safetensors"
 META_FILE = "flaxpals.json"
+# Fields of the fingerprint an export may differ in: its encoder is the export itself.
+EXPORT_IGNORES = ("model.encoder",)
+
+
+class ExportError(weights.CheckpointError):
+    """An export directory that cannot be written or read; str() names the file and fix."""
+
+
+def _fix(directory) -> str:
+    return (f"export the run again (python -m flaxpals.export --workdir=RUN "
+            f"--out={directory} --overwrite)")
 
 
 def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
@@ -68,17 +88,44 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
     return out
 
 
-def export(workdir, out, step: int | None = None) -> Path:
-    """Writes the run's best checkpoint (or `step`) to `out` (module docstring)."""
-    from safetensors.numpy import save_file
-
-    out = Path(out)
-    # A training run's workdir: its config.json would be overwritten (an earlier export's
-    # may be: re-exporting replaces it).
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise config_lib.ConfigError(f"--out={out} is a file; give a directory to export to")
+    # A training run's workdir: its checkpoints would be lost, --overwrite or not.
     if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
         raise config_lib.ConfigError(f"--out={out} holds a training run; export to a new "
                                      "directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        names = sorted(p.name for p in out.iterdir())
+        raise config_lib.ConfigError(
+            f"--out={out} is not empty ({len(names)} entries: {', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}); give a new directory, or --overwrite "
+            "to replace it")
+
+
+def export(workdir, out, step: int | None = None, overwrite: bool = False) -> Path:
+    """Writes the run's best checkpoint (or `step`) to `out` (module docstring)."""
+    out = Path(out)
+    _check_out(out, overwrite)
     r = evaluation.restore(workdir, None, step)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(r, workdir, tmp)
+        _check_out(out, overwrite)  # again: the directory may have changed meanwhile
+        old = out.parent / f"{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write(r: evaluation.Restored, workdir, out: Path) -> None:
+    from safetensors.numpy import save_file
+
     params = jax.device_get(r.params)
     bert_config, source_dir = build.encoder_config(r.config.model)
     weights.save_pretrained(params["encoder"], bert_config, out, Path(source_dir) / "vocab.txt")
@@ -92,10 +139,10 @@ def export(workdir, out, step: int | None = None) -> Path:
     meta = {"format": FORMAT, "step": r.step, "source": str(workdir),
             "tasks": [_task_record(t) for t in r.tasks],
             "model": r.config.model.to_dict(), "config": r.config.to_dict(),
+            "fingerprint": runs.fingerprint(r.config),
             "metrics": metrics, "params": accounting}
     (out / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     (out / "README.md").write_text(model_card(meta, bert_config))
-    return out
 
 
 def _task_record(task) -> dict:
@@ -153,17 +200,44 @@ def restore_exported(directory) -> evaluation.Restored:
     if not meta_file.exists():
         raise FileNotFoundError(f"{directory} holds no {META_FILE}: not a flaxpals export "
                                 "(write one with python -m flaxpals.export)")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+        values = meta["config"]
+        values["model"]["encoder"] = str(directory)  # the exported encoder and vocabulary
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{meta_file} is damaged ({type(e).__name__}: {e}); "
+                          f"{_fix(directory)}") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_file}: format {meta.get('format')!r}, this flaxpals reads "
-                         f"{FORMAT}")
-    values = meta["config"]
-    values["model"]["encoder"] = str(directory)  # the exported encoder and vocabulary
-    config = config_lib.from_dict(values)
+        raise ExportError(f"{meta_file}: format {meta.get('format')!r}, this flaxpals reads "
+                          f"{FORMAT}")
+    try:
+        config = config_lib.from_dict(values)
+    except config_lib.ConfigError as e:
+        raise ExportError(f"{meta_file}: {e}") from None
+    if meta.get("fingerprint") is not None:
+        diffs = runs.fingerprint_differences(meta["fingerprint"], runs.fingerprint(config),
+                                             ignore=EXPORT_IGNORES)
+        if diffs:
+            raise CheckpointMismatchError(
+                f"{meta_file}: its config describes another model than was exported "
+                "(exported -> config): " + "; ".join(f"{f}: {a!r} -> {b!r}"
+                                                     for f, a, b in diffs)
+                + "; set these fields back, or export the run again")
     compilation.enable_cache(config)
     model, shapes, tokenizer, tasks = build.abstract_model(config)
-    _, encoder, _ = weights.load_pretrained(directory)
-    params = {**_unflatten(load_file(str(directory / TASKS_FILE))), "encoder": encoder}
+    try:
+        _, encoder, _ = weights.load_pretrained(directory)
+    except weights.CheckpointError as e:
+        raise ExportError(f"{e}; {_fix(directory)}") from None
+    try:
+        heads = load_file(str(directory / TASKS_FILE))
+    except FileNotFoundError:
+        raise ExportError(f"{directory / TASKS_FILE} is missing; {_fix(directory)}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors' errors have no common base class.
+        raise ExportError(f"{directory / TASKS_FILE} is damaged ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); {_fix(directory)}"
+                          ) from None
+    params = {**_unflatten(heads), "encoder": encoder}
     diffs = tree_differences(params, shapes)
     if diffs:
         raise CheckpointMismatchError(f"{directory} does not fit its model: " + "; ".join(diffs))
@@ -180,7 +254,7 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
-    out = export(f.workdir, f.out, f.step)
+    out = export(f.workdir, f.out, f.step, overwrite=f.overwrite)
     print(f"exported {f.workdir} to {out}")
 
 
@@ -193,4 +267,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "The model directory to write.", required=True)
     flags.DEFINE_integer("step", None, "This step of the latest checkpoints instead of the "
                          "best checkpoint.")
+    flags.DEFINE_bool("overwrite", False, "Replace --out if it is a non-empty directory "
+                      "(never a training run's workdir).")
     cli.run(main)

@@ -13,10 +13,15 @@
     python -m flaxpals.main --config=configs/pal.py --workdir=gs://B/run --distributed=yes  # pod
 
 Eval and predict build the model from the workdir's config.json; a `--config`
-given there may change data and evaluation fields only (flaxpals/runs.py).
+given there may change data and evaluation fields only (flaxpals/runs.py). Without
+`--config`, `--config.<key>=value` overrides apply to the workdir's own config, e.g.
+
+    python -m flaxpals.main --workdir=DIR --mode=eval --config.data.data_dir=/data/other
+
 Every device is used (a ('data',) mesh); see launch/ for TPU pods and GPU hosts.
 """
 
+import ast
 import sys
 
 from absl import app, flags
@@ -59,6 +64,78 @@ def check_overrides(argv: list[str]) -> None:
             config_lib.check_override(name)
 
 
+# --config.<key>=value overrides given without --config: (key, text), applied to the
+# workdir's own config (absl knows such flags only once a config file defines them).
+WORKDIR_OVERRIDES: list[tuple[str, str]] = []
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(argv without its --config.<key> overrides, the overrides) when no --config is
+    given; (argv, []) otherwise, where ml_collections applies them to the file's config."""
+    if any(a in ("--config", "-config") or a.startswith(("--config=", "-config="))
+           for a in argv):
+        return argv, []
+    kept, overrides = [], []
+    for arg in argv:
+        if arg.startswith(("--config.", "-config.")):
+            name, sep, value = arg.lstrip("-").partition("=")
+            overrides.append((name.split(".", 1)[1], value if sep else "true"))
+        elif arg.startswith(("--noconfig.", "-noconfig.")):
+            overrides.append((arg.lstrip("-").split(".", 1)[1], "false"))
+        else:
+            kept.append(arg)
+    return kept, overrides
+
+
+def _parse_value(current, text: str, key: str):
+    """`text` as a value of the field's type (as --config.<key>=text would set it)."""
+    try:
+        if isinstance(current, bool):
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError("not true or false")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, tuple | list):
+            value = ast.literal_eval(text)
+            return tuple(value) if isinstance(value, tuple | list) else (value,)
+        if isinstance(current, str) or current is None:
+            return text
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+        raise config_lib.ConfigError(f"--config.{key}={text}: not a {type(current).__name__} "
+                                     f"({e})") from None
+
+
+def workdir_config(workdir: str, overrides: list[tuple[str, str]]):
+    """The workdir's config.json with `overrides` applied (checked later, as a given
+    config is, by runs.config_for_restore: a model field stops there)."""
+    from flaxpals import runs
+
+    config = runs.read_config(workdir)
+    for key, text in overrides:
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            if part not in node:
+                raise config_lib.ConfigError(f"--config.{key}: the workdir's config has no "
+                                             f"{part!r} there")
+            node = node[part]
+        if leaf not in node:
+            raise config_lib.ConfigError(f"--config.{key}: the workdir's config has no "
+                                         f"{leaf!r} there")
+        try:
+            node[leaf] = _parse_value(node[leaf], text, key)
+        except TypeError as e:  # ml_collections' type check
+            raise config_lib.ConfigError(f"--config.{key}={text}: {e}") from None
+    config_lib.validate(config)
+    return config
+
+
 def check_mode_flags(mode: str) -> None:
     """A flag the mode would ignore stops the run (a silently ignored --eval_file would
     score the wrong data under the right name)."""
@@ -92,8 +169,10 @@ def run(mode: str, workdir: str, config, step: int | None = None,
             ensemble.write_ensemble_predictions(FLAGS.ensemble, workdir, step)
     elif mode == "train":
         if config is None:
-            raise config_lib.ConfigError("--config is required to train, e.g. "
-                                         "--config=configs/pal.py")
+            raise config_lib.ConfigError(
+                "--config is required to train, e.g. --config=configs/pal.py (to resume, the "
+                "same --config as the run was started with" + (
+                    "; --config.<key> overrides need it too)" if WORKDIR_OVERRIDES else ")"))
         train.train_and_evaluate(config, workdir)
     elif mode == "eval":
         evaluation.evaluate_checkpoint(
@@ -112,8 +191,14 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     parallel.initialize(FLAGS.distributed)  # before any JAX computation
+    config = FLAGS.config
+    if config is None and WORKDIR_OVERRIDES and FLAGS.mode != "train":
+        if FLAGS.ensemble:
+            raise app.UsageError("--config.<key> overrides: not with --ensemble (each member "
+                                 "uses its own config.json)")
+        config = workdir_config(FLAGS.workdir, WORKDIR_OVERRIDES)
     try:
-        run(FLAGS.mode, FLAGS.workdir, FLAGS.config, FLAGS.step, columns)
+        run(FLAGS.mode, FLAGS.workdir, config, FLAGS.step, columns)
     except Stopped as e:  # a signal or the time budget, with a checkpoint
         print(e, file=sys.stderr, flush=True)
         code = e.exit_code
@@ -129,4 +214,5 @@ if __name__ == "__main__":
         check_overrides(sys.argv[1:])
     except config_lib.ConfigError as e:
         sys.exit(f"error: {e}")
+    sys.argv, WORKDIR_OVERRIDES[:] = split_overrides(sys.argv)
     cli.run(main)

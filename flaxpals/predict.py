@@ -19,9 +19,13 @@ the same batches as `--mode=predict`; longer texts are cut to
 `data.max_length` tokens and counted. An empty text raises
 `reader.DataFormatError` naming its position.
 
-Command line (input: CSV, TSV or JSONL with named columns, or `-` for plain
-lines on stdin, pairs tab-separated; output: CSV or JSONL by --output's
-extension or --format, keeping any id column):
+Command line (input: CSV, TSV or JSONL with named columns, or plain lines from
+a `.txt` file or `-` for stdin, pairs tab-separated; output: CSV or JSONL by
+--output's extension or --format, keeping any id column). Every input is read
+as bytes and checked row by row: a row that is not UTF-8, not JSON (JSONL) or
+empty (whitespace or zero-width characters only) is skipped and counted, or with
+--strict stops the command naming file and line. Ids only label the output
+rows: a repeated id is predicted again (counted as a note), not dropped.
 
     python -m flaxpals.predict --workdir=runs/pal --task=sst --input=reviews.csv \
         --columns=text=body --output=preds.jsonl
@@ -110,7 +114,7 @@ class Predictor:
                     None if pairs is None else pairs[i], None)
                    for i, text in enumerate(texts))
         parsed = reader.read_records(records, dataclasses.replace(t, id_field=None),
-                                     "test", source, strict=strict)
+                                     "test", source, strict=strict, unique_ids=False)
         return self._tokenize(t, parsed)
 
     def _tokenize(self, task: Task, parsed: reader.ParsedSplit) -> input_pipeline.Split:
@@ -187,33 +191,50 @@ class Predictor:
 # ---------------------------------------------------------------- files
 
 
+def _plain_lines(lines, task: Task, source: str, strict: bool) -> reader.ParsedSplit:
+    """Rows from plain lines (str or bytes; pairs tab-separated), numbered from 1."""
+    records = []
+    for number, line in enumerate(lines, start=1):
+        line = line.rstrip(b"\r\n" if isinstance(line, bytes) else "\r\n")
+        if task.is_pair:
+            text, _, pair = line.partition(b"\t" if isinstance(line, bytes) else "\t")
+            records.append((number, None, text, pair, None))
+        else:
+            records.append((number, None, line, None, None))
+    return reader.read_records(records, task, "test", source, strict=strict, unique_ids=False)
+
+
 def read_input(path: str, task: Task, columns: dict[str, str] | None = None,
                strict: bool = False, stdin=None) -> tuple[reader.ParsedSplit, bool]:
-    """Unlabelled examples of `task` from a CSV/TSV/JSONL file or `-` (plain lines;
-    pairs tab-separated), checked as the reader checks files; and whether the input
-    had an id column (else ids name the line)."""
+    """Unlabelled examples of `task` from a CSV/TSV/JSONL file, or plain lines (pairs
+    tab-separated) from a .txt file or `-` (stdin, read as bytes; `stdin` may be any
+    stream of lines), checked as the reader checks files; and whether the input had an
+    id column (else ids name the line)."""
     columns = dict(columns or {})
-    if path == "-":
-        stream = stdin if stdin is not None else sys.stdin
-        records = []
-        for number, line in enumerate(stream, start=1):
-            line = line.rstrip("\r\n")
-            if task.is_pair:
-                text, _, pair = line.partition("\t")
-                records.append((number, None, text, pair, None))
-            else:
-                records.append((number, None, line, None, None))
-        return reader.read_records(records, task, "test", "<stdin>", strict=strict), False
+    if path == "-" or path.endswith(".txt"):
+        if columns:
+            raise ValueError("--columns: for a file with columns (CSV, TSV or JSONL; plain "
+                             "lines have none, pairs are tab-separated)")
+        if path == "-":
+            stream = stdin if stdin is not None else sys.stdin.buffer
+            return _plain_lines(stream, task, "<stdin>", strict), False
+        return _plain_lines(Path(path).read_bytes().splitlines(), task, path, strict), False
     if path.endswith((".jsonl", ".json")):
         return _read_jsonl(Path(path), task, columns, strict)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        header = f.readline()
+    with open(path, "rb") as f:
+        raw = f.readline()
+    try:  # the header alone: a bad byte in a row is that row's defect (reader.read_file)
+        header = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise reader.DataFormatError(path, 1, "bad_header", f"the header is not UTF-8 ({e})"
+                                     ) from None
     delimiter = "\t" if path.endswith(".tsv") or "\t" in header else ","
     names = [h.strip() for h in next(csv.reader(io.StringIO(header), delimiter=delimiter), [])]
     fields = _fields(task, columns, names, path)
     as_file = dataclasses.replace(task, source="csv", splits=(("test", path),),
                                   delimiter=delimiter, label_field=None, **fields)
-    return reader.read_file(path, as_file, "test", strict=strict), bool(fields["id_field"])
+    return (reader.read_file(path, as_file, "test", strict=strict, unique_ids=False),
+            bool(fields["id_field"]))
 
 
 def _fields(task: Task, columns: dict[str, str], names: Sequence[str], source: str) -> dict:
@@ -235,10 +256,15 @@ def _fields(task: Task, columns: dict[str, str], names: Sequence[str], source: s
             out[key] = columns[key]
         else:
             out[key] = next((c for c in defaults[key] if c and c in names), None)
-        if out[key] is None or out[key] not in names:
+        if out[key] is None:
             raise reader.DataFormatError(
                 source, 1, "bad_header", f"no column for {key} in {list(names)}; name it with "
                 f"--columns={key}=COLUMN")
+    for key, column in columns.items():
+        if column not in names:
+            raise reader.DataFormatError(
+                source, 1, "bad_header", f"no column {column!r} (--columns={key}={column}) "
+                f"in {list(names)}")
     ident = columns.get("id") or next((c for c in (task.id_field, "id") if c and c in names),
                                       None)
     return {"id_field": ident, "text_field": out["text"],
@@ -247,24 +273,31 @@ def _fields(task: Task, columns: dict[str, str], names: Sequence[str], source: s
 
 def _read_jsonl(path: Path, task: Task, columns: dict[str, str], strict: bool):
     rows, records = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if strict:
-                raise reader.DataFormatError(path, number, "bad_json", str(e)) from None
-            row = None
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except UnicodeDecodeError as e:
+            row = reader.Defect(number, "bad_encoding", f"not UTF-8 ({e})")
+        except ValueError as e:
+            row = reader.Defect(number, "bad_json", str(e))
+        if strict and isinstance(row, reader.Defect):
+            raise reader.DataFormatError(path, number, row.reason, row.detail)
         rows.append((number, row))
     names = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
     fields = _fields(task, columns, names, str(path))
     for number, row in rows:
-        row = row if isinstance(row, dict) else {}
+        if isinstance(row, reader.Defect):
+            records.append(row)
+            continue
         records.append((number, row.get(fields["id_field"]) if fields["id_field"] else None,
                         row.get(fields["text_field"]),
                         row.get(fields["text_pair_field"]) if task.is_pair else None, None))
-    return (reader.read_records(records, task, "test", str(path), strict=strict),
+    return (reader.read_records(records, task, "test", str(path), strict=strict,
+                                unique_ids=False),
             bool(fields["id_field"]))
 
 
@@ -300,7 +333,7 @@ def predict_file(predictor, task: str, path: str, output=None,
                  strict: bool = False, stdin=None) -> dict[str, Any]:
     """Predicts every kept row of a file with a Predictor or an `ensemble.Ensemble`;
     writes to `output` (a path, or a stream).
-    Returns {"rows", "kept", "skipped": {reason: n}, "truncated"}."""
+    Returns {"rows", "kept", "skipped": {reason: n}, "truncated", "notes": {note: n}}."""
     t = predictor.task(task)
     parsed, named = read_input(path, t, columns, strict=strict, stdin=stdin)
     split, result = predictor.predict_parsed(t, parsed)
@@ -314,7 +347,8 @@ def predict_file(predictor, task: str, path: str, output=None,
     else:
         write_output(output or sys.stdout, t, ids, result, fmt)
     return {"rows": parsed.num_rows, "kept": len(split), "skipped": dict(split.skip_counts),
-            "truncated": split.notes.get("truncated", 0)}
+            "truncated": split.notes.get("truncated", 0),
+            "notes": {k: v for k, v in split.notes.items() if k != "truncated"}}
 
 
 def main(argv):
@@ -328,8 +362,9 @@ def main(argv):
     # Flags that would be ignored stop the run instead.
     if f.step is not None and f.pretrained:
         raise ValueError("--step: with --workdir or --ensemble (an export holds one step)")
-    if f.columns and f.input == "-":
-        raise ValueError("--columns: for a file (stdin is plain lines, pairs tab-separated)")
+    if f.columns and (f.input == "-" or f.input.endswith(".txt")):
+        raise ValueError("--columns: for a file with columns (CSV, TSV or JSONL; stdin and "
+                         ".txt files are plain lines, pairs tab-separated)")
     if f.ensemble:
         from flaxpals.ensemble import Ensemble
 
@@ -343,6 +378,8 @@ def main(argv):
                            f.format, f.strict)
     print(f"{f.task}: {summary['kept']} of {summary['rows']} rows predicted"
           + (f"; skipped {summary['skipped']}" if summary["skipped"] else "")
+          + (f"; {summary['notes']['duplicate_id']} repeated id(s) predicted again"
+             if summary["notes"].get("duplicate_id") else "")
           + (f"; {summary['truncated']} truncated to {predictor.config.data.max_length} tokens"
              if summary["truncated"] else "")
           + (f"; wrote {f.output}" if f.output else ""), file=sys.stderr)
@@ -358,7 +395,8 @@ def _define_flags():
     flags.DEFINE_integer("step", None, "With --workdir or --ensemble: this step of the latest "
                          "checkpoints.")
     flags.DEFINE_string("task", None, "The task to predict.", required=True)
-    flags.DEFINE_string("input", "-", "CSV, TSV or JSONL file; - for lines on stdin.")
+    flags.DEFINE_string("input", "-", "CSV, TSV or JSONL file; a .txt file or - (stdin) "
+                        "for plain lines.")
     flags.DEFINE_string("columns", None, "Column names, e.g. text=body,id=review_id.")
     flags.DEFINE_string("output", None, "Output file (.csv or .jsonl); default stdout.")
     flags.DEFINE_enum("format", None, ["csv", "jsonl"], "Output format (default: by "

@@ -1,4 +1,4 @@
-"""Stopping a run cleanly: SIGTERM, SIGINT or a wall-clock budget cost at most one step.
+"""Stopping a run cleanly: SIGTERM, SIGHUP, SIGINT or a wall-clock budget cost at most one step.
 
     with preemption.Stopper(config.train.time_budget) as stop:  # the budget counts from here
         ...
@@ -15,10 +15,16 @@ sampler and the epoch's running loss sums), flushes metrics and TensorBoard, and
 raises `Stopped`; `python -m flaxpals.main` prints its one line and exits with
 its code. The handlers are restored when the Stopper's `with` block ends.
 
+SIGHUP (the terminal or ssh session closed: the usual end of a run started by hand
+on a TPU VM) is handled as SIGTERM, same stop code and exit code 143, its lines
+naming SIGHUP. Writes to a hung-up terminal may fail (EIO), and a failed write of
+the progress bar or a log line would end the loop before its save: on SIGHUP,
+stdout and stderr that are terminals are pointed at /dev/null first.
+
 Exit codes (launch/tpu.sh --retry reads them; docs/preemption.md):
 
     0    the run finished
-    143  SIGTERM (128 + 15): preempted; run the same command again to resume
+    143  SIGTERM (128 + 15) or SIGHUP: preempted; run the same command again to resume
     130  SIGINT (128 + 2, Ctrl-C): stopped by hand; likewise resumable
     75   the time budget ran out (EX_TEMPFAIL): likewise resumable
     1    an error (a traceback or one "error: ..." line)
@@ -66,13 +72,15 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
 
 # Stop codes: all processes stop for the highest one any of them has.
 BUDGET, SIGINT, SIGTERM = 1, 2, 3
-SIGNALS = {signal.SIGTERM: SIGTERM, signal.SIGINT: SIGINT}
+# SIGHUP stops as SIGTERM does (module docstring).
+SIGNALS = {signal.SIGTERM: SIGTERM, signal.SIGINT: SIGINT, signal.SIGHUP: SIGTERM}
 EXIT_CODES = {BUDGET: 75, SIGINT: 128 + signal.SIGINT, SIGTERM: 128 + signal.SIGTERM}
 NAMES = {BUDGET: "the time budget", SIGINT: "SIGINT", SIGTERM: "SIGTERM"}
 
@@ -99,6 +107,30 @@ def format_seconds(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _say(text: str) -> None:
+    """One write to stderr from a signal handler; a closed stream loses it, nothing more."""
+    try:
+        os.write(2, text.encode())
+    except OSError:
+        pass
+
+
+def _leave_terminal() -> None:
+    """Points stdout and stderr at /dev/null where they are a terminal (writes to a
+    hung-up one may fail, ending the loop before its save). A character device, not
+    isatty(): a hung-up terminal may no longer answer isatty."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(devnull, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)
+
+
 class Stopped(Exception):  # noqa: N818 - a stop, not an error
     """A run stopped with a checkpoint of the step it reached; str() is its one line."""
 
@@ -119,6 +151,7 @@ class Stopper:
         self.start = clock()
         self.received: int | None = None  # the highest stop code of the signals received here
         self._seen: set[int] = set()  # signals received here
+        self._names: dict[int, str] = {}  # stop code -> the first signal here that set it
         self._processes = 1
         self.code = 0  # the agreed stop code, once `check` returned True
         self.where = ""  # which processes received it, in a multi-process job
@@ -137,7 +170,7 @@ class Stopper:
         self.uninstall()
 
     def install(self, save_seconds: Callable[[], float] | None = None) -> None:
-        """Handles SIGTERM and SIGINT until `uninstall`; starts timing steps.
+        """Handles SIGTERM, SIGHUP and SIGINT until `uninstall`; starts timing steps.
 
         save_seconds: the slowest checkpoint save so far, for the budget's margin.
         Outside the main thread Python allows no handlers: only the budget applies. A
@@ -163,17 +196,21 @@ class Stopper:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
-        code = SIGNALS[signal.Signals(signum)]
+        sig = signal.Signals(signum)
+        code, name = SIGNALS[sig], sig.name
+        if sig == signal.SIGHUP:
+            _leave_terminal()
         # os.write: print() could re-enter a write the main thread was making (tqdm).
-        if code in self._seen:
-            os.write(2, f"\n{NAMES[code]} again: exiting at once; the newest complete "
-                        "checkpoint stays (an unfinished save is ignored on resume)\n".encode())
+        if signum in self._seen:
+            _say(f"\n{name} again: exiting at once; the newest complete checkpoint stays "
+                 "(an unfinished save is ignored on resume)\n")
             self._exit(EXIT_CODES[code])
             return
-        self._seen.add(code)
+        self._seen.add(signum)
+        self._names.setdefault(code, name)
         self.received = max(self.received or 0, code)
-        os.write(2, f"\n{NAMES[code]} received: finishing the step in flight, then saving a "
-                    f"checkpoint of it (send {NAMES[code]} again to exit at once)\n".encode())
+        _say(f"\n{name} received: finishing the step in flight, then saving a checkpoint of "
+             f"it (send {name} again to exit at once)\n")
 
     # ------------------------------------------------------------ the loop's check
 
@@ -218,7 +255,7 @@ class Stopper:
         ckpts.close()
         what = (f"checkpoint step {saved} saved in {directory}" if saved == step else
                 f"WARNING: the newest checkpoint is step {saved}, not {step}")
-        reason = NAMES[self.code] + self.where
+        reason = self._names.get(self.code, NAMES[self.code]) + self.where
         if self.code == BUDGET:
             reason += (f" {format_seconds(self.budget)} (margin: slowest step "
                        f"{self.slowest_step:.1f} s + slowest save {self._save_seconds():.1f} s)")

@@ -20,6 +20,16 @@ kind, label count, range and names) must match, else `ConfigMismatchError`
 lists each differing field as `saved -> given`; training fields come from the
 saved run.
 
+`fingerprint(config)` is those model-defining fields as a flat JSON dict. Every
+checkpoint carries the fingerprint of the model it holds (flaxpals/checkpointing.py),
+so an edit of config.json that changes the model is caught at restore, field by field.
+
+metrics.jsonl and timings.jsonl are appended a line at a time; a kill in the middle
+of a write can leave the last line cut short. Readers skip such a last line with a
+warning; `repair_records` (run by the trainer, holding the workdir's lock) moves it
+to `<file>.unreadable` so that the next line starts on a line of its own. A bad line
+that is not the last stops with `file:line`.
+
 Only process 0 writes (multi-host jobs share the workdir).
 """
 
@@ -74,6 +84,15 @@ def has_run(workdir: epath.PathLike) -> bool:
     return (epath.Path(workdir) / "config.json").exists()
 
 
+def has_checkpoints(workdir: epath.PathLike) -> bool:
+    """Whether the workdir holds a checkpoint (a complete step or a partial one)."""
+    for name in ("checkpoints", "best"):
+        directory = epath.Path(workdir) / name
+        if directory.exists() and any(p.name[:1].isdigit() for p in directory.iterdir()):
+            return True
+    return False
+
+
 def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
     """The run's config.json as a validated ConfigDict (fields it lacks: see config_lib)."""
     path = epath.Path(workdir) / "config.json"
@@ -98,18 +117,68 @@ def _append(workdir: epath.PathLike, name: str, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def _parse_lines(path: epath.Path) -> tuple[list[dict], int | None, str]:
+    """(the records of a JSON-lines file, the number of an unreadable last line or None,
+    the text before that line). Raises config_lib.ConfigError for a bad line before the
+    last: that is damage, not a write cut short."""
+    text = path.read_bytes().decode("utf-8", "replace")
+    lines = text.splitlines(keepends=True)
+    records, bad, kept = [], None, text
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+        except ValueError as e:
+            if any(rest.strip() for rest in lines[i:]):
+                raise config_lib.ConfigError(
+                    f"{os.fspath(path)}:{i}: not a JSON record ({e}); the lines after it are "
+                    "intact, so this is damage, not an interrupted write: fix or delete "
+                    "that line") from None
+            bad, kept = i, "".join(lines[:i - 1])
+            break
+        records.append(record)
+    return records, bad, kept
+
+
 def _read_lines(workdir: epath.PathLike, name: str) -> list[dict]:
     path = epath.Path(workdir) / name
     if not path.exists():
         return []
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
+    records, bad, _ = _parse_lines(path)
+    if bad is not None:
+        log.warning("%s:%d: the last line is cut short (a write was interrupted); "
+                    "ignoring it", os.fspath(path), bad)
     return records
+
+
+def repair_records(workdir: epath.PathLike) -> None:
+    """Moves a cut-short last line of metrics.jsonl or timings.jsonl to
+    `<file>.unreadable` (appended, kept for inspection) and ends the file with a newline,
+    so that the next record starts on a line of its own. Process 0 only."""
+    if not _host0():
+        return
+    for name in ("metrics.jsonl", "timings.jsonl"):
+        path = epath.Path(workdir) / name
+        if not path.exists():
+            continue
+        _, bad, kept = _parse_lines(path)
+        if bad is None:
+            if kept and not kept.endswith("\n"):
+                with path.open("a") as f:
+                    f.write("\n")
+            continue
+        raw = path.read_bytes().decode("utf-8", "replace").splitlines(keepends=True)[bad - 1:]
+        aside = path.parent / (name + ".unreadable")
+        with aside.open("a") as f:
+            f.write("".join(raw).rstrip("\n") + "\n")
+        tmp = path.parent / (name + ".tmp")
+        tmp.write_text(kept)
+        tmp.replace(path)
+        log.warning("%s:%d: the last line was cut short (a write was interrupted): moved it "
+                    "to %s", os.fspath(path), bad, os.fspath(aside))
 
 
 def append_metrics(workdir: epath.PathLike, record: dict) -> None:
@@ -131,8 +200,21 @@ def read_timings(workdir: epath.PathLike) -> list[dict]:
 
 
 def read_best(workdir: epath.PathLike) -> dict | None:
+    """best.json, or None when it is missing or unreadable. A record only: what is on
+    disk under best/ is the truth (`checkpointing.Checkpoints.best_record`)."""
     path = epath.Path(workdir) / "best.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:
+        log.warning("%s is unreadable (%s); ignoring it", os.fspath(path), e)
+        return None
+    if not isinstance(record, dict) or not {"step", "score"} <= set(record):
+        log.warning("%s is not a best record (step, metric, score); ignoring it",
+                    os.fspath(path))
+        return None
+    return record
 
 
 OUTPUTS_FILE = "best-outputs.npz"
@@ -233,14 +315,44 @@ def model_differences(saved, given) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def check_same_model(saved, given, source: str) -> None:
-    """Raises ConfigMismatchError listing the model-defining fields where they differ."""
+RESTORE_FIX = "Leave out --config to use the saved run's config."
+TRAIN_FIX = ("To train this model, use a new --workdir; to resume the saved run, give the "
+             "config it was trained with.")
+
+
+def check_same_model(saved, given, source: str, fix: str = RESTORE_FIX) -> None:
+    """Raises ConfigMismatchError listing the model-defining fields where they differ;
+    `fix` ends the message (RESTORE_FIX for eval and predict, TRAIN_FIX for training)."""
     diffs = model_differences(saved, given)
     if diffs:
         lines = "\n".join(f"  {f}: {a!r} -> {b!r}" for f, a, b in diffs)
         raise ConfigMismatchError(
             f"the given config defines another model than the run saved in {source} "
-            f"(saved -> given):\n{lines}\nLeave out --config to use the saved run's config.")
+            f"(saved -> given):\n{lines}\n{fix}")
+
+
+def _plain(value):
+    """A config value as JSON gives it back (tuples as lists), so that saved and live
+    fingerprints compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def fingerprint(config) -> dict[str, Any]:
+    """The fields that define the model (MODEL_FIELDS, and TASK_MODEL_FIELDS of every
+    task as `tasks.<name>.<field>`), flat and JSON-plain: what a checkpoint records."""
+    out = {f: _plain(_get(config, f)) for f in MODEL_FIELDS}
+    for name, fields in _task_fields(config).items():
+        out.update({f"tasks.{name}.{f}": _plain(v) for f, v in fields.items()})
+    return out
+
+
+def fingerprint_differences(recorded: dict, current: dict,
+                            ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """[(field, recorded value, current value)] where two fingerprints differ; a field
+    one of them lacks shows as None."""
+    keys = [k for k in dict.fromkeys([*recorded, *current]) if k not in ignore]
+    return [(k, recorded.get(k), current.get(k)) for k in keys
+            if _plain(recorded.get(k)) != _plain(current.get(k))]
 
 
 def config_for_restore(workdir: epath.PathLike,

@@ -42,8 +42,10 @@ from flaxpals import (
     input_pipeline,
     optim,
     parallel,
+    preflight,
     runs,
     task_params,
+    workdir_lock,
 )
 from flaxpals import sampler as sampler_lib
 from flaxpals import smart as smart_lib
@@ -98,12 +100,14 @@ class LossSums:
 
 def _save_config(workdir: epath.Path, config) -> None:
     """Writes config.json; a run resumed with another model stops here, and a changed
-    training config keeps the earlier file as config.<n>.json."""
+    training config keeps the earlier file as config.<n>.json. A workdir without a
+    checkpoint has no model to protect: any config may replace its config.json."""
     # Decided by process 0 before it writes, and read by all before it moves the file: a
     # process looking on its own could find process 0's file half-written.
     if parallel.host0_decides(runs.has_run(workdir)):
         saved = runs.read_config(workdir)
-        runs.check_same_model(saved, config, str(workdir / "config.json"))
+        if parallel.host0_decides(runs.has_checkpoints(workdir)):
+            runs.check_same_model(saved, config, str(workdir / "config.json"), runs.TRAIN_FIX)
         parallel.barrier("flaxpals-config-read")
         if saved.to_dict() != config.to_dict() and _host0():
             n = len(list(workdir.glob("config.*.json"))) + 1
@@ -119,8 +123,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     SIGTERM, SIGINT or `config.train.time_budget` stop it after the step in flight with a
     checkpoint of that step: it raises `preemption.Stopped` (flaxpals/preemption.py)."""
     config_lib.validate(config)
+    preflight.check(config)  # encoder and data files: nothing is written before they exist
     compilation.enable_cache(config)
-    with Stopper(config.train.time_budget) as stop:  # the budget counts from here
+    with workdir_lock.hold(workdir), Stopper(config.train.time_budget) as stop:
+        runs.repair_records(workdir)  # a metrics line cut short by a kill
         return _train(config, workdir, stop)
 
 
@@ -179,7 +185,8 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     programs = Programs(steps, mesh, state_sharding, fixed_shapes=policy == "fixed",
                         symbolic_length=config.symbolic_length)
 
-    ckpts = Checkpoints(workdir, config.checkpoint.keep)
+    ckpts = Checkpoints(workdir, config.checkpoint.keep, runs.fingerprint(config),
+                        for_training=True)
     restored = ckpts.restore_latest(state)
     loss_sums = LossSums()
     if restored is not None:
@@ -204,7 +211,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                                                to_device=to_device)
              for t in names}
 
-    best = ckpts.best_score()
+    best = ckpts.best_score(config.eval.best_metric)  # what best/ holds, not best.json
     history = []
 
     def progress() -> dict:

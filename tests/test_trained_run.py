@@ -293,7 +293,7 @@ def test_predict_reads_csv_tsv_jsonl_and_stdin(predictor, tmp_path):
         rows = list(csv.DictReader(io.StringIO(stream.getvalue())))
         assert [r["id"] for r in rows] == ids, name
         assert [int(r["label"]) for r in rows] == want, name
-        assert summary == {"rows": 3, "kept": 3, "skipped": {}, "truncated": 0}
+        assert summary == {"rows": 3, "kept": 3, "skipped": {}, "truncated": 0, "notes": {}}
     out = tmp_path / "out.jsonl"
     predict_file(predictor, "sts", "-", str(out), stdin=io.StringIO(
         "a man sings\ta man is singing\na cat\ta car\n"))
@@ -313,7 +313,7 @@ def test_a_bad_row_is_skipped_and_counted_or_named_in_strict_mode(predictor, tmp
     assert [r["id"] for r in csv.DictReader(io.StringIO(stream.getvalue()))] == ["1", "3"]
     with pytest.raises(DataFormatError, match=r"bad\.csv:3: empty_sentence"):
         predict_file(predictor, "sst", str(path), io.StringIO(), strict=True)
-    with pytest.raises(DataFormatError, match=r"no column for text .*--columns=text="):
+    with pytest.raises(DataFormatError, match=r"no column 'body' \(--columns=text=body\) in"):
         predict_file(predictor, "sst", str(path), io.StringIO(), columns={"text": "body"})
     # A label column would be read and ignored: predict says so and names eval.
     with pytest.raises(ValueError, match=r"predict reads no labels.*--mode=eval"):

@@ -15,14 +15,16 @@ range). strict=True: the first defect raises `DataFormatError` naming file,
 line and reason. A defect of the header itself (a required column missing)
 always raises: nothing could be read. Reasons:
 
-  bad_encoding         the line is not UTF-8
+  bad_encoding         the line (or a field) is not UTF-8
+  bad_json             a JSON-lines row that is not JSON (predict's input)
   bad_quoting          an unterminated or misplaced quote (csv strict parsing fails)
   blank_line           an empty line inside the file
   wrong_column_count   not as many fields as the header
   header_row           a repeat of the header row
   empty_id             the id field is empty
   duplicate_id         an id seen on an earlier row (the later row is skipped)
-  empty_sentence       a text field is empty or only whitespace
+  empty_sentence       a text field is empty, or only whitespace and invisible format
+                       characters (zero-width spaces, joiners, BOMs)
   empty_label          the label field is empty (labelled splits)
   bad_label            not a number, not an integer for classes, unknown class name, NaN
   label_out_of_range   a class outside 0..num_labels-1 or a score outside label_range;
@@ -30,11 +32,14 @@ always raises: nothing could be read. Reasons:
 
 A row may have several defects (an empty sentence and an empty label); each
 is counted, so `skip_counts` counts rows per reason and `num_skipped` counts
-rows. Kept rows may carry notes, counted but harmless:
+rows; the logged summary says how many rows had more than one. Kept rows may
+carry notes, counted but harmless:
 
   stray_quote          a text with an odd number of `"` characters (kept as is)
   odd_header           the header has unnamed or numeric column names (once per file)
   truncated            longer than max_length tokens: cut to it (counted when tokenized)
+  duplicate_id         with unique_ids=False (predict's input, where ids only label the
+                       output rows): an id seen on an earlier row, the row kept
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import hashlib
 import logging
 import math
 import os
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -53,10 +59,42 @@ from flaxpals.tasks import Task
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("bad_encoding", "bad_quoting", "blank_line", "wrong_column_count",
-                "header_row", "empty_id", "duplicate_id", "empty_sentence", "empty_label",
-                "bad_label", "label_out_of_range")
-NOTES = ("stray_quote", "odd_header", "truncated")
+SKIP_REASONS = ("bad_encoding", "bad_json", "bad_quoting", "blank_line",
+                "wrong_column_count", "header_row", "empty_id", "duplicate_id",
+                "empty_sentence", "empty_label", "bad_label", "label_out_of_range")
+NOTES = ("stray_quote", "odd_header", "truncated", "duplicate_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class Defect:
+    """A record that could not be read at all (`read_records` skips and counts it, or
+    raises in strict mode): its line, reason (one of SKIP_REASONS) and detail."""
+
+    line: int
+    reason: str
+    detail: str
+
+
+def is_blank(text: str) -> bool:
+    """Whether a text shows nothing: whitespace and invisible format characters (Unicode
+    category Cf: zero-width spaces and joiners, BOMs, direction marks) only."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
+
+
+def _text(value: Any) -> tuple[str, str | None]:
+    """(a field as text, or a reason it is not UTF-8): bytes are decoded strictly, and a
+    str holding lone surrogates (undecodable input read with surrogateescape) fails."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            return "", f"not UTF-8 ({e})"
+    text = "" if value is None else str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return "", f"not UTF-8 ({e})"
+    return text, None
 
 
 class DataFormatError(ValueError):
@@ -110,9 +148,9 @@ class _Checker:
     """Validates records of one split; collects examples, skips and notes."""
 
     def __init__(self, task: Task, split: str, source: str, labelled: bool, strict: bool,
-                 sha256: str | None = None):
+                 sha256: str | None = None, unique_ids: bool = True):
         self.task, self.split, self.source = task, split, source
-        self.labelled, self.strict = labelled, strict
+        self.labelled, self.strict, self.unique_ids = labelled, strict, unique_ids
         self.out = ParsedSplit(source=source, sha256=sha256, ids=[], texts=[],
                                text_pairs=[] if task.is_pair else None,
                                labels=[] if labelled else None, lines=[], num_rows=0,
@@ -163,15 +201,32 @@ class _Checker:
         """Checks one record (raw field values); keeps it or skips it."""
         self.out.num_rows += 1
         reasons, details = [], []
-        ex_id = _str(ex_id).strip() if ex_id is not None else f"{self.split}-{line}"
+        fields = {"id": ex_id, "text": text}
+        if self.task.is_pair:
+            fields["text_pair"] = pair
+        decoded, undecodable = {}, []
+        for name, value in fields.items():
+            decoded[name], problem = _text(value)
+            if problem:
+                undecodable.append(f"{name} {problem}")
+        if undecodable:
+            reasons.append("bad_encoding")
+            details.append("; ".join(undecodable))
+        ex_id = decoded["id"].strip() if ex_id is not None else f"{self.split}-{line}"
         if not ex_id:
-            reasons.append("empty_id")
-            details.append("the id is empty")
+            if not undecodable:
+                reasons.append("empty_id")
+                details.append("the id is empty")
         elif ex_id in self._seen:
-            reasons.append("duplicate_id")
-            details.append(f"id {ex_id!r} already seen")
-        texts = [_str(text).strip()] + ([_str(pair).strip()] if self.task.is_pair else [])
-        empty = [f for f, s in zip(("text", "text_pair"), texts, strict=False) if not s]
+            if self.unique_ids:
+                reasons.append("duplicate_id")
+                details.append(f"id {ex_id!r} already seen")
+            else:
+                self.note("duplicate_id")
+        names = ("text", "text_pair") if self.task.is_pair else ("text",)
+        texts = [decoded[n].strip() for n in names]
+        empty = [n for n, s in zip(names, texts, strict=True)
+                 if is_blank(s) and not any(u.startswith(n + " ") for u in undecodable)]
         if empty:
             reasons.append("empty_sentence")
             details.append(f"empty {' and '.join(empty)}")
@@ -203,16 +258,15 @@ class _Checker:
         return self.out
 
 
-def _str(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return "" if value is None else str(value)
-
-
 def log_summary(source: str, num_rows: int, kept: int, skip_counts: dict[str, int],
                 notes: dict[str, int], skipped: list[tuple[int, tuple[str, ...], str]]) -> None:
-    """Logs what a split's reading kept and skipped: once per file, a warning if any skip."""
+    """Logs what a split's reading kept and skipped: once per file, a warning if any skip.
+    The reasons count rows per reason; when a row had several, the line says how many."""
     counts = ", ".join(f"{k}: {v}" for k, v in skip_counts.items())
+    several = sum(len(reasons) > 1 for _, reasons, _ in skipped)
+    if several:
+        counts += (f"; {several} row{'s' if several > 1 else ''} with more than one reason, "
+                   "counted under each")
     note = ", ".join(f"{k}: {v}" for k, v in notes.items())
     msg = (f"{source}: {num_rows} rows, kept {kept}, skipped {len(skipped)}"
            + (f" ({counts})" if counts else "") + (f"; notes: {note}" if note else ""))
@@ -246,11 +300,12 @@ def _is_odd(name: str, position: int) -> bool:
 
 
 def read_file(path: str | os.PathLike, task: Task, split: str, *,
-              strict: bool = False) -> ParsedSplit:
+              strict: bool = False, unique_ids: bool = True) -> ParsedSplit:
     """Parses one split's file of `task`; see the module docstring for the rules.
 
     The split is labelled iff its header has the task's label column; train and
-    dev must be labelled.
+    dev must be labelled. unique_ids=False keeps a row whose id was seen before
+    (a note, not a skip).
     """
     path = Path(path)
     data = path.read_bytes()
@@ -285,7 +340,7 @@ def read_file(path: str | os.PathLike, task: Task, split: str, *,
     c_pair = column(task.text_pair_field, task.is_pair)
     c_label = column(task.label_field, split in ("train", "dev"))
     checker = _Checker(task, split, str(path), labelled=c_label is not None, strict=strict,
-                       sha256=hashlib.sha256(data).hexdigest())
+                       sha256=hashlib.sha256(data).hexdigest(), unique_ids=unique_ids)
     if any(_is_odd(h, i) for i, h in enumerate(header)):
         checker.note("odd_header")
     width = len(header)
@@ -333,14 +388,21 @@ def parse_columns(text: str | None) -> dict[str, str]:
 
 
 def read_records(records, task: Task, split: str, source: str, *, labelled: bool = False,
-                 strict: bool = False) -> ParsedSplit:
+                 strict: bool = False, unique_ids: bool = True) -> ParsedSplit:
     """Checks in-memory records as `read_file` checks a file's rows.
 
-    records: iterable of (line, id or None, text, text_pair or None, label or None);
-    `line` is what errors and skip lists name (1-based).
+    records: iterable of (line, id or None, text, text_pair or None, label or None),
+    or a `Defect` for a row that could not be read; `line` is what errors and skip
+    lists name (1-based). Text given as bytes must be UTF-8.
     """
-    checker = _Checker(task, split, source, labelled=labelled, strict=strict)
-    for line, ex_id, text, pair, label in records:
+    checker = _Checker(task, split, source, labelled=labelled, strict=strict,
+                       unique_ids=unique_ids)
+    for record in records:
+        if isinstance(record, Defect):
+            checker.out.num_rows += 1
+            checker.skip(record.line, [record.reason], record.detail)
+            continue
+        line, ex_id, text, pair, label = record
         checker.add(line, ex_id, text, pair, label)
     return checker.finish()
 
