@@ -389,6 +389,9 @@ class Checkpoints:
 
     def save_best(self, step: int, state, sampler_state: dict, score: float,
                   metric: str) -> None:
+        # The latest's save in flight first: two managers' saves at once collide in
+        # orbax's multi-host barriers (seen with two processes, at an epoch's end).
+        self._wait(self.latest)
         self._wait(self.best)
         self._check_space(self.best, step, state)
         record = {"step": step, "metric": metric, "score": float(score)}

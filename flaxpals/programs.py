@@ -159,8 +159,10 @@ class Programs:
         jobs, seen = [], set()
         if additive and not hasattr(self._additive, "parts"):
             train = []  # one program, compiled by the first step
-        step, step_state = (self._additive.parts[0], for_gradients(state)) if additive else (
-            self._train, state)
+        elif additive:  # its per-task gradient part
+            step, step_state = self._additive.parts[0], for_gradients(state)
+        else:
+            step, step_state = self._train, state
         for task, length in train:
             name = self.train_job(task, length, additive)
             if name in seen:

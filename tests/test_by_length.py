@@ -31,8 +31,9 @@ def _batch(task: TaskSpec, length: int, seed: int) -> dict:
     b = dummy_batch(task, OPTIONS.pair_encoding, 8, length)
     b["input_ids"] = jax.random.randint(k1, (8, length), 1000, 2000)
     b["attention_mask"] = jnp.ones((8, length), jnp.int32).at[:, -3:].set(0)
+    # float32 for every task, as steps.device_batch gives the trainer's batches
     b["labels"] = (jax.random.uniform(k2, (8,), maxval=5.0) if task.kind == "pair_regression"
-                   else jax.random.randint(k2, (8,), 0, 2))
+                   else jax.random.randint(k2, (8,), 0, 2).astype(jnp.float32))
     b["mask"] = jnp.ones(8)
     return b
 
