@@ -407,15 +407,15 @@ def _pad(ragged: Ragged, rows: np.ndarray, length: int, pad_id: int):
     return values, mask.astype(np.int32)
 
 
-def _gather_any(split: Split, index: np.ndarray, length: int, to_device=None,
+def _batch_of(split: Split, index: np.ndarray, length: int, to_device=None,
                 packing: Packing | None = None) -> dict[str, Any]:
     """The batch of rows `index`: padded to `length`, or packed; then `to_device(batch)`."""
-    batch = _gather(split, index, length) if packing is None else _gather_packed(
+    batch = padded_batch(split, index, length) if packing is None else packed_batch(
         split, index, packing)
     return batch if to_device is None else to_device(batch)
 
 
-def _gather(split: Split, index: np.ndarray, length: int) -> dict[str, Any]:
+def padded_batch(split: Split, index: np.ndarray, length: int) -> dict[str, Any]:
     """The batch of rows `index` (-1: a padding row), padded to `length`."""
     padding = index < 0
     rows = np.maximum(index, 0)
@@ -480,7 +480,7 @@ def packed_rows(split: Split, plan: batching.TrainPlan, epochs: int, length: int
     return worst
 
 
-def _gather_packed(split: Split, index: np.ndarray, packing: Packing) -> dict[str, Any]:
+def packed_batch(split: Split, index: np.ndarray, packing: Packing) -> dict[str, Any]:
     """The examples `index` (-1: a padding example) packed as `Packing` says."""
     padding = index < 0
     rows = np.maximum(index, 0)
@@ -543,7 +543,7 @@ def _batches(split: Split, plan: Iterator[tuple[np.ndarray, int]],
     try:
         for index, length in plan:
             # A copy: the plan's index rows are views of its cached epoch.
-            pending.append(pool.submit(_gather_any, split, np.array(index, np.int64),
+            pending.append(pool.submit(_batch_of, split, np.array(index, np.int64),
                                        int(length), to_device, packing))
             if len(pending) > prefetch:
                 yield pending.popleft().result()

@@ -57,9 +57,9 @@ def test_every_planned_batch_fits_the_rows_planned(tok, tmp_path_factory):
                                     process_count=2)
         for k in range(2 * plan_p.batches_per_epoch):
             index, _ = plan_p.batch(k)
-            ip._gather_packed(split, index, ip.Packing(48, rows, 2))  # raises if it does not
+            ip.packed_batch(split, index, ip.Packing(48, rows, 2))  # raises if it does not
     with pytest.raises(ValueError, match="more than the 1 planned"):
-        ip._gather_packed(split, plan.batch(0)[0], ip.Packing(48, 1, 2))
+        ip.packed_batch(split, plan.batch(0)[0], ip.Packing(48, 1, 2))
 
 
 @pytest.mark.parametrize("pooling,encoding,adapter", [
@@ -81,8 +81,8 @@ def test_a_packed_example_has_its_unpacked_outputs(tok, tmp_path_factory, poolin
         lengths = np.concatenate([c[np.maximum(index, 0)]
                                   for c in ip.sentence_lengths(split, 48)])
         rows = batching.pack(lengths, 48)[2]  # one group would need these; two get as many
-        packed = ip._gather_packed(split, index, ip.Packing(48, rows, 2))
-        plain = ip._gather(split, index, 48)
+        packed = ip.packed_batch(split, index, ip.Packing(48, rows, 2))
+        plain = ip.padded_batch(split, index, 48)
         assert packed["input_ids"].shape == (2 * rows, 48)
         assert (packed["segment_ids"].max(1) > 1).any()  # rows do hold several sentences
         run = jax.jit(lambda p, b, t=spec.name: model.apply({"params": p}, b, t))
