@@ -27,6 +27,10 @@ Sections, each written to the JSON as it ends (a later failure keeps the earlier
    named so in the record), bf16 compute, AdamW train steps at 32 x 128 and 256 x 128:
    step time (median of timed calls), FLOPs per step from XLA's cost analysis of the
    compiled program, and model FLOPs utilisation = FLOPs / step time / peak.
+4. `packing`: MiniLM on real dev examples of each task, packed (data.shapes=packed)
+   against padded one per row, float32 and bfloat16: the largest difference of their
+   outputs; then the SST train step at data.max_length, fixed (32 rows) against
+   packed (the rows its plan needs), step times and tokens per step.
 
 `--tiny` runs every section on the CPU at tiny shapes (the tiny random encoder, a few
 steps, a tiny random PyTorch BERT): the default suite runs it so that it cannot rot
@@ -248,6 +252,84 @@ def steps(args, peak: float | None) -> dict:
     return out
 
 
+def packing(args, encoder: str | None, data_dir: str | None) -> dict:
+    """Packed against padded outputs on the device, and the train step's time of each."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxpals import batching, build, config_lib, input_pipeline, optim, parallel
+    from flaxpals.programs import Programs
+    from flaxpals.steps import MODEL_KEYS, Steps, TrainState, device_batch, task_indices
+
+    if data_dir:
+        os.environ["FLAXPALS_DATA_DIR"] = data_dir
+    out = {"outputs": {}}
+    for dtype in ("float32", "bfloat16"):
+        config = config_lib.load_file(ROOT / "configs" / "pal.py", "tiny" if args.tiny else "")
+        config.model.dtype = dtype
+        if encoder:
+            config.model.encoder = encoder
+        model, params, tokenizer, tasks = build.build_model(config)
+        data = build.load_data(config, tasks, tokenizer, splits=("dev",))
+        length = config.data.max_length
+        for t in tasks:
+            split = data[t.name]["dev"]
+            index = np.arange(32)
+            columns = input_pipeline.sentence_lengths(split, length)
+            rows = batching.pack(np.concatenate([c[index] for c in columns]), length)[2]
+            packed = input_pipeline.packed_batch(split, index,
+                                                   input_pipeline.Packing(length, rows, 1))
+            plain = input_pipeline.padded_batch(split, index, length)
+            run = jax.jit(lambda p, b, t=t.name, m=model: m.apply({"params": p}, b, t))
+            got, want = (np.asarray(run(params, {k: v for k, v in b.items() if k in MODEL_KEYS}),
+                                    np.float32) for b in (packed, plain))
+            scale = float(np.abs(want).max())
+            out["outputs"][f"{t.name}/{dtype}"] = {
+                "rows": rows, "max_abs_diff": float(np.abs(got - want).max()),
+                "max_abs_output": scale}
+            print(f"packing {t.name} {dtype}: {out['outputs'][f'{t.name}/{dtype}']}", flush=True)
+    # The SST step, fixed against packed, on the run's own plan (compute dtype: auto).
+    config = config_lib.load_file(ROOT / "configs" / "baseline.py", "tiny" if args.tiny else "")
+    config.tasks = ("sst",)
+    if encoder:
+        config.model.encoder = encoder
+    model, params, tokenizer, tasks = build.build_model(config)
+    split = build.load_data(config, tasks, tokenizer, splits=("train",))["sst"]["train"]
+    length, batch_size = config.data.max_length, config.train.batch_size
+    plan = batching.TrainPlan(split.lengths(), (length,), batch_size, seed=0)
+    rows = input_pipeline.packed_rows(split, plan, 1, length, 1)
+    mesh = parallel.make_mesh()
+    tx = optim.make_optimizer(config.train, params, 1000)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                       jax.random.key_data(jax.random.key(1)))
+    sharding = parallel.state_shardings(state, mesh)
+    state = parallel.put(state, sharding)
+    programs = Programs(Steps(model, tx), mesh, sharding, fixed_shapes=True)
+    sst = task_indices(("sst",), mesh)["sst"]
+    index = plan.batch(0)[0]
+    batches = {
+        "fixed": input_pipeline.padded_batch(split, index, length),
+        "packed": input_pipeline.packed_batch(split, index,
+                                                input_pipeline.Packing(length, rows, 1))}
+    out["steps"] = {"dtype": model.options.dtype, "length": length, "batch": batch_size}
+    for name, batch in batches.items():
+        batch = parallel.global_batch(device_batch(batch), mesh)
+        compiled = programs.lower_train(state, batch, "sst").compile()
+        times = []
+        for r in range(args.reps + 2):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, batch, sst)
+            jax.block_until_ready((state, metrics))
+            if r >= 2:
+                times.append(time.perf_counter() - t0)
+        out["steps"][name] = {"rows": int(batch["input_ids"].shape[0]),
+                              "tokens": int(np.prod(batch["input_ids"].shape)),
+                              "step_s": round(statistics.median(times), 5)}
+        print(f"packing step {name}: {out['steps'][name]}", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -259,7 +341,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="device-check.json")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--reps", type=int, default=10, help="timed train steps per shape")
-    p.add_argument("--sections", default="e2e,steps")
+    p.add_argument("--sections", default="e2e,steps,packing")
     p.add_argument("--torch_encoder", default="", help="PyTorch's encoder (default: ours)")
     args = p.parse_args(argv)
     if args.prepare:
@@ -284,7 +366,8 @@ def main(argv=None) -> int:
     write()
     peak = report["environment"]["peak_bf16_flops"]
     sections = {"e2e": lambda: e2e(args, work, encoder, data_dir),
-                "steps": lambda: steps(args, peak)}
+                "steps": lambda: steps(args, peak),
+                "packing": lambda: packing(args, encoder, data_dir)}
     failed = False
     for name in args.sections.split(","):
         t0 = time.perf_counter()

@@ -51,7 +51,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxpals.bert import PLACEMENTS, BertConfig, attention_bias, multi_head_attention
+from flaxpals.bert import (
+    PLACEMENTS,
+    BertConfig,
+    attention_bias,
+    multi_head_attention,
+    segment_bias,
+)
 from flaxpals.dropout import Dropout
 
 Array = jax.Array
@@ -159,7 +165,8 @@ def _gelu(x: Array) -> Array:
 class PALAttention(nn.Module):
     """Multi-head self-attention inside the d-dimensional space, no output projection.
 
-    x: [batch, length, d]; bias: [batch, 1, 1, length] -> [batch, length, d].
+    x: [batch, length, d]; bias: [batch, 1, 1, length] (or [batch, 1, length, length],
+    packed rows) -> [batch, length, d].
     """
 
     size: int
@@ -289,12 +296,14 @@ class TaskAdapters(nn.Module):
             raise ValueError("adapter kind 'none' has no branch")
         return mod(layer, h, bias, deterministic)
 
-    def branches(self, task, attention_mask: Array, deterministic: bool = True
+    def branches(self, task, attention_mask: Array, deterministic: bool = True,
+                 segment_ids: Array | None = None
                  ) -> Callable[[int], Callable[[Array], Array]] | None:
         """The `branches` argument of `bert.BertModel` for `task` (a name, a Python int or
         a traced index; module docstring).
 
-        attention_mask: [batch, length], 1 for real tokens. Returns layer index ->
+        attention_mask: [batch, length], 1 for real tokens; segment_ids: of packed rows
+        (`bert.segment_bias`), when they are. Returns layer index ->
         (h [batch, length, hidden] -> TS(h)), or None for kind "none".
         """
         if self.kind == "none":
@@ -303,7 +312,8 @@ class TaskAdapters(nn.Module):
             task = self.tasks[task]
         if isinstance(task, str) and task not in self.tasks:
             raise ValueError(f"unknown task {task!r}; this model's tasks are {self.tasks}")
-        bias = attention_bias(attention_mask, self.dtype)
+        bias = (attention_bias(attention_mask, self.dtype) if segment_ids is None
+                else segment_bias(segment_ids, self.dtype))
         if isinstance(task, str):
             return lambda layer: (lambda h: self(task, layer, h, bias, deterministic))
 

@@ -88,6 +88,15 @@ class TrainPlan:
     def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """(this process's indices [batches_per_epoch, batch_size] into the split,
         lengths [batches], the same on every process)."""
+        indices, lengths = self._global(e)
+        return indices[:, self._rows], lengths
+
+    def global_epoch(self, e: int) -> np.ndarray:
+        """Every process's indices of epoch e: [batches_per_epoch, global batch], process
+        p's rows p * batch_size to (p + 1) * batch_size."""
+        return self._global(e)[0]
+
+    def _global(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         cached = self._cached  # read once: another thread may replace it
         if cached is not None and cached[0] == e:
             return cached[1], cached[2]
@@ -106,8 +115,7 @@ class TrainPlan:
                 lengths += [length] * n
             carry = members[n * self.global_batch:]
         order = rng.permutation(self.batches_per_epoch)
-        indices = np.concatenate(chunks)[order][:, self._rows]
-        out = (indices, np.asarray(lengths, np.int32)[order])
+        out = (np.concatenate(chunks)[order], np.asarray(lengths, np.int32)[order])
         self._cached = (e, *out)
         return out
 
@@ -118,6 +126,25 @@ class TrainPlan:
         e, i = divmod(k, self.batches_per_epoch)
         indices, lengths = self.epoch(e)
         return indices[i], int(lengths[i])
+
+
+def pack(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """First-fit decreasing: sequences of `lengths` (each <= capacity) into rows of
+    `capacity` tokens. Returns (row [n], first column [n], rows used); ties keep their
+    order, so the result is a function of the lengths alone."""
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and lengths.max() > capacity:
+        raise ValueError(f"a sequence of {lengths.max()} tokens does not fit rows of "
+                         f"{capacity}")
+    row, start = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
+    used: list[int] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        r = next((r for r, u in enumerate(used) if u + lengths[i] <= capacity), len(used))
+        if r == len(used):
+            used.append(0)
+        row[i], start[i] = r, used[r]
+        used[r] += int(lengths[i])
+    return row, start, len(used)
 
 
 def _eval_carries(counts: Sequence[int], buckets: Sequence[int], batch: int) -> tuple[bool, ...]:

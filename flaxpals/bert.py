@@ -12,6 +12,12 @@ Every layer is post-LN, as in BERT. A layer takes an optional task-specific
 branch `ts(h) -> [batch, length, hidden]` (a PAL or a low-rank adapter, see
 `adapters.py`); where its output enters the layer is chosen by `placement`.
 With no branch the layer is exactly Hugging Face's `BertLayer`.
+
+Packed rows (several sequences per row, `input_pipeline`'s packed batches): give
+`segment_ids` (1, 2, ... per sequence in a row, 0 for padding) and `position_ids`
+(0, 1, ... within each sequence); a token then attends only to its own sequence
+(`segment_bias`) and is embedded at its position in it, so each sequence's outputs
+are those it has alone in a row.
 """
 
 from __future__ import annotations
@@ -116,11 +122,20 @@ def attention_bias(attention_mask: Array, dtype) -> Array:
     return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
+def segment_bias(segment_ids: Array, dtype) -> Array:
+    """Additive attention bias of packed rows: a token attends to the tokens of its own
+    sequence. segment_ids: [batch, length], 0 for padding -> [batch, 1, length, length]."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    keep = same & (segment_ids[:, None, :] > 0)
+    return jnp.where(keep[:, None], 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
 def multi_head_attention(q: Array, k: Array, v: Array, bias: Array, num_heads: int,
                          dropout: Dropout | None, deterministic: bool) -> Array:
     """Scaled dot-product attention over heads.
 
-    q, k, v: [batch, length, width]; bias: [batch, 1, 1, length].
+    q, k, v: [batch, length, width]; bias: [batch, 1, 1, length], or
+    [batch, 1, length, length] (packed rows, `segment_bias`).
     Returns the heads concatenated: [batch, length, width].
     """
     b, n, width = q.shape
@@ -141,13 +156,23 @@ def multi_head_attention(q: Array, k: Array, v: Array, bias: Array, num_heads: i
     return out.transpose(0, 2, 1, 3).reshape(b, n, width)
 
 
+def gather_tokens(h: Array, at: Array) -> Array:
+    """h [rows, length, hidden] in `groups` blocks of rows, at [groups, n, 2] (row within
+    the block, column) -> those tokens' vectors [groups * n, hidden]."""
+    blocks = h.reshape(at.shape[0], -1, *h.shape[1:])
+    picked = jax.vmap(lambda b, a: b[a[:, 0], a[:, 1]])(blocks, at)
+    return picked.reshape(-1, h.shape[-1])
+
+
 class BertEmbeddings(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool) -> Array:
-        """input_ids, token_type_ids: [batch, length] -> [batch, length, hidden]."""
+    def __call__(self, input_ids: Array, token_type_ids: Array, deterministic: bool,
+                 position_ids: Array | None = None) -> Array:
+        """input_ids, token_type_ids: [batch, length] -> [batch, length, hidden];
+        position_ids: [batch, length] (packed rows), default 0, 1, ... along each row."""
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
 
@@ -155,7 +180,8 @@ class BertEmbeddings(nn.Module):
             return nn.Embed(num, c.hidden_size, embedding_init=init, dtype=self.dtype,
                             param_dtype=jnp.float32, name=name)
 
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+        positions = (jnp.arange(input_ids.shape[1])[None, :] if position_ids is None
+                     else position_ids)
         x = (embed(c.vocab_size, "word_embeddings")(input_ids)
              + embed(c.max_position_embeddings, "position_embeddings")(positions)
              + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
@@ -231,7 +257,8 @@ class BertModel(nn.Module):
                  deterministic: bool = True,
                  branches: Callable[[int], Branch | None] | None = None,
                  placement: str = "output", inputs_embeds: Array | None = None,
-                 embeddings_only: bool = False):
+                 embeddings_only: bool = False, segment_ids: Array | None = None,
+                 position_ids: Array | None = None, pool_at: Array | None = None):
         """Encodes a padded batch.
 
         input_ids, attention_mask, token_type_ids: [batch, length] integers.
@@ -242,18 +269,24 @@ class BertModel(nn.Module):
         that output runs the rest of the encoder (SMART, smart.py).
         embeddings_only: return the embedding layer's output [batch, length, hidden]
         alone. With one dropout key, the two give what one call without them does.
+        segment_ids, position_ids: packed rows (module docstring); pool_at: [groups, n, 2]
+        (row within its group, column) of the [CLS] tokens the pooler reads, the rows in
+        `groups` equal consecutive blocks (one per device, so each gather stays on its
+        device); default: column 0 of every row. Returns pooled [groups * n, hidden] then.
         """
         c = self.config
         h = inputs_embeds
         if h is None:
             h = BertEmbeddings(c, self.dtype, name="embeddings")(input_ids, token_type_ids,
-                                                                  deterministic)
+                                                                  deterministic, position_ids)
         if embeddings_only:
             return h
-        bias = attention_bias(attention_mask, self.dtype)
+        bias = (attention_bias(attention_mask, self.dtype) if segment_ids is None
+                else segment_bias(segment_ids, self.dtype))
         for i in range(c.num_hidden_layers):
             branch = branches(i) if branches is not None else None
             h = BertLayer(c, self.dtype, name=f"layer_{i}")(h, bias, deterministic, branch,
                                                             placement)
-        pooled = jnp.tanh(_dense(c, c.hidden_size, self.dtype, "pooler")(h[:, 0]))
+        first = h[:, 0] if pool_at is None else gather_tokens(h, pool_at)
+        pooled = jnp.tanh(_dense(c, c.hidden_size, self.dtype, "pooler")(first))
         return h, pooled

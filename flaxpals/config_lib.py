@@ -28,7 +28,7 @@ from flaxpals.weighting import LOSS_WEIGHTINGS
 # task gradients.
 METHODS = sampler.METHODS + ("pcgrad",)
 # data.shapes: how batches are padded (`shape_policy`).
-SHAPE_POLICIES = ("auto", "buckets", "fixed")
+SHAPE_POLICIES = ("auto", "buckets", "fixed", "packed")
 # model.dtype: the compute dtype; auto is the platform's (`compute_dtype`).
 DTYPES = ("auto", "float32", "bfloat16")
 # eval.train_sample_from's values, the preferred first (a report averaging seeds of
@@ -75,7 +75,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.max_length = 128  # Truncation length in tokens (specials included).
     # How batches are padded (`shape_policy`): buckets (to the smallest of data.buckets that
     # fits: few padded tokens, a program per length used) | fixed (all to data.max_length:
-    # one program per step) | auto (buckets on CPU, fixed on GPU and TPU).
+    # one program per step) | packed (several sentences per row of data.max_length, as few
+    # rows as every batch of the run needs: one program, few padded tokens; evaluation
+    # as fixed) | auto (buckets on CPU, fixed on GPU and TPU).
     c.data.shapes = "auto"
     # Padded lengths of shapes=buckets: one compilation per bucket used (and per batch
     # structure). A step costs about its padded length, so finer buckets pad less (the
@@ -253,8 +255,8 @@ def shape_policy(data_cfg, platform: str | None = None) -> str:
 
 def padded_lengths(data_cfg, platform: str | None = None) -> tuple[int, ...]:
     """The lengths batches are padded to under `shape_policy`: data.buckets, or
-    (data.max_length,) for fixed."""
-    if shape_policy(data_cfg, platform) == "fixed":
+    (data.max_length,) for fixed and packed (the row length)."""
+    if shape_policy(data_cfg, platform) in ("fixed", "packed"):
         return (int(data_cfg.max_length),)
     return tuple(data_cfg.buckets)
 
@@ -359,6 +361,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("data.shapes", c.data.shapes in SHAPE_POLICIES,
            f"{c.data.shapes!r} is not {'|'.join(SHAPE_POLICIES)}")
     _check("model.dtype", c.model.dtype in DTYPES, f"{c.model.dtype!r} is not {'|'.join(DTYPES)}")
+    _check("data.shapes", c.data.shapes != "packed" or not (t.smart_weight or
+                                                           t.smart_bregman_weight),
+           "packed rows do not take SMART's perturbations (they are per example): use "
+           "fixed or buckets")
     _check("data.buckets", list(c.data.buckets) == sorted(set(c.data.buckets))
            and all(b > 2 for b in c.data.buckets), f"must be increasing lengths > 2, got "
            f"{tuple(c.data.buckets)}")

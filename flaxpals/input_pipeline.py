@@ -30,7 +30,20 @@ a background thread, a few batches ahead) are dicts of NumPy arrays:
   index       int64 [B]: row of the example in the Split; -1 on padding rows
 
 A padding row holds `[CLS] [SEP]` (attention on those two tokens), so a model
-computes finite values on it; use `mask` to leave it out. Sequences longer
+computes finite values on it; use `mask` to leave it out.
+
+Packed batches (`Packing`; data.shapes=packed) hold a batch's sentences several to
+a row, first-fit decreasing, in `groups` equal blocks of rows (one per device, so
+that each example's rows stay on its device), each block holding its share of the
+examples in order:
+
+  input_ids, token_type_ids, attention_mask   int32 [groups * rows, length]
+  segment_ids  int32: 1, 2, ... per sentence of a row in the order placed; 0 padding
+  position_ids int32: 0, 1, ... within each sentence
+  example      int32 [groups, examples / groups, 3]: each example's sentence as (row
+               within its block, segment, first column); a padding example (0, 0, 0)
+  example_2    the same for the second sentence of a bi-encoded pair
+  labels, mask, ids, index as above, [examples] Sequences longer
 than the largest bucket are truncated to it (keep max(buckets) >= max_length to
 avoid that; load_split's max_length already caps the lengths).
 """
@@ -394,9 +407,16 @@ def _pad(ragged: Ragged, rows: np.ndarray, length: int, pad_id: int):
     return values, mask.astype(np.int32)
 
 
-def _gather(split: Split, index: np.ndarray, length: int, to_device=None) -> dict[str, Any]:
-    """The batch of rows `index` (-1: a padding row), padded to `length`; then
-    `to_device(batch)` when given."""
+def _batch_of(split: Split, index: np.ndarray, length: int, to_device=None,
+                packing: Packing | None = None) -> dict[str, Any]:
+    """The batch of rows `index`: padded to `length`, or packed; then `to_device(batch)`."""
+    batch = padded_batch(split, index, length) if packing is None else packed_batch(
+        split, index, packing)
+    return batch if to_device is None else to_device(batch)
+
+
+def padded_batch(split: Split, index: np.ndarray, length: int) -> dict[str, Any]:
+    """The batch of rows `index` (-1: a padding row), padded to `length`."""
     padding = index < 0
     rows = np.maximum(index, 0)
     batch = {"index": index, "mask": (~padding).astype(np.float32)}
@@ -422,14 +442,97 @@ def _gather(split: Split, index: np.ndarray, length: int, to_device=None) -> dic
     ids = split.ids[rows]
     ids[padding] = ""
     batch["ids"] = ids
-    return batch if to_device is None else to_device(batch)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """How a packed batch is laid out: `groups` blocks of `rows` rows of `length` tokens."""
+
+    length: int
+    rows: int
+    groups: int = 1
+
+
+def sentence_lengths(split: Split, length: int) -> list[np.ndarray]:
+    """[N] token counts of each sentence column (one, or two for a bi-encoded pair), cut
+    to `length`."""
+    columns = [split.input_ids] + ([split.input_ids_2] if split.input_ids_2 is not None
+                                   else [])
+    return [np.minimum(c.lengths(), length) for c in columns]
+
+
+def packed_rows(split: Split, plan: batching.TrainPlan, epochs: int, length: int,
+                groups: int) -> int:
+    """The rows per group that every batch of the plan's first `epochs` epochs packs into
+    (first-fit decreasing, `batching.pack`), over every process's groups: the same on
+    every process. groups: per process (its devices); they split its rows equally."""
+    if plan.batch_size % groups:
+        raise ValueError(f"a batch of {plan.batch_size} rows per process does not split "
+                         f"over {groups} devices")
+    per_group = plan.batch_size // groups
+    columns = sentence_lengths(split, length)
+    worst = 1
+    for e in range(epochs):
+        for group in plan.global_epoch(e).reshape(-1, per_group):
+            lengths = np.concatenate([c[group] for c in columns])
+            worst = max(worst, batching.pack(lengths, length)[2])
+    return worst
+
+
+def packed_batch(split: Split, index: np.ndarray, packing: Packing) -> dict[str, Any]:
+    """The examples `index` (-1: a padding example) packed as `Packing` says."""
+    padding = index < 0
+    rows = np.maximum(index, 0)
+    g, r, n = packing.groups, packing.rows, packing.length
+    per_group = len(index) // g
+    shape = (g * r, n)
+    ids = np.full(shape, split.pad_id, np.int32)
+    types, segments, positions = (np.zeros(shape, np.int32) for _ in range(3))
+    columns = [(split.input_ids, split.token_type_ids)]
+    if split.input_ids_2 is not None:
+        columns.append((split.input_ids_2, split.token_type_ids_2))
+    where = np.zeros((len(columns), g, per_group, 3), np.int32)
+    for k in range(g):
+        members = [i for i in range(k * per_group, (k + 1) * per_group) if not padding[i]]
+        sentences = [(c, i) for c in range(len(columns)) for i in members]
+        lengths = np.asarray([min(len(columns[c][0][rows[i]]), n) for c, i in sentences])
+        row, start, used = batching.pack(lengths, n)
+        if used > r:
+            raise ValueError(f"{split.task.name}: a batch needs {used} rows per group, "
+                             f"more than the {r} planned")
+        placed = np.zeros(r, np.int32)  # sentences so far in each row: the next segment
+        for (c, i), rw, st, m in zip(sentences, row, start, lengths, strict=True):
+            placed[rw] += 1
+            at = k * r + rw
+            tokens, token_types = columns[c]
+            ids[at, st:st + m] = tokens[rows[i]][:m]
+            types[at, st:st + m] = token_types[rows[i]][:m]
+            segments[at, st:st + m] = placed[rw]
+            positions[at, st:st + m] = np.arange(m)
+            where[c, k, i - k * per_group] = (rw, placed[rw], st)
+    batch = {"input_ids": ids, "token_type_ids": types,
+             "attention_mask": (segments > 0).astype(np.int32), "segment_ids": segments,
+             "position_ids": positions, "example": where[0], "index": index,
+             "mask": (~padding).astype(np.float32)}
+    if len(columns) == 2:
+        batch["example_2"] = where[1]
+    if split.labels is not None:
+        labels = split.labels[rows]
+        labels[padding] = 0
+        batch["labels"] = labels
+    example_ids = split.ids[rows]
+    example_ids[padding] = ""
+    batch["ids"] = example_ids
+    return batch
 
 
 def _batches(split: Split, plan: Iterator[tuple[np.ndarray, int]],
-             prefetch: int, to_device=None) -> Iterator[dict[str, Any]]:
+             prefetch: int, to_device=None,
+             packing: Packing | None = None) -> Iterator[dict[str, Any]]:
     """Gathers the plan's batches on one background thread, `prefetch` ahead, in order;
     `to_device`, if given, is applied to each there too (the trainer's: onto the mesh), so
-    the batches wait on the devices, not on the host.
+    the batches wait on the devices, not on the host; with `packing`, packed batches.
 
     Closing the iterator (or dropping it) cancels the batches not started; the
     thread finishes the one in hand (a millisecond) and exits, so an abandoned
@@ -440,8 +543,8 @@ def _batches(split: Split, plan: Iterator[tuple[np.ndarray, int]],
     try:
         for index, length in plan:
             # A copy: the plan's index rows are views of its cached epoch.
-            pending.append(pool.submit(_gather, split, np.array(index, np.int64), int(length),
-                                       to_device))
+            pending.append(pool.submit(_batch_of, split, np.array(index, np.int64),
+                                       int(length), to_device, packing))
             if len(pending) > prefetch:
                 yield pending.popleft().result()
         while pending:
@@ -470,9 +573,10 @@ def train_batches(split: Split, batch_size: int, *, seed: int,
 
 def planned_batches(split: Split, plan: batching.TrainPlan, *, start_batch: int = 0,
                     num_epochs: int | None = None, prefetch: int = 2,
-                    to_device=None) -> Iterator[dict[str, Any]]:
+                    to_device=None, packing: Packing | None = None
+                    ) -> Iterator[dict[str, Any]]:
     """train_batches from a plan already built (the trainer's, which also lists the shapes
-    to compile from it); `to_device`: as `_batches`."""
+    to compile from it); `to_device`, `packing`: as `_batches`."""
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     stop = None if num_epochs is None else num_epochs * plan.batches_per_epoch
@@ -483,7 +587,7 @@ def planned_batches(split: Split, plan: batching.TrainPlan, *, start_batch: int 
             yield plan.batch(k)
             k += 1
 
-    return _batches(split, indices(), prefetch, to_device)
+    return _batches(split, indices(), prefetch, to_device, packing)
 
 
 def eval_batches(split: Split, batch_size: int, *, buckets: Sequence[int] = DEFAULT_BUCKETS,

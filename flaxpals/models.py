@@ -14,6 +14,12 @@ one, so one program serves every task; outputs padded to `output_width`,
 `heads.unpad` recovers the task's own). `init_all` touches every task so that
 `init` creates every task's parameters.
 
+A packed batch (`segment_ids` among its keys; `input_pipeline`, data.shapes=packed)
+holds several sentences per row; its `example` [groups, n, 3] says where each
+example's sentence is (row within its group of rows, segment, first column), and
+`example_2` its second sentence's for a bi-encoded pair. Each sentence's vector is
+then the one it has alone in a row (`bert.segment_bias`), pooled from its own tokens.
+
     out = model.apply({"params": p}, batch, "sst")           # [batch, 5] logits
     out = jax.jit(lambda p, b, t: model.apply({"params": p}, b, t))(p, batch, jnp.int32(0))
 """
@@ -148,6 +154,29 @@ class MultiTaskModel(nn.Module):
         """Columns of the outputs of a traced task (`__call__`)."""
         return max(heads_lib.width(t.kind, t.num_labels) for t in self.tasks)
 
+    def encode_packed(self, batch: Mapping[str, Array], task, deterministic: bool
+                      ) -> tuple[Array, Array | None]:
+        """The sentence vectors of a packed batch's examples: ([examples, hidden], the second
+        sentences' or None), examples in the order of their labels."""
+        segments = batch["segment_ids"]
+        branches = (None if self.adapters is None or task is None else
+                    self.adapters.branches(task, batch["attention_mask"], deterministic,
+                                           segment_ids=segments))
+        where = [batch["example"]] + ([batch["example_2"]] if "example_2" in batch else [])
+        at = jnp.concatenate(where, axis=1)  # [groups, n or 2n, 3]
+        pool_at = at[..., ::2] if self.options.pooling == "cls" else None  # (row, start)
+        seq, pooled = self.encoder(batch["input_ids"], batch["attention_mask"],
+                                   batch["token_type_ids"], deterministic, branches=branches,
+                                   placement=self.options.adapter.placement,
+                                   segment_ids=segments, position_ids=batch["position_ids"],
+                                   pool_at=pool_at)
+        if pool_at is None:
+            pooled = packed_mean_pool(seq, segments, at)
+        pooled = pooled.reshape(at.shape[0], len(where), -1, pooled.shape[-1])
+        a = pooled[:, 0].reshape(-1, pooled.shape[-1])
+        b = pooled[:, 1].reshape(-1, pooled.shape[-1]) if len(where) == 2 else None
+        return a, b
+
     def encode(self, input_ids: Array, attention_mask: Array, token_type_ids: Array,
                task, deterministic: bool,
                inputs_embeds: Array | None = None) -> Array:
@@ -194,6 +223,11 @@ class MultiTaskModel(nn.Module):
         if isinstance(task, str):
             task = self.task_index(task)
         spec = self.tasks[task] if heads_lib.is_static(task) else task
+        if "segment_ids" in batch:  # packed rows
+            if inputs_embeds is not None:
+                raise ValueError("inputs_embeds (SMART) does not take packed rows")
+            a, b = self.encode_packed(batch, task, deterministic)
+            return self.heads(spec, a, b, deterministic)
         inputs, sentences = self._encoder_inputs(batch)
         if inputs_embeds is not None:
             if len(inputs_embeds) != sentences:
@@ -209,6 +243,21 @@ class MultiTaskModel(nn.Module):
         if self.adapters is not None:
             self.adapters.init_all()  # every task's adapter in every layer
         return {t.name: self(batches[t.name], t.name) for t in self.tasks}
+
+
+def packed_mean_pool(seq: Array, segments: Array, at: Array) -> Array:
+    """Mean over each sentence's tokens in packed rows: seq [rows, length, hidden] in
+    `groups` blocks of rows, segments [rows, length], at [groups, n, 3] (row within the
+    block, segment, first column) -> [groups * n, hidden]."""
+    groups = at.shape[0]
+    seq = seq.reshape(groups, -1, *seq.shape[1:])
+    segments = segments.reshape(groups, -1, segments.shape[-1])
+
+    def one(seq, segments, at):
+        mine = (segments[at[:, 0]] == at[:, 1:2]) & (at[:, 1:2] > 0)  # [n, length]
+        return mean_pool(seq[at[:, 0]], mine)
+
+    return jax.vmap(one)(seq, segments, at).reshape(-1, seq.shape[-1])
 
 
 def _pad_to(x: Array, length: int) -> Array:

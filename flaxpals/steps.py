@@ -56,9 +56,11 @@ from flaxpals.by_length import ByLength
 from flaxpals.models import MultiTaskModel
 from flaxpals.task_params import keep_other_tasks
 
-# Batch keys the model reads; the rest (example ids, labels, mask) stay outside.
+# Batch keys the model reads (a packed batch's too); the rest (example ids, labels,
+# mask) stay outside.
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids", "input_ids_2",
-              "attention_mask_2", "token_type_ids_2")
+              "attention_mask_2", "token_type_ids_2", "segment_ids", "position_ids",
+              "example", "example_2")
 DEVICE_KEYS = MODEL_KEYS + ("labels", "mask")
 
 

@@ -182,7 +182,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     log.info("%s", parallel.describe(state, state_sharding, mesh))
     steps = Steps(model, tx, combiner_name, config.train.loss_weighting,
                   smart_lib.from_config(config.train))
-    programs = Programs(steps, mesh, state_sharding, fixed_shapes=policy == "fixed",
+    programs = Programs(steps, mesh, state_sharding, fixed_shapes=policy != "buckets",
                         symbolic_length=config.symbolic_length)
 
     ckpts = Checkpoints(workdir, config.checkpoint.keep, runs.fingerprint(config),
@@ -206,9 +206,18 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     def to_device(batch):  # on the batch threads: each step's batches wait on the devices
         return parallel.global_batch(device_batch(batch), mesh)
 
+    packing = None
+    if policy == "packed":  # rows enough for every batch the run can draw, every task's
+        (length,) = lengths
+        rows = max(input_pipeline.packed_rows(
+            data[t]["train"], plans[t], -(-sampler.total_steps // plans[t].batches_per_epoch),
+            length, jax.local_device_count()) for t in names)
+        packing = input_pipeline.Packing(length, rows, jax.local_device_count())
+        log.info("packed: %d rows of %d tokens per device hold its %d examples", rows, length,
+                 batch_size // packing.groups)
     iters = {t: input_pipeline.planned_batches(data[t]["train"], plans[t],
                                                start_batch=sampler.positions[t],
-                                               to_device=to_device)
+                                               to_device=to_device, packing=packing)
              for t in names}
 
     best = ckpts.best_score(config.eval.best_metric)  # what best/ holds, not best.json
@@ -318,7 +327,8 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                 first_step = step
                 if config.compile_ahead:
                     programs.compile_ahead(
-                        state, train_shapes(plans, sampler.positions), config.train.batch_size,
+                        state, [] if packing else train_shapes(plans, sampler.positions),
+                        config.train.batch_size,
                         [(t, n) for t in names for split, _ in record_splits(config)
                          for n in eval_sets.lengths(t, split, split_limit(config, split))],
                         config.eval.batch_size,

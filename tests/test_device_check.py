@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow  # two tiny flaxpals runs and three PyTorch ones in subprocesses: ~2 min
+@pytest.mark.slow  # two tiny flaxpals runs and three PyTorch ones in subprocesses: ~3 min
 def test_the_device_check_runs_every_section_at_tiny_shapes(tmp_path):
     out = tmp_path / "check.json"
     result = subprocess.run([sys.executable, "-m", "benchmarks.device_check", "--tiny",
@@ -35,3 +35,8 @@ def test_the_device_check_runs_every_section_at_tiny_shapes(tmp_path):
     assert report["steps"]["encoder"] == "tiny" and report["steps"]["weights"] == "random"
     assert row["flops_per_step"] > 0 and row["step_s"] > 0
     assert row["mfu"] is None  # no peak for a CPU: never a made-up figure
+    outputs = report["packing"]["outputs"]
+    assert {k.split("/")[0] for k in outputs} == {"sst", "quora", "sts"}
+    for key, row in outputs.items():  # packed outputs are the padded ones
+        assert row["max_abs_diff"] <= (1e-5 if key.endswith("float32") else 1e-2), key
+    assert {"fixed", "packed"} <= set(report["packing"]["steps"])

@@ -9,7 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxpals import batching, build, compilation, input_pipeline, optim, parallel, programs, train
+from flaxpals import (
+    batching,
+    build,
+    compilation,
+    input_pipeline,
+    optim,
+    parallel,
+    programs,
+    runs,
+    train,
+)
 from flaxpals.evaluation import EvalSets, eval_record, record_splits, split_limit
 from flaxpals.programs import Programs
 from flaxpals.steps import Steps, TrainState, device_batch
@@ -50,7 +60,7 @@ def test_train_shapes_are_each_tasks_lengths_in_first_use_order():
 
 
 def _programs_of_a_run(tmp_path, shapes: str, method: str = "annealed",
-                       pairs: str = "cross") -> dict[str, int]:
+                       pairs: str = "cross", history: list | None = None) -> dict[str, int]:
     """{jitted function: programs compiled} of a 3-task tiny run over the real buckets and
     lengths (no persistent cache, nothing compiled in memory before it)."""
     config = tiny(arg=f"method={method}", **{
@@ -61,7 +71,10 @@ def _programs_of_a_run(tmp_path, shapes: str, method: str = "annealed",
         "model.pair_encoding": pairs})
     jax.clear_caches()
     mark = compilation.STATS.by_function()
-    train.train_and_evaluate(config, tmp_path / f"{shapes}-{method}-{pairs}")
+    workdir = tmp_path / f"{shapes}-{method}-{pairs}"
+    train.train_and_evaluate(config, workdir)
+    if history is not None:
+        history += runs.read_metrics(workdir)
     counts = {}
     for name, total in compilation.STATS.by_function().items():
         n = total.programs - (mark[name].programs if name in mark else 0)
@@ -91,6 +104,16 @@ def test_the_accelerator_policy_compiles_a_program_per_step_kind(tmp_path, metho
     assert fixed[1] <= structures, fixed
     assert fixed[0] >= 1 and fixed[1] >= 1  # counted at all
     print(f"{method}, {pairs}: fixed compiled (train, predict) = {fixed}")
+
+
+def test_packed_rows_train_in_one_program(tmp_path):
+    """`packed`: one train program (the rows every batch needs), evaluation as `fixed`."""
+    history = []
+    packed = _steps_of(_programs_of_a_run(tmp_path, "packed", history=history))
+    assert packed == (1, 1)
+    (record,) = history
+    assert all(np.isfinite(v) for k, v in record.items() if k.startswith(("loss/", "dev/")))
+    assert {"loss/sst", "loss/quora", "loss/sts"} <= set(record)
 
 
 @pytest.mark.slow
