@@ -419,7 +419,7 @@ def padded_batch(split: Split, index: np.ndarray, length: int) -> dict[str, Any]
     """The batch of rows `index` (-1: a padding row), padded to `length`."""
     padding = index < 0
     rows = np.maximum(index, 0)
-    batch = {"index": index, "mask": (~padding).astype(np.float32)}
+    batch = _example_fields(split, index)
     seqs = [("", split.input_ids, split.token_type_ids)]
     if split.input_ids_2 is not None:
         seqs.append(("_2", split.input_ids_2, split.token_type_ids_2))
@@ -435,14 +435,21 @@ def padded_batch(split: Split, index: np.ndarray, length: int) -> dict[str, Any]
         batch["input_ids" + suffix] = input_ids
         batch["attention_mask" + suffix] = attention
         batch["token_type_ids" + suffix] = token_types
-    if split.labels is not None:
-        labels = split.labels[rows]
-        labels[padding] = 0
-        batch["labels"] = labels
-    ids = split.ids[rows]
-    ids[padding] = ""
-    batch["ids"] = ids
     return batch
+
+
+def _example_fields(split: Split, index: np.ndarray) -> dict[str, np.ndarray]:
+    """What a batch says of its examples `index` (-1: padding) besides their tokens:
+    index, mask, labels (0 for padding; none for an unlabelled split), ids ("")."""
+    padding = index < 0
+    rows = np.maximum(index, 0)
+    out = {"index": index, "mask": (~padding).astype(np.float32)}
+    if split.labels is not None:
+        out["labels"] = split.labels[rows]
+        out["labels"][padding] = 0
+    out["ids"] = split.ids[rows]
+    out["ids"][padding] = ""
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,17 +520,9 @@ def packed_batch(split: Split, index: np.ndarray, packing: Packing) -> dict[str,
             where[c, k, i - k * per_group] = (rw, placed[rw], st)
     batch = {"input_ids": ids, "token_type_ids": types,
              "attention_mask": (segments > 0).astype(np.int32), "segment_ids": segments,
-             "position_ids": positions, "example": where[0], "index": index,
-             "mask": (~padding).astype(np.float32)}
+             "position_ids": positions, "example": where[0], **_example_fields(split, index)}
     if len(columns) == 2:
         batch["example_2"] = where[1]
-    if split.labels is not None:
-        labels = split.labels[rows]
-        labels[padding] = 0
-        batch["labels"] = labels
-    example_ids = split.ids[rows]
-    example_ids[padding] = ""
-    batch["ids"] = example_ids
     return batch
 
 

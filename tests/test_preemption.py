@@ -94,30 +94,33 @@ def test_a_signal_sets_the_flag_and_the_next_check_stops(handlers, capfd, sig, c
     assert err == [f"{name} received: finishing the step in flight, then saving a checkpoint "
                    f"of it (send {name} again to exit at once)"]
 
-    class Ckpts:  # what `stopped` uses of Checkpoints
-        directory = "/run/checkpoints"
-        closed = False
-
-        def __init__(self):
-            self.latest = self
-
-        def wait(self):
-            pass
-
-        def latest_step(self):
-            return 2
-
-        def close(self):
-            Ckpts.closed = True
-
-    stopped = stop.stopped(2, Ckpts())
-    assert Ckpts.closed
+    ckpts = SavedAt2()
+    stopped = stop.stopped(2, ckpts)
+    assert ckpts.closed
     assert (stopped.exit_code, stopped.step, stopped.saved) == (code, 2, 2)
     message = str(stopped)
     assert message.startswith(f"stopped by {name} at step 2: checkpoint step 2 saved in "
                               "/run/checkpoints (")
     assert message.endswith("run the same command again to resume")
     assert "\n" not in message
+
+
+class SavedAt2:
+    """What `Stopper.stopped` uses of Checkpoints: step 2 saved in /run/checkpoints."""
+
+    directory = "/run/checkpoints"
+
+    def __init__(self):
+        self.latest, self.closed = self, False
+
+    def wait(self):
+        pass
+
+    def latest_step(self):
+        return 2
+
+    def close(self):
+        self.closed = True
 
 
 def test_the_same_signal_again_exits_at_once_another_does_not(handlers, capfd):

@@ -42,6 +42,7 @@ from flaxpals.predict import read_input
 from flaxpals.steps import TrainState
 from flaxpals.tasks import get_task
 from tests.conftest import ROOT, TRAINED, tiny
+from tests.test_preemption import SavedAt2
 
 SST = get_task("sst")
 QUORA = get_task("quora")
@@ -625,23 +626,7 @@ def test_sighup_stops_as_sigterm_does(hup_handler, capfd):
         assert stop.check(1) is False
         signal.raise_signal(signal.SIGHUP)
         assert stop.check(2) is True and stop.code == preemption.SIGTERM
-
-        class Ckpts:
-            directory = "/run/checkpoints"
-
-            def __init__(self):
-                self.latest = self
-
-            def wait(self):
-                pass
-
-            def latest_step(self):
-                return 2
-
-            def close(self):
-                pass
-
-        stopped = stop.stopped(2, Ckpts())
+        stopped = stop.stopped(2, SavedAt2())
     assert stopped.exit_code == 143
     assert str(stopped).startswith("stopped by SIGHUP at step 2: checkpoint step 2 saved")
     assert signal.getsignal(signal.SIGHUP) is _refuse  # put back

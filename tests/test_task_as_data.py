@@ -19,6 +19,7 @@ from flaxpals.bert import tiny_config
 from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
 from flaxpals.programs import Programs
 from flaxpals.steps import Steps, TrainState, device_batch
+from tests.test_train_units import _random_batch
 
 TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classification"),
          TaskSpec("sts", "pair_regression"), TaskSpec("cfimdb", "classification", 2))
@@ -27,15 +28,8 @@ TOLERANCE = 1e-6
 
 
 def _batch(task: TaskSpec, length: int, seed: int) -> dict:
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    ids = jax.random.randint(k1, (4, length), 1000, 2000)
-    mask = jnp.ones((4, length), jnp.int32).at[:, -2:].set(0)
-    b = {k: ids if k.startswith("input_ids") else mask if k.startswith("attention_mask") else v
-         for k, v in dummy_batch(task, "bi", 4, length).items()}
-    b["labels"] = (jax.random.uniform(k2, (4,), maxval=5.0) if task.kind == "pair_regression"
-                   else jax.random.randint(k2, (4,), 0, task.num_labels))
-    b["mask"] = jnp.ones(4)
-    return device_batch(jax.device_get(b))
+    """4 random rows, as the trainer's batches come (labels float32)."""
+    return device_batch(jax.device_get(_random_batch(task, length, seed)))
 
 
 def _setup(combiner: str = "sum"):
