@@ -10,14 +10,17 @@ workdir this reads, without loading weights or tokenizing:
 - the encoder's config.json and vocab.txt (`model.encoder`: a directory, `minilm`,
   `tiny` or a hub id, fetched once as the trainer would);
 - the train and dev file of every task read from files (CS224N or declared CSV/TSV),
-  and, for the CS224N files, their SHA256 against SHA256SUMS (`cs224n.verify`).
+  and, for the CS224N files, their SHA256 against SHA256SUMS (`cs224n.verify`);
+- that the global batch sizes divide over the devices (`parallel.check_divisible`).
 
 TFDS tasks are prepared by the trainer itself and not checked here.
 """
 
 from __future__ import annotations
 
-from flaxpals import build, config_lib, weights
+import jax
+
+from flaxpals import build, config_lib, parallel, weights
 from flaxpals.datasets import cs224n
 from flaxpals.tasks import tasks_of_config
 
@@ -26,7 +29,12 @@ SPLITS = ("train", "dev")
 
 def check(config) -> None:
     """Raises ConfigError (naming the key), FileNotFoundError or cs224n.ChecksumError
-    when the encoder or a data file of `config` is missing or damaged."""
+    when the encoder or a data file of `config` is missing or damaged; ValueError (naming
+    the key) when a batch size does not divide over the devices."""
+    for key in ("train.batch_size", "eval.batch_size"):
+        section, field = key.split(".")
+        parallel.check_divisible(config[section][field], jax.device_count(),
+                                 jax.process_count(), key)
     try:
         _, directory = build.encoder_config(config.model)
     except weights.CheckpointError as e:
