@@ -279,7 +279,7 @@ def packing(args, encoder: str | None, data_dir: str | None) -> dict:
             columns = input_pipeline.sentence_lengths(split, length)
             rows = batching.pack(np.concatenate([c[index] for c in columns]), length)[2]
             packed = input_pipeline.packed_batch(split, index,
-                                                   input_pipeline.Packing(length, rows, 1))
+                                                 input_pipeline.Packing(length, rows, 1))
             plain = input_pipeline.padded_batch(split, index, length)
             run = jax.jit(lambda p, b, t=t.name, m=model: m.apply({"params": p}, b, t))
             got, want = (np.asarray(run(params, {k: v for k, v in b.items() if k in MODEL_KEYS}),
@@ -298,7 +298,8 @@ def packing(args, encoder: str | None, data_dir: str | None) -> dict:
     split = build.load_data(config, tasks, tokenizer, splits=("train",))["sst"]["train"]
     length, batch_size = config.data.max_length, config.train.batch_size
     plan = batching.TrainPlan(split.lengths(), (length,), batch_size, seed=0)
-    rows = input_pipeline.packed_rows(split, plan, 1, length, 1)
+    groups = jax.local_device_count()  # a block of rows per device, as the trainer packs
+    rows = input_pipeline.packed_rows(split, plan, 1, length, groups)
     mesh = parallel.make_mesh()
     tx = optim.make_optimizer(config.train, params, 1000)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
@@ -311,7 +312,7 @@ def packing(args, encoder: str | None, data_dir: str | None) -> dict:
     batches = {
         "fixed": input_pipeline.padded_batch(split, index, length),
         "packed": input_pipeline.packed_batch(split, index,
-                                                input_pipeline.Packing(length, rows, 1))}
+                                                input_pipeline.Packing(length, rows, groups))}
     out["steps"] = {"dtype": model.options.dtype, "length": length, "batch": batch_size}
     for name, batch in batches.items():
         batch = parallel.global_batch(device_batch(batch), mesh)

@@ -285,10 +285,11 @@ def main(argv=None) -> int:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             schedule.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # read once an epoch: no wait on a GPU each step
             step += 1
             timer.steps_done(1)
-        record = {"epoch": epoch, "step": step, f"loss/{task.name}": float(np.mean(losses))}
+        record = {"epoch": epoch, "step": step,
+                  f"loss/{task.name}": float(torch.stack(losses).float().mean().cpu())}
         with timer.evaluating():
             dev = evaluate(model, task, tokenizer, data["dev"], np.arange(len(data["dev"])),
                            args.eval_batch_size, args.max_length, args.device, autocast)

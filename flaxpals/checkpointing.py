@@ -52,7 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flaxpals import runs
+from flaxpals import parallel, runs
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,13 @@ class Checkpoints:
         directory = epath.Path(manager.directory)
         if "://" in os.fspath(directory):
             return  # a bucket has no free space to ask about
+        try:
+            self._check_local_space(directory, step, state)
+        except DiskFullError as e:
+            parallel.raise_together(e)  # every process stops, none waits in orbax's save
+        parallel.raise_together(None)
+
+    def _check_local_space(self, directory, step: int, state) -> None:
         needed = self._needed()
         about = "about"
         if needed is None:

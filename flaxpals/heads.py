@@ -84,6 +84,11 @@ def width(kind: str, num_labels: int) -> int:
     return num_labels if kind == "classification" else 1
 
 
+def padded_width(specs: Sequence[Any]) -> int:
+    """Columns of a traced task's padded outputs: the widest of the tasks'."""
+    return max(width(s.kind, s.num_labels) for s in specs)
+
+
 def pad(outputs: Array, columns: int) -> Array:
     """A task's outputs ([batch, classes] or [batch]) as [batch, columns], zeros after them."""
     if outputs.ndim == 1:

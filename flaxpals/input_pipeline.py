@@ -534,7 +534,7 @@ def _batches(split: Split, plan: Iterator[tuple[np.ndarray, int]],
     the batches wait on the devices, not on the host; with `packing`, packed batches.
 
     Closing the iterator (or dropping it) cancels the batches not started; the
-    thread finishes the one in hand (a millisecond) and exits, so an abandoned
+    thread finishes the one in hand (milliseconds) and exits, so an abandoned
     iterator never holds up the interpreter's exit.
     """
     pool = futures.ThreadPoolExecutor(1, thread_name_prefix="flaxpals-batches")
@@ -557,7 +557,8 @@ def train_batches(split: Split, batch_size: int, *, seed: int,
                   process_count: int = 1, start_batch: int = 0,
                   num_epochs: int | None = None,
                   prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-    """Shuffled, length-bucketed, full batches of this process's shard (see batching.py).
+    """Shuffled, length-bucketed, full batches: this process's rows of each global batch
+    (see batching.py).
 
     Infinite unless num_epochs is given. Batch k of a run depends only on
     (split, batch_size, seed, buckets, process), and start_batch=k starts there

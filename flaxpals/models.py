@@ -91,7 +91,7 @@ class TaskHeads(nn.Module):
     @property
     def width(self) -> int:
         """Columns of the padded outputs of a traced task: the widest task's."""
-        return max(heads_lib.width(t.kind, t.num_labels) for t in self.tasks)
+        return heads_lib.padded_width(self.tasks)
 
     @nn.compact
     def head(self, task: TaskSpec, a: Array, b: Array | None, deterministic: bool) -> Array:
@@ -152,7 +152,7 @@ class MultiTaskModel(nn.Module):
     @property
     def output_width(self) -> int:
         """Columns of the outputs of a traced task (`__call__`)."""
-        return max(heads_lib.width(t.kind, t.num_labels) for t in self.tasks)
+        return heads_lib.padded_width(self.tasks)
 
     def encode_packed(self, batch: Mapping[str, Array], task, deterministic: bool
                       ) -> tuple[Array, Array | None]:

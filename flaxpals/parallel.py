@@ -215,6 +215,22 @@ def host0_decides(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.bool_)))
 
 
+def raise_together(error: BaseException | None) -> None:
+    """Raises on every process when any has an `error` (its own, or a ValueError naming the
+    processes that failed), so that none waits at a collective for one that stopped. On
+    one process: raises `error` if any. Every process must call it."""
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    if failed.any():
+        raise ValueError(f"process(es) {', '.join(map(str, np.flatnonzero(failed)))} of "
+                         f"{jax.process_count()} stopped; their log says why")
+
+
 def barrier(name: str) -> None:
     """Waits until every process has called barrier(name) (nothing on one process)."""
     if jax.process_count() > 1:

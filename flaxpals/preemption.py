@@ -10,8 +10,9 @@
                 raise stop.stopped(step, ckpts)   # waits for the save; main.py exits
 
 A signal handler only records the signal (and says so in one line on stderr); the
-loop finishes the step in flight, saves a checkpoint of it (params, optimiser,
-sampler and the epoch's running loss sums), flushes metrics and TensorBoard, and
+loop finishes the steps in flight (train.AHEAD), saves a checkpoint of the last
+(params, optimiser, sampler and the epoch's running loss sums), flushes metrics and
+TensorBoard, and
 raises `Stopped`; `python -m flaxpals.main` prints its one line and exits with
 its code. The handlers are restored when the Stopper's `with` block ends.
 

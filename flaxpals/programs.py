@@ -1,11 +1,13 @@
 """A run's compiled programs behind one object: the loop asks for a step and gets one.
 
-    programs = Programs(steps, mesh, state_sharding, config)
+    programs = Programs(steps, mesh, state_sharding, fixed_shapes=False)
     state, metrics = programs.train(state, batches)   # task -> global batch: one task's
                                                       # step, or the additive step (all tasks)
     outputs = programs.predict(params, batch, "sst")  # [rows, model.output_width], on device
-    programs.compile_ahead(state, train_shapes, predict_shapes)   # the rest, in the background
+    programs.compile_ahead(state, train_shapes(plans, positions), train_rows,
+                           [(task, length), ...], predict_rows, additive=False)
     programs.close()                                  # waits for a compile in flight
+    predict = Programs.inference(model, mesh, params_sharding).predict   # a restored run
 
 The task is data (steps.py): one train program per batch structure (one sentence
 per example, or a bi-encoded pair) and padded length serves every task, and so

@@ -224,7 +224,8 @@ OUTPUTS_FILE = "best-outputs.npz"
 class SavedOutputs:
     """A best-outputs.npz: the step and metric of the checkpoint, the run's config, and
     rows[split][task] = (ids [n], labels [n] or None, outputs [n, ...]) in file order;
-    outputs as `evaluation.outputs` gives them (logits, a pair logit or a score)."""
+    outputs as `evaluation.evaluate` keeps them, each task's own (logits, a pair logit
+    or a score)."""
 
     path: str
     step: int

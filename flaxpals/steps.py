@@ -40,6 +40,7 @@ which is why `for_gradients` keeps that part of it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -179,8 +180,9 @@ class Steps:
 
     def jitted(self, mesh: Mesh | None = None, state_sharding=None,
                symbolic_length: bool = True, fixed_shapes: bool = False):
-        """(train_step, additive_step, predict_step) compiled with the state donated, each
-        taking the task as an int32 index (`task_indices`).
+        """(train_step, additive_step, predict_step) compiled with the state donated;
+        train_step and predict_step take the task as an int32 index (`task_indices`),
+        additive_step the batches of every task.
 
         With a mesh: batches split over its 'data' axis, the task index replicated, the
         state laid out by `state_sharding` (a TrainState of NamedShardings,
@@ -213,14 +215,18 @@ class Steps:
             apply = jax.jit(self.apply_combined, donate_argnums=0,
                             **sharded((state_sharding, rep, per_task_params),
                                       (state_sharding, rep)))
-            additive = self._composed(grads, apply, task_indices(self.task_names, mesh))
+            additive = self._composed(grads, apply, mesh)
         return train, additive, self.jitted_predict(mesh, params, symbolic_length)
 
-    def _composed(self, grads, apply, indices):
+    def _composed(self, grads, apply, mesh):
         names = self.task_names
+        # Put on the devices when first run (a program compiled for devices this process
+        # cannot run on needs none).
+        indices = functools.cache(lambda: task_indices(names, mesh))
 
         def additive_step(state: TrainState, batches: Mapping[str, Any]):
-            return additive_from_parts(grads, apply, names, state, batches, indices.get)
+            return additive_from_parts(grads, apply, names, state, batches,
+                                       lambda t: indices()[t])
 
         additive_step.parts = (grads, apply)
         return additive_step

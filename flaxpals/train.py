@@ -14,10 +14,11 @@ also holds the epoch's running loss sums, so the epoch's line is what an
 uninterrupted run writes. `evaluation.py` restores a run for eval and predict.
 
 Every device of every process takes part (parallel.py): the state lives on a
-('data',) mesh, each process reads its own shard of every task at
-batch_size / process_count rows, and the rows of all processes form one global
-batch. Only process 0 writes config, metrics, best.json and prediction files;
-all processes write and restore the orbax checkpoints. The workdir may be a
+('data',) mesh, every process plans the same global batches of every task and
+reads its batch_size / process_count rows of each (batching.py), and the rows of
+all processes form one global batch. Only process 0 writes config, metrics,
+best.json and prediction files; all processes write and restore the orbax
+checkpoints. The workdir may be a
 local path or, for a multi-host job, shared storage such as gs://bucket/run.
 """
 
@@ -62,6 +63,10 @@ log = logging.getLogger(__name__)
 # Called as hook(step, checkpoints) after each step's checkpoint is saved: where a
 # test installs fault injection (tests/kill_run.py).
 AFTER_STEP_HOOKS: list[Callable[[int, Checkpoints], None]] = []
+
+
+# The key, in a checkpoint's sampler JSON, of the shape policy and compute dtype in force.
+RESOLVED_KEY = "resolved"
 
 
 class TrainingError(RuntimeError):
@@ -120,10 +125,15 @@ def _save_config(workdir: epath.Path, config) -> None:
 def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, float]:
     """Trains per `config`, writing checkpoints, metrics and logs under `workdir`.
 
-    SIGTERM, SIGINT or `config.train.time_budget` stop it after the step in flight with a
-    checkpoint of that step: it raises `preemption.Stopped` (flaxpals/preemption.py)."""
+    SIGTERM, SIGHUP, SIGINT or `config.train.time_budget` stop it after the steps in flight
+    (at most AHEAD + 1) with a checkpoint of the last: it raises `preemption.Stopped`
+    (flaxpals/preemption.py)."""
     config_lib.validate(config)
-    preflight.check(config)  # encoder and data files: nothing is written before they exist
+    try:  # encoder and data files: nothing is written before they exist
+        preflight.check(config)
+    except Exception as e:  # noqa: BLE001 -- on every process, so none waits for the rest
+        parallel.raise_together(e)
+    parallel.raise_together(None)
     compilation.enable_cache(config)
     with workdir_lock.hold(workdir), Stopper(config.train.time_budget) as stop:
         runs.repair_records(workdir)  # a metrics line cut short by a kill
@@ -192,6 +202,12 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     if restored is not None:
         step0, state, sampler_state = restored
         loss_sums = LossSums(sampler_state.pop(LossSums.KEY, None))
+        resolved = sampler_state.pop(RESOLVED_KEY, None)
+        if resolved is not None and resolved != {"shapes": policy, "dtype": model.options.dtype}:
+            log.warning("resuming with shapes %s and compute dtype %s where the checkpoint's "
+                        "run had %s (data.shapes / model.dtype auto resolve per platform): the "
+                        "batches and numerics from here on differ from an uninterrupted run's",
+                        policy, model.options.dtype, resolved)
         try:
             sampler.load_state_dict(sampler_state)
         except ValueError as e:  # another epoch count, batch size, seed or method
@@ -224,8 +240,10 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     history = []
 
     def progress() -> dict:
-        """What a checkpoint keeps beside the arrays: the sampler and the loss sums."""
-        return {**sampler.state_dict(), LossSums.KEY: loss_sums.sums}
+        """What a checkpoint keeps beside the arrays: the sampler, the loss sums, and the
+        shape policy and compute dtype the run resolved."""
+        return {**sampler.state_dict(), LossSums.KEY: loss_sums.sums,
+                RESOLVED_KEY: {"shapes": policy, "dtype": model.options.dtype}}
 
     def finish_epoch(epoch: int, step: int, losses: LossSums) -> None:
         """Evaluates, writes the epoch's metrics line, and keeps the best checkpoint."""
@@ -285,21 +303,25 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         log.info(RunTimer.summary(record))
 
     def flush(step: int) -> None:
-        """Fetches the window's metrics: stops at a non-finite loss, naming the window;
-        adds them to the epoch's sums and writes their means to TensorBoard."""
+        """Fetches the window's metrics: stops at a non-finite loss or gradient (whose update
+        would have left the params non-finite), naming the window; adds them to the epoch's
+        sums and writes their means to TensorBoard."""
         fetched = window.fetch()
         if not fetched:
             return
         seconds = timer.steps_done(len(fetched))
         first, last = fetched[0][0], fetched[-1][0]
-        for at, losses, _ in fetched:
+        for at, losses, other in fetched:
             bad = [k.split("/", 1)[1] for k, v in losses.items() if not np.isfinite(v)]
+            if not bad and not np.isfinite(other["grad_norm"]):
+                bad = [k.split("/", 1)[1] for k in losses]  # the step's tasks
             if bad:
                 ckpts.wait()
                 raise TrainingError(
-                    f"non-finite loss in steps {first}-{last} (first at step {at}, epoch "
-                    f"{(at - 1) // sampler.steps_per_epoch + 1}) for task(s) "
-                    f"{', '.join(bad)}: {losses}; the newest checkpoint in "
+                    f"non-finite loss or gradient in steps {first}-{last} (first at step "
+                    f"{at}, epoch {(at - 1) // sampler.steps_per_epoch + 1}) for task(s) "
+                    f"{', '.join(bad)}: {losses}, grad_norm {other['grad_norm']}; the newest "
+                    "checkpoint in "
                     f"{workdir / 'checkpoints'} (step {ckpts.latest.latest_step()}) is the "
                     "last good state")
         for _, losses, stats in fetched:
@@ -322,6 +344,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
             state, step_metrics = programs.train(state, {t: next(iters[t]) for t in chosen})
             step = sampler.step
             window.add(step, step_metrics)
+            window.wait_behind(AHEAD)
             bar.update(1)
             if first_step is None:  # after the first step: compile the rest meanwhile
                 first_step = step
@@ -374,6 +397,11 @@ def sync_point():
     return jax.transfer_guard_device_to_host("allow")
 
 
+# Steps the host may dispatch ahead of the device: enough to keep it busy, few enough that
+# a stop (which saves the state after them) and the batches held wait for little.
+AHEAD = 2
+
+
 class Window:
     """The metrics of the steps since the last fetch, left on the device until `fetch`."""
 
@@ -382,6 +410,12 @@ class Window:
 
     def add(self, step: int, metrics: dict) -> None:
         self._steps.append((step, metrics))
+
+    def wait_behind(self, ahead: int) -> None:
+        """Waits until the step `ahead` steps before the newest has run on the device (no
+        transfer: its metrics stay there), so the host runs at most that far ahead."""
+        if len(self._steps) > ahead:
+            jax.block_until_ready(self._steps[-1 - ahead][1])
 
     def fetch(self) -> list[tuple[int, dict[str, float], dict[str, float]]]:
         """[(step, {loss/<task>: value}, {other metric: value})] of every step held, in

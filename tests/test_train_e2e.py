@@ -207,8 +207,8 @@ def test_nan_loss_stops_the_run_naming_the_window_task_and_step(tmp_path):
     # Metrics are read every log_every_steps (2) and at checkpoints (every 4 steps).
     c = tiny(**{"train.learning_rate": 1e35, "train.schedule": "constant",
                 "train.grad_clip": 0.0, "checkpoint.every_steps": 4})
-    with pytest.raises(train.TrainingError, match=r"non-finite loss in steps (\d+)-(\d+) "
-                       r"\(first at step \d+, epoch 1\) for task\(s\) \w+") as e:
+    with pytest.raises(train.TrainingError, match=r"non-finite loss or gradient in steps "
+                       r"(\d+)-(\d+) \(first at step \d+, epoch 1\) for task\(s\) \w+") as e:
         train.train_and_evaluate(c, tmp_path)
     first, last = map(int, e.value.args[0].split("steps ")[1].split(" ")[0].split("-"))
     assert last - first + 1 <= c.log_every_steps and last % c.log_every_steps == 0
