@@ -3,7 +3,7 @@
     python -m benchmarks.bench_by_length                      # SST, lengths 32 and 48
     python -m benchmarks.bench_by_length --lengths=24,64 --reps=12
 
-`flaxpals.by_length.ByLength` runs a task's step from its second length on as a
+`flaxpals.train.by_length.ByLength` runs a task's step from its second length on as a
 program lowered from one symbolic-length export (`jax.export`), where the
 per-length path traces the step again at that length. Both should compile to
 programs as fast. This builds the trainer's MiniLM SST train step
@@ -25,9 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_e2e import cpu
-from flaxpals import build, config_lib, optim, parallel
-from flaxpals.models import dummy_batch
-from flaxpals.steps import Steps, TrainState, task_indices
+from flaxpals import config_lib
+from flaxpals.model import build
+from flaxpals.model.multitask import dummy_batch
+from flaxpals.train import optim, parallel
+from flaxpals.train.steps import Steps, TrainState, task_indices
 
 
 def _batch(task, rows: int, length: int, seed: int, mesh) -> dict:

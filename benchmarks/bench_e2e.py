@@ -18,7 +18,7 @@ programs come from the cache). Per run: wall time from the command to its exit, 
 to the first finished step, the steady (median) step, compile count and seconds,
 evaluation seconds, peak RSS, CPU utilisation (user + system time over wall time and
 cores), and each flaxpals run's wall time over PyTorch's. The step, evaluation and
-compile figures come from each run's timings.jsonl (flaxpals.timing); the wall time,
+compile figures come from each run's timings.jsonl (flaxpals.train.timing); the wall time,
 CPU time and RSS from the operating system (os.wait4).
 
 Ratios depend on the CPU: the report records its model and AVX flags.
@@ -38,8 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from flaxpals import config_lib, tasks
-from flaxpals import metrics as metrics_lib
+from flaxpals import config_lib
+from flaxpals.data import metrics as metrics_lib
+from flaxpals.data import tasks
 
 WORKLOADS = ("sst", "multitask")
 TASKS = ("sst", "quora", "sts")

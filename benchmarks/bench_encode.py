@@ -18,13 +18,14 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from flaxpals import bert, paths, weights
-from flaxpals.tokenizer import Tokenizer
+from flaxpals.data import paths
+from flaxpals.model import bert, hf_checkpoint
+from flaxpals.model.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "minilm", "Checkpoint: a directory, 'minilm' or a hub id.")
 flags.DEFINE_string("file", "ids-sst-dev.csv", "A CS224N file in the data directory.")
-flags.DEFINE_string("data_dir", None, "Data directory (default: see flaxpals.paths).")
+flags.DEFINE_string("data_dir", None, "Data directory (default: see flaxpals.data.paths).")
 flags.DEFINE_string("out", None, "Where to write the [N, hidden] embeddings (.npy).")
 flags.DEFINE_integer("batch_size", 64, "Sentences per encoder call.")
 flags.DEFINE_integer("max_length", 128, "Truncation length in tokens.")
@@ -47,7 +48,7 @@ def mean_pool(seq: jax.Array, mask: jax.Array) -> jax.Array:
 
 def main(argv):
     del argv
-    config, params, directory = weights.load_pretrained(FLAGS.checkpoint)
+    config, params, directory = hf_checkpoint.load_pretrained(FLAGS.checkpoint)
     tok = Tokenizer.from_checkpoint(directory, max_length=FLAGS.max_length)
     path = paths.data_dir(FLAGS.data_dir) / FLAGS.file
     sentences = read_sentences(path)

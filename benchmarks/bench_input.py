@@ -18,14 +18,15 @@ import time
 
 from absl import app, flags
 
-from flaxpals import input_pipeline as ip
-from flaxpals import tasks, weights
-from flaxpals.tokenizer import Tokenizer
+from flaxpals.data import input_pipeline as ip
+from flaxpals.data import tasks
+from flaxpals.model import hf_checkpoint
+from flaxpals.model.tokenizer import Tokenizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "minilm", "Checkpoint whose vocab.txt tokenizes.")
 flags.DEFINE_string("tasks", "sst,quora,sts,cfimdb", "Comma-separated builtin task names.")
-flags.DEFINE_string("data_dir", None, "Data directory (default: see flaxpals.paths).")
+flags.DEFINE_string("data_dir", None, "Data directory (default: see flaxpals.data.paths).")
 flags.DEFINE_integer("batch_size", 32, "Per-process batch size.")
 flags.DEFINE_integer("batches", 300, "Train batches timed per task and encoding.")
 flags.DEFINE_integer("max_length", 128, "Truncation length.")
@@ -87,8 +88,8 @@ def _throughput(split, buckets):
 
 def main(argv):
     del argv
-    logging.getLogger("flaxpals.datasets.reader").setLevel(logging.WARNING)  # one line a load
-    _, _, directory = weights.load_pretrained(FLAGS.checkpoint)
+    logging.getLogger("flaxpals.data.reader").setLevel(logging.WARNING)  # one line a load
+    _, _, directory = hf_checkpoint.load_pretrained(FLAGS.checkpoint)
     tok = Tokenizer.from_checkpoint(directory, max_length=FLAGS.max_length)
     buckets = tuple(int(b) for b in FLAGS.buckets)
     chosen = tasks.get_tasks(FLAGS.tasks)

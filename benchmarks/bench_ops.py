@@ -10,7 +10,7 @@ against the PyTorch op that transformers' BertLayer runs for it:
 
   dense_up, dense_down   the feed-forward matmuls (+ bias), 384->1536->384
   qkv                    the three attention projections
-  attention              flaxpals.bert.multi_head_attention (no dropout) against
+  attention              flaxpals.model.bert.multi_head_attention (no dropout) against
                          the same math in torch (matmul, softmax, matmul)
   attention_sdpa         jax.nn.dot_product_attention against
                          torch.nn.functional.scaled_dot_product_attention
@@ -18,7 +18,7 @@ against the PyTorch op that transformers' BertLayer runs for it:
   softmax                masked softmax over [batch, heads, L, L]
   gelu                   exact (erf) GELU over [batch*L, 1536]
   layernorm              over [batch*L, 384]
-  dropout                flaxpals.dropout.Dropout (rate 0.1) against F.dropout
+  dropout                flaxpals.model.dropout.Dropout (rate 0.1) against F.dropout
 
 Two modes: "forward" at the evaluation batch (--eval-batch, as predict_step)
 and "fwd+bwd" at the training batch (--batch; the gradient of sum(out * g)
@@ -72,7 +72,7 @@ def make_ops(args, batch: int):
     import torch.nn.functional as F
     from flax import linen as nn
 
-    from flaxpals import bert, dropout
+    from flaxpals.model import bert, dropout
 
     rng = np.random.default_rng(0)
     h, f, n, nh = args.hidden, args.ffn, args.length, args.heads

@@ -31,7 +31,7 @@ median and min-max per framework, the ratio of medians flaxpals/PyTorch, the
 compiled step's memory analysis. Then: the input pipeline's examples/s on the
 real training files against the examples/s a training step consumes (the
 pipeline measured alone: in training it shares the CPUs with the step); a short
-real training run (`train.train_and_evaluate`, `--run-steps` steps) with every
+real training run (`loop.train_and_evaluate`, `--run-steps` steps) with every
 XLA compilation counted (a `jax.monitoring` listener) and timed; the peak
 resident memory of the process.
 
@@ -155,7 +155,7 @@ def parity(args, flax: FlaxSide, torch_side: TorchSide) -> dict:
     import torch
 
     from experiments import torch_reference as bench_torch
-    from flaxpals import heads
+    from flaxpals.model import heads
 
     out = {}
     rng = np.random.default_rng(0)
@@ -235,7 +235,7 @@ def bench_workloads(args, flax: FlaxSide, torch_side: TorchSide | None) -> list[
 def pipeline_throughput(args, config, flax: FlaxSide) -> dict:
     """Examples/s of the real training batches of each task (input_pipeline.train_batches)."""
     from benchmarks import bench_input
-    from flaxpals import input_pipeline
+    from flaxpals.data import input_pipeline
 
     out = {}
     for task in flax.tasks:
@@ -249,9 +249,9 @@ def pipeline_throughput(args, config, flax: FlaxSide) -> dict:
 
 def compilation_run(args, config) -> dict:
     """A short real run (train_and_evaluate, method sequential), its compilations counted
-    (flaxpals.compilation.STATS: XLA compiles, and persistent-cache loads apart)."""
-    from flaxpals import train
-    from flaxpals.compilation import STATS, Compiled
+    (flaxpals.train.compilation.STATS: XLA compiles, and persistent-cache loads apart)."""
+    from flaxpals.train import loop
+    from flaxpals.train.compilation import STATS, Compiled
 
     c = config.copy_and_resolve_references()
     c.train.method = "sequential"
@@ -264,7 +264,7 @@ def compilation_run(args, config) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         mark, names = STATS.snapshot(), STATS.by_function()
         t0 = time.perf_counter()
-        train.train_and_evaluate(c, workdir)
+        loop.train_and_evaluate(c, workdir)
         wall = time.perf_counter() - t0
         total = STATS.since(mark)
     by_name = {k: v - names.get(k, Compiled()) for k, v in STATS.by_function().items()}

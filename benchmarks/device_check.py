@@ -78,10 +78,11 @@ def prepare(folder: Path) -> None:
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from flaxpals import paths, weights
+    from flaxpals.data import paths
+    from flaxpals.model import hf_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
-    minilm = weights.resolve_checkpoint("minilm")
+    minilm = hf_checkpoint.resolve_checkpoint("minilm")
     out = folder / "minilm"
     out.mkdir(exist_ok=True)
     for name in MINILM_FILES:
@@ -119,14 +120,14 @@ def tiny_torch_encoder(work: Path) -> Path:
     """A random 2-layer BERT with MiniLM's vocabulary, in the Hugging Face layout."""
     import transformers
 
-    from flaxpals import bert, weights
+    from flaxpals.model import bert, hf_checkpoint
 
     out = work / "tiny-bert"
     config = bert.tiny_config()
     transformers.BertModel(transformers.BertConfig(**{
         k: v for k, v in config.to_dict().items() if k not in ("architectures", "model_type")})
     ).save_pretrained(out)
-    minilm = weights.resolve_checkpoint("minilm")
+    minilm = hf_checkpoint.resolve_checkpoint("minilm")
     for name in MINILM_FILES[1:]:
         shutil.copy(minilm / name, out / name)
     return out
@@ -202,9 +203,11 @@ def steps(args, peak: float | None) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from flaxpals import build, config_lib, optim, parallel
-    from flaxpals.programs import Programs
-    from flaxpals.steps import Steps, TrainState, task_indices
+    from flaxpals import config_lib
+    from flaxpals.model import build
+    from flaxpals.train import optim, parallel
+    from flaxpals.train.programs import Programs
+    from flaxpals.train.steps import Steps, TrainState, task_indices
 
     config = config_lib.load_file(ROOT / "configs" / "baseline.py", "method=sequential")
     config.tasks = ("sst",)
@@ -258,9 +261,12 @@ def packing(args, encoder: str | None, data_dir: str | None) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from flaxpals import batching, build, config_lib, input_pipeline, optim, parallel
-    from flaxpals.programs import Programs
-    from flaxpals.steps import MODEL_KEYS, Steps, TrainState, device_batch, task_indices
+    from flaxpals import config_lib
+    from flaxpals.data import batching, input_pipeline
+    from flaxpals.model import build
+    from flaxpals.train import optim, parallel
+    from flaxpals.train.programs import Programs
+    from flaxpals.train.steps import MODEL_KEYS, Steps, TrainState, device_batch, task_indices
 
     if data_dir:
         os.environ["FLAXPALS_DATA_DIR"] = data_dir

@@ -72,10 +72,10 @@ def bench_config(args):
 def families() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(the combiners beside sum and PCGrad, the loss weightings): FlaxSide's families
     beyond sum, pcgrad and stacked_sum. (Imports JAX: call after configure_process.)"""
-    from flaxpals import combiners, weighting
+    from flaxpals.mtl import combiners, loss_weighting
 
     return (tuple(n for n in combiners.COMBINERS if n not in ("sum", "pcgrad")),
-            weighting.LOSS_WEIGHTINGS[1:])
+            loss_weighting.LOSS_WEIGHTINGS[1:])
 
 
 class FlaxSide:
@@ -97,8 +97,9 @@ class FlaxSide:
         family compiled it first."""
         import jax
 
-        from flaxpals import build, combiners, pcgrad, task_params
-        from flaxpals.steps import Steps
+        from flaxpals.model import build
+        from flaxpals.mtl import combiners, pcgrad, task_params
+        from flaxpals.train.steps import Steps
 
         self.jax, self.config, self.num_steps = jax, config, num_steps
         self.model, self.params, self.tokenizer, self.tasks = build.build_model(config)
@@ -121,7 +122,7 @@ class FlaxSide:
         self._families["sum"] = (tx, additive)
 
     def _tx(self, family):
-        from flaxpals import optim
+        from flaxpals.train import optim
 
         return optim.make_optimizer(self.config.train, self.params, self.num_steps,
                                     self._combiners[family])
@@ -131,7 +132,7 @@ class FlaxSide:
         import jax
         import jax.numpy as jnp
 
-        from flaxpals.steps import Steps, TrainState
+        from flaxpals.train.steps import Steps, TrainState
 
         if family not in self._families:
             tx = self._tx(family)
@@ -184,7 +185,7 @@ class FlaxSide:
         task_grads once per task and apply_combined once; times summed over the
         parts, memory summed field by field (an upper bound: the parts run one
         after another, and only the gradients outlive their part)."""
-        from flaxpals.steps import additive_from_parts, for_gradients
+        from flaxpals.train.steps import additive_from_parts, for_gradients
 
         jax = self.jax
         grads_fn, apply_fn = self._families[family][1].parts
@@ -248,11 +249,11 @@ class TorchSide:
         import transformers
 
         from experiments import torch_reference as bench_torch
-        from flaxpals import weights
+        from flaxpals.model import hf_checkpoint
 
         transformers.logging.set_verbosity_error()
-        pretrained = weights.resolve_checkpoint(args.checkpoint) if args.checkpoint != "tiny" \
-            else None
+        pretrained = (hf_checkpoint.resolve_checkpoint(args.checkpoint)
+                      if args.checkpoint != "tiny" else None)
         import jax
         import torch
 

@@ -58,9 +58,12 @@ def compile_run(topology_name: str, config_arg: str, method: str) -> dict:
     import jax.numpy as jnp
     from jax.experimental import topologies
 
-    from flaxpals import build, combiners, config_lib, optim, parallel, task_params
-    from flaxpals.programs import Programs, batch_spec
-    from flaxpals.steps import Steps, TrainState
+    from flaxpals import config_lib
+    from flaxpals.model import build
+    from flaxpals.mtl import combiners, task_params
+    from flaxpals.train import optim, parallel
+    from flaxpals.train.programs import Programs, batch_spec
+    from flaxpals.train.steps import Steps, TrainState
 
     topology = topologies.get_topology_desc(topology_name=topology_name, platform="tpu")
     devices = list(topology.devices)

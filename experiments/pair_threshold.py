@@ -22,13 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from experiments import sweep
-from flaxpals import build, evaluation
+from flaxpals.model import build
+from flaxpals.serve import restore
+from flaxpals.train import evaluate
 
 
 def raw_outputs(restored, eval_sets, task: str, split: str, limit: int):
     """(logits [n], labels [n]) of a split's `limit` rows (-1: all; train: the seeded
     sample)."""
-    s, rows, out = evaluation.outputs(restored.predict, restored.params, eval_sets, task,
+    s, rows, out = evaluate.outputs(restored.predict, restored.params, eval_sets, task,
                                       split, limit)
     return out[:, 0], np.asarray(s.labels)[rows].astype(int)  # the pair logit
 
@@ -57,12 +59,12 @@ def main(argv=None) -> int:
     workdir = Path(args.results) / args.row
     if not (workdir / "best").is_dir():
         ap.error(f"{workdir}: no best checkpoint (has the row run?)")
-    r = evaluation.restore(workdir.absolute())  # the row's own config.json
+    r = restore.restore(workdir.absolute())  # the row's own config.json
     task = [t for t in r.tasks if t.name == args.task]
     if not task or task[0].kind != "pair_classification":
         ap.error(f"--task={args.task!r}: not a paraphrase task of row {args.row}")
     data = build.load_data(r.config, task, r.tokenizer, splits=("train", "dev"), limits=False)
-    eval_sets = evaluation.EvalSets(data, r.config, r.mesh)
+    eval_sets = evaluate.EvalSets(data, r.config, r.mesh)
     train_x, train_y = raw_outputs(r, eval_sets, args.task, "train", args.train_pairs)
     dev_x, dev_y = raw_outputs(r, eval_sets, args.task, "dev", -1)
     threshold, train_acc = best_threshold(train_x, train_y)

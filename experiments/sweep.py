@@ -77,9 +77,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flaxpals import config_lib, runs
-from flaxpals.combiners import COMBINERS
-from flaxpals.weighting import LOSS_WEIGHTINGS
+from flaxpals import config_lib, workdir_format
+from flaxpals.mtl.combiners import COMBINERS
+from flaxpals.mtl.loss_weighting import LOSS_WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -103,8 +103,8 @@ RECIPES = {"table1": SEED_RECIPE, "separate": REFERENCE_RECIPE, "best": BEST_REC
 PYTORCH_REFERENCE = {"sst": 0.489, "quora": 0.856, "sts": 0.855}
 
 
-# Every gradient combiner and every loss weighting, as a row (flaxpals.combiners,
-# flaxpals.weighting); pcgrad runs as combiner here, so that all share method=additive.
+# Every gradient combiner and every loss weighting, as a row (flaxpals.mtl.combiners,
+# flaxpals.mtl.loss_weighting); pcgrad runs as combiner here, so that all share method=additive.
 # The plain sum is a row too, as the control, added after best-pcgrad and best-gradvac
 # came out level with each other and below proportional sampling: the additive schedule
 # without a combiner, which tells a combiner's own effect from the schedule's.
@@ -326,7 +326,7 @@ def seed_workdir(results: Path, slug: str, seed: int) -> Path:
 
 
 def is_done(workdir: Path, num_epochs: int) -> bool:
-    return any(r.get("epoch") == num_epochs for r in runs.read_metrics(workdir))
+    return any(r.get("epoch") == num_epochs for r in workdir_format.read_metrics(workdir))
 
 
 def machine() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The sweep's ensemble rows: a row's seeds averaged as one model (flaxpals/ensemble.py).
+"""The sweep's ensemble rows: a row's seeds averaged as one model (flaxpals/serve/ensemble.py).
 
     python -m experiments.sweep --results=docs/results --only=best-val --seeds=0,1,2 --ensemble
 
@@ -30,7 +30,7 @@ def workdir_of(results: Path, slug: str) -> Path:
 def command(members: list[Path], workdir: Path, python: str = sys.executable,
             display: bool = False) -> list[str]:
     """`flaxpals.main --mode=eval --ensemble=...`: the members' best checkpoints averaged
-    (flaxpals/ensemble.py), scored on dev into <workdir>/eval-ensemble.json."""
+    (flaxpals/serve/ensemble.py), scored on dev into <workdir>/eval-ensemble.json."""
     return [("python" if display else python), "-m", "flaxpals.main", "--mode=eval",
             "--ensemble=" + ",".join(str(m) for m in members), f"--workdir={workdir}"]
 
@@ -38,15 +38,15 @@ def command(members: list[Path], workdir: Path, python: str = sys.executable,
 def member(seed_workdir: Path) -> Path:
     """What scores a seed: its best-outputs.npz where its training wrote one, else the
     workdir (its best checkpoint)."""
-    from flaxpals import runs
+    from flaxpals import workdir_format
 
-    saved = seed_workdir / runs.OUTPUTS_FILE
+    saved = seed_workdir / workdir_format.OUTPUTS_FILE
     return saved if saved.exists() else seed_workdir
 
 
 def seed_name(member_path) -> str:
     """The seed's folder name of a member (a workdir or the best-outputs.npz in it)."""
-    from flaxpals import ensemble
+    from flaxpals.serve import ensemble
 
     path = Path(member_path)
     return path.parent.name if ensemble.is_saved(path) else path.name
@@ -55,7 +55,7 @@ def seed_name(member_path) -> str:
 def is_done(workdir: Path, members: list[Path]) -> bool:
     """Whether <workdir>/eval-ensemble.json scored these seeds (by folder name, so that
     a results folder moved elsewhere still counts, read from a file or a checkpoint)."""
-    from flaxpals import ensemble
+    from flaxpals.serve import ensemble
 
     record = ensemble.read_eval(workdir)
     return record is not None and [seed_name(m) for m in record["members"]] == [
@@ -107,7 +107,7 @@ def collect(results: Path, row: sweep.Row) -> dict | None:
     """The report's row for `row`'s ensemble, or None when it has not been scored."""
     import json
 
-    from flaxpals import ensemble
+    from flaxpals.serve import ensemble
 
     workdir = workdir_of(results, row.slug)
     record = ensemble.read_eval(workdir)

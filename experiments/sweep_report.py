@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import sweep, sweep_ensemble, sweep_shares
-from flaxpals import config_lib, runs
+from flaxpals import config_lib, workdir_format
 
 
 def best_record(records: list[dict], key: str = "dev/average") -> dict | None:
@@ -30,7 +30,7 @@ def best_record(records: list[dict], key: str = "dev/average") -> dict | None:
 
 
 def _task_metric(name: str) -> str:
-    from flaxpals import tasks
+    from flaxpals.data import tasks
 
     return tasks.get_task(name).metric
 
@@ -46,7 +46,7 @@ def _seeds_run(results: Path, slug: str) -> list[int]:
 
 def _one_run(workdir: Path) -> dict:
     """One seed's workdir: its epoch records, the best one, parameters, time, command."""
-    records = runs.read_metrics(workdir)
+    records = workdir_format.read_metrics(workdir)
     row_record = json.loads((workdir / "sweep.json").read_text()) \
         if (workdir / "sweep.json").exists() else {}
     params = json.loads((workdir / "params.json").read_text()) \
@@ -145,7 +145,7 @@ COMBINED_NAMES = {"separate": "Separate models", "torch": "PyTorch reference mod
 def combined_separate(rows: list[dict], group: str = "separate") -> dict | None:
     """A group of single-task rows (flaxpals' separate models, or the PyTorch reference)
     as one row: each task from its own model (best epoch)."""
-    from flaxpals import metrics
+    from flaxpals.data import metrics
 
     sep = [r for r in rows if r["group"] == group and r["best"]]
     if not sep:

@@ -1,5 +1,5 @@
 """The report's section on how each combiner split the shared update, from the
-statistics the trainer logs (`flaxpals.gradmtl.step_stats`).
+statistics the trainer logs (`flaxpals.mtl.core.step_stats`).
 
     lines = sweep_shares.section(rows)   # markdown lines; [] when no run logged any
     sweep_shares.figure(rows, Path("results/shares.png"))   # None when no run logged shares

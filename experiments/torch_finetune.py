@@ -11,7 +11,7 @@ a finished one) starts over, its metrics.jsonl kept as metrics.jsonl.<n>.
 
 The same job as `python -m flaxpals.main --config=configs/baseline.py:method=sequential
 --config.tasks=<task>`, written the way a transformers user writes it:
-- the same files, parsed by `flaxpals.datasets.reader` (the same rows kept);
+- the same files, parsed by `flaxpals.data.reader` (the same rows kept);
 - `BertTokenizerFast.from_pretrained` on the encoder's directory, pairs cross-encoded
   (`[CLS] a [SEP] b [SEP]`), truncated to 128 tokens, each batch padded to its longest
   row (dynamic padding);
@@ -23,11 +23,11 @@ The same job as `python -m flaxpals.main --config=configs/baseline.py:method=seq
 - on a GPU (`--device`, default: CUDA when there is one), bf16 autocast as flaxpals'
   model.dtype=auto computes there (`--precision`);
 - at each epoch's end the dev split, and optionally a fixed random train sample, scored
-  with `flaxpals.metrics`.
+  with `flaxpals.data.metrics`.
 
 It writes the flaxpals run records (`metrics.jsonl` lines such as
 `{"epoch", "step", "dev/sst", "dev/average", ...}`, `timings.jsonl` from
-`flaxpals.timing.RunTimer`), so the sweep and the end-to-end benchmark read both
+`flaxpals.train.timing.RunTimer`), so the sweep and the end-to-end benchmark read both
 frameworks alike. It imports neither JAX nor TensorFlow.
 """
 
@@ -43,11 +43,10 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from flaxpals import metrics as metrics_lib
-from flaxpals import paths
-from flaxpals.datasets import reader
-from flaxpals.tasks import get_task
-from flaxpals.timing import RunTimer
+from flaxpals.data import metrics as metrics_lib
+from flaxpals.data import paths, reader
+from flaxpals.data.tasks import get_task
+from flaxpals.train.timing import RunTimer
 
 
 def encoder_dir(name: str) -> str:
@@ -180,7 +179,7 @@ def set_aside_unfinished(workdir: Path) -> None:
         print(f"{old} held an earlier run's epochs: moved to metrics.jsonl.{n}", flush=True)
 
 
-# flaxpals.runs' metrics.jsonl, read and written here without importing JAX.
+# flaxpals.workdir_format' metrics.jsonl, read and written here without importing JAX.
 def read_records(workdir: Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] \

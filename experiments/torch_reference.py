@@ -3,7 +3,7 @@
 - Encoder: `transformers.BertModel` built from flaxpals' `BertConfig.to_dict()`
   (so the same sizes, activation and dropout rates) and loaded with
   `from_pretrained` from the same weights as the Flax encoder.
-- Heads, equal to `flaxpals.heads` and initialised with the Flax heads' weights:
+- Heads, equal to `flaxpals.model.heads` and initialised with the Flax heads' weights:
   classification: dropout + linear on the sentence vector; cross-encoded pair:
   dropout + linear to one output; bi-encoded pair: the two sentences through
   the encoder in one call (concatenated, as `MultiTaskModel` does), then
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from flaxpals import weights
+from flaxpals.model import hf_checkpoint
 
 _NO_DECAY = re.compile(r"(^|\.)bias$|LayerNorm")  # the HF names of what flaxpals does not decay
 
@@ -137,7 +137,8 @@ def build_model(flax_model, flax_params, pretrained_dir=None,
     cfg = hf_config(flax_model.config)
     with tempfile.TemporaryDirectory() as tmp:
         if pretrained_dir is None:
-            pretrained_dir = weights.save_pretrained(flax_params["encoder"], flax_model.config,
+            pretrained_dir = hf_checkpoint.save_pretrained(
+                flax_params["encoder"], flax_model.config,
                                                      tmp)
         encoder = transformers.BertModel.from_pretrained(
             str(pretrained_dir), config=cfg, attn_implementation=attn_implementation,

@@ -24,13 +24,15 @@ from collections.abc import Callable
 
 from absl import app, logging
 
-from flaxpals import checkpointing, config_lib, runs, weights, workdir_lock
-from flaxpals.datasets.cs224n import ChecksumError
-from flaxpals.datasets.reader import DataFormatError
+from flaxpals import config_lib, workdir_format
+from flaxpals.data.cs224n import ChecksumError
+from flaxpals.data.reader import DataFormatError
+from flaxpals.model import hf_checkpoint
+from flaxpals.train import checkpointing, workdir_lock
 
-USER_ERRORS = (config_lib.ConfigError, runs.ConfigMismatchError, DataFormatError,
+USER_ERRORS = (config_lib.ConfigError, workdir_format.ConfigMismatchError, DataFormatError,
                checkpointing.CheckpointMismatchError, checkpointing.BestUnknownError,
-               checkpointing.DiskFullError, weights.CheckpointError, ChecksumError,
+               checkpointing.DiskFullError, hf_checkpoint.CheckpointError, ChecksumError,
                workdir_lock.WorkdirLockedError, FileNotFoundError)
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import ml_collections
 
-from flaxpals import optim, preemption, sampler, smart
-from flaxpals.combiners import COMBINERS, MGDA_MAX_TASKS
-from flaxpals.tasks import tasks_of_config
-from flaxpals.weighting import LOSS_WEIGHTINGS
+from flaxpals.data.tasks import tasks_of_config
+from flaxpals.mtl import sampler
+from flaxpals.mtl.combiners import COMBINERS, MGDA_MAX_TASKS
+from flaxpals.mtl.loss_weighting import LOSS_WEIGHTINGS
+from flaxpals.train import optim, preemption, smart
 
 # The sampler's methods, plus pcgrad: the additive schedule with PCGrad combining the
 # task gradients.
@@ -44,7 +45,7 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seeds init, dropout, shuffling and task sampling.
     c.tasks = ("sst", "quora", "sts")  # Task names, trained and evaluated in this order.
-    # Tasks declared by config: name -> fields of flaxpals.tasks.task_from_config.
+    # Tasks declared by config: name -> fields of flaxpals.data.tasks.task_from_config.
     c.extra_tasks = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
@@ -93,13 +94,13 @@ def base() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.method = "annealed"  # One of config_lib.METHODS (pcgrad = additive + PCGrad).
     # Task gradients of method=additive, one of combiners.COMBINERS: sum | pcgrad |
-    # gradvac | cagrad | mgda | imtl_g | aligned_mtl | nash_mtl (flaxpals/combiners.py).
+    # gradvac | cagrad | mgda | imtl_g | aligned_mtl | nash_mtl (flaxpals/mtl/combiners.py).
     c.train.combiner = "sum"
     c.train.pcgrad_reduction = "sum"  # PCGrad: sum (the paper) | mean.
     c.train.gradvac_beta = 0.01  # GradVac: EMA rate of the cosine targets (the paper's 1e-2).
     c.train.cagrad_c = 0.4  # CAGrad: radius c of the ball around the mean gradient, [0, 1).
     # Additive method, combiner sum: none | uncertainty | dwa | famo, a learned or
-    # scheduled weighted sum of the task losses (flaxpals/weighting.py).
+    # scheduled weighted sum of the task losses (flaxpals/mtl/loss_weighting.py).
     c.train.loss_weighting = "none"
     c.train.uncertainty_lr = 1e-3  # Uncertainty weighting: Adam step size of the log-variances.
     c.train.dwa_temperature = 2.0  # DWA: softmax temperature T (the paper's 2).
@@ -126,7 +127,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.layer_decay = 1.0
     # Weight averaging: an EMA of the params, decay d per step, in the optimiser state; 0: off.
     c.train.ema_decay = 0.0
-    # SMART (Jiang et al. 2020; flaxpals/smart.py): weight of the adversarial smoothness
+    # SMART (Jiang et al. 2020; flaxpals/train/smart.py): weight of the adversarial smoothness
     # term, a divergence between outputs at the embeddings and at a perturbed copy; 0: off.
     c.train.smart_weight = 0.0
     c.train.smart_steps = 1  # Power-iteration (ascent) steps that find the perturbation.
@@ -163,7 +164,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval.use_ema = False
 
     c.parallel = ml_collections.ConfigDict()
-    # Data parallelism over every device (flaxpals/parallel.py); batch sizes above are
+    # Data parallelism over every device (flaxpals/train/parallel.py); batch sizes above are
     # global and must divide by the device count. fsdp: split params and optimiser
     # state across devices instead of replicating them (for encoders too big to copy).
     c.parallel.fsdp = False
@@ -173,14 +174,14 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2  # Latest checkpoints kept (the best is kept apart).
 
     c.log_every_steps = 50  # Train loss to TensorBoard every N steps (metrics.jsonl: per epoch).
-    # Keep compiled XLA programs in <data.cache_dir>/jax (flaxpals/compilation.py), so a
+    # Keep compiled XLA programs in <data.cache_dir>/jax (flaxpals/train/compilation.py), so a
     # rerun of the same config compiles nothing; False: compile every run afresh.
     c.compilation_cache = True
     # After the first step, compile the run's other train and predict shapes on a background
-    # thread while it trains (flaxpals/programs.py); False: each when first needed.
+    # thread while it trains (flaxpals/train/programs.py); False: each when first needed.
     c.compile_ahead = True
     # Trace each step once per batch structure, its padded length symbolic (jax.export), and
-    # fix the length per bucket (flaxpals/by_length.py); False: trace it again per length.
+    # fix the length per bucket (flaxpals/train/by_length.py); False: trace it again per length.
     c.symbolic_length = True
     return c
 
@@ -423,7 +424,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         tasks_of_config(c)  # builds each declared task, naming its key
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    from flaxpals.build import model_options  # the model's own checks, at the boundary
+    from flaxpals.model.build import model_options  # the model's own checks, at the boundary
 
     try:
         model_options(c.model, platform="cpu")  # checks only: touches no device

@@ -8,12 +8,12 @@
         --columns=text=review,label=stars                     # other labelled data
     python -m flaxpals.main --workdir=DIR --mode=predict      # CS224N prediction files
     python -m flaxpals.main --mode=eval --ensemble=RUN1,RUN2,RUN3 --workdir=OUT
-                          # averaged runs (flaxpals/ensemble.py): OUT/eval-ensemble.json;
+                          # averaged runs (flaxpals/serve/ensemble.py): OUT/eval-ensemble.json;
                           # --mode=predict: their CS224N files in OUT/predictions
     python -m flaxpals.main --config=configs/pal.py --workdir=gs://B/run --distributed=yes  # pod
 
 Eval and predict build the model from the workdir's config.json; a `--config`
-given there may change data and evaluation fields only (flaxpals/runs.py). Without
+given there may change data and evaluation fields only (flaxpals/workdir_format.py). Without
 `--config`, `--config.<key>=value` overrides apply to the workdir's own config, e.g.
 
     python -m flaxpals.main --workdir=DIR --mode=eval --config.data.data_dir=/data/other
@@ -27,9 +27,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from flaxpals import cli, config_lib, evaluation, parallel, train
-from flaxpals.datasets.reader import parse_columns
-from flaxpals.preemption import Stopped
+from flaxpals import cli, config_lib
+from flaxpals.data.reader import parse_columns
+from flaxpals.serve import eval_files
+from flaxpals.train import loop, parallel
+from flaxpals.train.preemption import Stopped
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions.")
@@ -50,7 +52,7 @@ flags.DEFINE_list("ensemble", None, "eval/predict: several training runs' workdi
                   "eval also takes a run's best-outputs.npz in place of its workdir.")
 flags.DEFINE_enum("distributed", "auto", list(parallel.DISTRIBUTED_MODES),
                   "Join a multi-process JAX job (jax.distributed.initialize): auto (when "
-                  "the environment says so, see flaxpals/parallel.py), yes or no.")
+                  "the environment says so, see flaxpals/train/parallel.py), yes or no.")
 config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/pal.py:method=sqrt "
                                 "(train; optional for eval and predict).", lock_config=True)
 flags.mark_flags_as_required(["workdir"])
@@ -113,10 +115,10 @@ def _parse_value(current, text: str, key: str):
 
 def workdir_config(workdir: str, overrides: list[tuple[str, str]]):
     """The workdir's config.json with `overrides` applied (checked later, as a given
-    config is, by runs.config_for_restore: a model field stops there)."""
-    from flaxpals import runs
+    config is, by workdir_format.config_for_restore: a model field stops there)."""
+    from flaxpals import workdir_format
 
-    config = runs.read_config(workdir)
+    config = workdir_format.read_config(workdir)
     for key, text in overrides:
         *parents, leaf = key.split(".")
         node = config
@@ -156,7 +158,7 @@ def check_mode_flags(mode: str) -> None:
 def run(mode: str, workdir: str, config, step: int | None = None,
         columns: dict[str, str] | None = None) -> None:
     if FLAGS.ensemble:
-        from flaxpals import ensemble
+        from flaxpals.serve import ensemble
 
         if mode == "train" or config is not None or any(
                 (FLAGS.eval_file, FLAGS.task, FLAGS.columns, FLAGS.name)):
@@ -173,13 +175,13 @@ def run(mode: str, workdir: str, config, step: int | None = None,
                 "--config is required to train, e.g. --config=configs/pal.py (to resume, the "
                 "same --config as the run was started with" + (
                     "; --config.<key> overrides need it too)" if WORKDIR_OVERRIDES else ")"))
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)
     elif mode == "eval":
-        evaluation.evaluate_checkpoint(
+        eval_files.evaluate_checkpoint(
             workdir, config, step, eval_file=FLAGS.eval_file, task=FLAGS.task,
             columns=columns, name=FLAGS.name)
     else:
-        evaluation.write_predictions(workdir, config, step)
+        eval_files.write_predictions(workdir, config, step)
 
 
 def main(argv):

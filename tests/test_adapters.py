@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxpals import bert
-from flaxpals.adapters import AdapterConfig, TaskAdapters, default_size
-from flaxpals.task_params import format_accounting, param_accounting
+from flaxpals.model import bert
+from flaxpals.model.adapters import AdapterConfig, TaskAdapters, default_size
+from flaxpals.mtl.task_params import format_accounting, param_accounting
 
 TASKS = ("sst", "para", "sts")
 

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxpals import bert
-from flaxpals.adapters import TaskAdapters, default_size
+from flaxpals.model import bert
+from flaxpals.model.adapters import TaskAdapters, default_size
 
 CONFIG = bert.tiny_config(vocab_size=128, num_hidden_layers=1)
 TASKS = ("sst", "sts")

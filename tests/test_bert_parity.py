@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxpals import bert
-from flaxpals.tokenizer import Tokenizer
+from flaxpals.model import bert
+from flaxpals.model.tokenizer import Tokenizer
 from tests.conftest import read_tsv, require
 
 

@@ -1,4 +1,4 @@
-"""Steps traced once per batch structure with a symbolic length (flaxpals/by_length.py).
+"""Steps traced once per batch structure with a symbolic length (flaxpals/train/by_length.py).
 
 The reference is JAX's own per-length trace of the same step (`symbolic_length=False`):
 the refined programs must compute the same updates, losses and predictions.
@@ -12,12 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from flaxpals import by_length, optim, parallel
-from flaxpals.adapters import AdapterConfig
-from flaxpals.bert import tiny_config
 from flaxpals.config_lib import base
-from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
-from flaxpals.steps import Steps, TrainState, task_indices
+from flaxpals.model.adapters import AdapterConfig
+from flaxpals.model.bert import tiny_config
+from flaxpals.model.multitask import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
+from flaxpals.train import by_length, optim, parallel
+from flaxpals.train.steps import Steps, TrainState, task_indices
 
 TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classification"),
          TaskSpec("sts", "pair_regression"))
@@ -121,7 +121,7 @@ def test_a_step_that_cannot_be_exported_traces_per_length(caplog):
 
     fn = by_length.ByLength(jax.jit(step))
     x, task = jnp.zeros(()), jnp.int32(0)
-    with caplog.at_level(logging.WARNING, logger="flaxpals.by_length"):
+    with caplog.at_level(logging.WARNING, logger="flaxpals.train.by_length"):
         got = [float(fn(x, {"ids": jnp.ones((2, n))}, task)) for n in (16, 24, 32, 16)]
     assert got == [-32.0, 48.0, 64.0, -32.0]
     assert fn.jitted._cache_size() == 3  # every length through jit

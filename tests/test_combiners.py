@@ -1,4 +1,4 @@
-"""The combiners of flaxpals/combiners.py against NumPy references re-derived from the papers.
+"""The combiners of flaxpals/mtl/combiners.py against NumPy references re-derived from the papers.
 
 Every reference works in float64 on the flattened shared gradients, the rows of
 A [k, n], from the paper's definition of the update, not from the coefficient
@@ -31,9 +31,9 @@ import optax
 import pytest
 import scipy.optimize
 
-from flaxpals import combiners as cb
-from flaxpals import gradmtl
-from flaxpals import pcgrad as pc
+from flaxpals.mtl import combiners as cb
+from flaxpals.mtl import core
+from flaxpals.mtl import pcgrad as pc
 
 KINDS = ("conflicting", "aligned", "random")
 TASKS = (2, 3, 4, 5, 6)
@@ -73,7 +73,7 @@ def make_problem(seed, k, kind, dtype=np.float32):
     mask = jax.tree.map(lambda _: True, per_task[0])
     mask["heads"] = False  # a prefix of the heads' subtree
     params = jax.tree.map(lambda g: np.zeros_like(g), per_task[0])
-    shared = gradmtl.broadcast_mask(mask, per_task[0])
+    shared = core.broadcast_mask(mask, per_task[0])
     rows = np.stack([np.concatenate([np.ravel(x) for x, s in zip(jax.tree.leaves(g), shared,
                                                                    strict=True) if s])
                      for g in per_task]).astype(np.float64)
@@ -82,14 +82,14 @@ def make_problem(seed, k, kind, dtype=np.float32):
 
 def shared_update(out, mask):
     """The shared leaves of a combined tree, flattened in leaf order (float64)."""
-    shared = gradmtl.broadcast_mask(mask, out)
+    shared = core.broadcast_mask(mask, out)
     return np.concatenate([np.ravel(np.asarray(x, np.float64))
                            for x, s in zip(jax.tree.leaves(out), shared, strict=True) if s])
 
 
 def assert_heads_untouched(out, per_task, mask):
     """Task-specific leaves: exactly the owner's gradient."""
-    shared = gradmtl.broadcast_mask(mask, out)
+    shared = core.broadcast_mask(mask, out)
     for idx, (x, s) in enumerate(zip(jax.tree.leaves(out), shared, strict=True)):
         if s:
             continue
@@ -235,7 +235,7 @@ REFERENCES = {
     "cagrad": lambda a: cagrad_reference(a, 0.4),
     "mgda": mgda_reference,
     "imtl_g": imtl_g_reference,
-    "aligned_mtl": lambda a: aligned_mtl_reference(a, np.finfo(gradmtl.gram_dtype()).eps),
+    "aligned_mtl": lambda a: aligned_mtl_reference(a, np.finfo(core.gram_dtype()).eps),
     "nash_mtl": nash_reference,
 }
 COEFS = {"cagrad": lambda g: cb.cagrad_coefs(g, 0.4), "mgda": cb.mgda_coefs,
@@ -512,7 +512,7 @@ def test_names_and_errors():
 
 
 # ---------------------------------------------------------------------------
-# What the state keeps for the trainer's metrics (gradmtl.step_stats)
+# What the state keeps for the trainer's metrics (core.step_stats)
 
 
 @pytest.mark.parametrize("name,reduction", [(n, {}) for n in cb.COMBINERS if n != "sum"]
@@ -525,8 +525,8 @@ def test_step_stats_describe_the_update(name, reduction, k, kind):
     _, stacked, mask, params, a = make_problem(1, k, kind)
     out, state = run_combiner(name, stacked, mask, params, k, **reduction)
     names = [f"task{i}" for i in range(k)]
-    stats = {key: float(v) for key, v in gradmtl.step_stats(state, names).items()}
-    assert set(stats) == {f"{p}{t}" for p in gradmtl.STAT_PREFIXES for t in names}
+    stats = {key: float(v) for key, v in core.step_stats(state, names).items()}
+    assert set(stats) == {f"{p}{t}" for p in core.STAT_PREFIXES for t in names}
     c = np.array([stats[f"coef/{t}"] for t in names])
     d = shared_update(out, mask)
     np.testing.assert_allclose(c @ a, d, rtol=1e-4, atol=1e-5 * np.abs(d).max())
@@ -546,11 +546,11 @@ def test_step_stats_match_the_methods_equations():
         _, stacked, mask, params, _ = make_problem(seed, k, kind)
         names = [str(i) for i in range(k)]
         _, state = run_combiner("nash_mtl", stacked, mask, params, k)
-        stats = gradmtl.step_stats(state, names)
+        stats = core.step_stats(state, names)
         np.testing.assert_allclose([float(stats[f"share/{t}"]) for t in names], 1 / k,
                                    atol=1e-3)
         _, state = run_combiner("mgda", stacked, mask, params, k)
-        stats = gradmtl.step_stats(state, names)
+        stats = core.step_stats(state, names)
         np.testing.assert_allclose([float(stats[f"share/{t}"]) for t in names],
                                    [float(stats[f"coef/{t}"]) for t in names], atol=1e-4)
 
@@ -558,16 +558,16 @@ def test_step_stats_match_the_methods_equations():
 def test_step_stats_before_any_update_and_without_a_combiner():
     _, stacked, mask, params, _ = make_problem(0, 3, "random")
     names = ["a", "b", "c"]
-    stats = gradmtl.step_stats(cb.imtl_g(mask, 3).init(params), names)
+    stats = core.step_stats(cb.imtl_g(mask, 3).init(params), names)
     assert all(float(v) == 0 for v in stats.values()) and len(stats) == 12  # no NaN
-    assert gradmtl.step_stats(optax.adamw(1e-3).init(params), names) == {}
+    assert core.step_stats(optax.adamw(1e-3).init(params), names) == {}
     # pcgrad built without num_tasks keeps nothing; with it, it keeps [T] coefficients.
-    assert gradmtl.step_stats(pc.pcgrad(mask).init(params), names) == {}
+    assert core.step_stats(pc.pcgrad(mask).init(params), names) == {}
     tx = pc.pcgrad(mask, num_tasks=3)
     _, state = tx.update(stacked, tx.init(params), params)
-    assert set(gradmtl.step_stats(state, names)) >= {"coef/a", "share/c"}
+    assert set(core.step_stats(state, names)) >= {"coef/a", "share/c"}
     with pytest.raises(ValueError, match="built for 4 tasks"):
         pc.pcgrad(mask, num_tasks=4).update(stacked, pc.pcgrad(mask, num_tasks=4).init(params),
                                             params)
     with pytest.raises(ValueError, match="given 2 task names"):
-        gradmtl.step_stats(state, names[:2])
+        core.step_stats(state, names[:2])

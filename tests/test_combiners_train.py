@@ -9,11 +9,13 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from flaxpals import combiners, config_lib, train, weighting
+from flaxpals import config_lib
+from flaxpals.mtl import combiners, loss_weighting
+from flaxpals.train import loop
 from tests.conftest import epochs, tiny
 
 NEW_COMBINERS = [n for n in combiners.COMBINERS if n not in ("sum", "pcgrad")]
-WEIGHTINGS = list(weighting.LOSS_WEIGHTINGS[1:])
+WEIGHTINGS = list(loss_weighting.LOSS_WEIGHTINGS[1:])
 
 # ---------------------------------------------------------------------------
 # Config
@@ -21,14 +23,14 @@ WEIGHTINGS = list(weighting.LOSS_WEIGHTINGS[1:])
 
 def test_config_names_come_from_the_implementing_modules():
     assert config_lib.COMBINERS is combiners.COMBINERS
-    assert config_lib.LOSS_WEIGHTINGS is weighting.LOSS_WEIGHTINGS
+    assert config_lib.LOSS_WEIGHTINGS is loss_weighting.LOSS_WEIGHTINGS
     c = config_lib.base()
     c.train.method = "additive"
     for name in combiners.COMBINERS:
         c.train.combiner = name
         config_lib.validate(c)
     c.train.combiner = "sum"
-    for name in weighting.LOSS_WEIGHTINGS:
+    for name in loss_weighting.LOSS_WEIGHTINGS:
         c.train.loss_weighting = name
         config_lib.validate(c)
 
@@ -77,7 +79,7 @@ def test_from_config_passes_the_options():
     assert tx.init(None).inner.targets.shape == (3, 3)
     c.combiner, c.loss_weighting, c.dwa_window = "sum", "dwa", 7
     state = combiners.from_config(c, mask, 3, 0, config_lib.combiner(c)).init(None)
-    assert isinstance(state.inner, weighting.DWAState)
+    assert isinstance(state.inner, loss_weighting.DWAState)
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def test_trains_end_to_end(tmp_path, monkeypatch, model, name, loss_weighting):
         "train.combiner": name, "train.loss_weighting": loss_weighting,
         "train.dwa_window": 2, "data.train_limit": 8, "train.num_epochs": 2,
         "train.steps_per_epoch": 6, "eval.train_sample": 8, "checkpoint.every_steps": 100})
-    train.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
 
     assert traced and all(t == (name, loss_weighting, 3, ["losses"]) for t in traced), traced
     history = epochs(tmp_path)

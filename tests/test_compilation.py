@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache as cc
 
-from flaxpals import build, compilation, optim
-from flaxpals.models import dummy_batch
-from flaxpals.steps import Steps, TrainState
+from flaxpals.model import build
+from flaxpals.model.multitask import dummy_batch
+from flaxpals.train import compilation, optim
+from flaxpals.train.steps import Steps, TrainState
 from tests.conftest import tiny
 
 

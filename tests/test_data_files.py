@@ -9,8 +9,7 @@ import math
 
 import pytest
 
-from flaxpals import paths, tasks
-from flaxpals.datasets import cs224n, reader
+from flaxpals.data import cs224n, paths, reader, tasks
 from tests.conftest import read_tsv
 
 # (task, split) -> data rows in the file (README table); all of them are kept but Quora train's.
@@ -126,7 +125,7 @@ def _defects_file(tmp_path):
 def test_every_defect_is_skipped_and_counted_never_clipped(tmp_path, caplog):
     path = _defects_file(tmp_path)
     task = tasks.get_task("sst")
-    with caplog.at_level(logging.INFO, logger="flaxpals.datasets.reader"):
+    with caplog.at_level(logging.INFO, logger="flaxpals.data.reader"):
         parsed = reader.read_file(path, task, "train")
     assert parsed.ids == ["a1", "a14"] and parsed.labels == [3, 4]
     assert parsed.texts[1] == 'quoted "ok"'
@@ -225,7 +224,7 @@ def test_missing_quora_test_file_says_why():
 def test_a_split_with_every_row_skipped_is_a_data_error(tok):
     """Once a bare ValueError (a traceback from the CLI); now the error users are shown
     in one line, naming the file and what was skipped."""
-    from flaxpals import input_pipeline
+    from flaxpals.data import input_pipeline
 
     records = [(2, "a", "", None, "1"), (3, "b", "fine", None, "")]  # empty text, no label
     parsed = reader.read_records(records, tasks.get_task("sst"), "dev", "my.csv",

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxpals.dropout import Dropout, keep_mask
+from flaxpals.model.dropout import Dropout, keep_mask
 
 
 def test_keep_rate_and_expectation():

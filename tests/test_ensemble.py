@@ -1,4 +1,4 @@
-"""Prediction-time ensembles (flaxpals/ensemble.py): the averaging against its formula,
+"""Prediction-time ensembles (flaxpals/serve/ensemble.py): the averaging against its formula,
 two trained tiny runs scored, predicted and written as one, and the mismatches named."""
 
 import io
@@ -8,9 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from flaxpals import ensemble, runs, train
-from flaxpals.ensemble import Ensemble, EnsembleError, combine
+from flaxpals import workdir_format
 from flaxpals.predict import Predictor, predict_file
+from flaxpals.serve import ensemble, eval_files
+from flaxpals.serve.ensemble import Ensemble, EnsembleError, combine
+from flaxpals.train import loop
 from tests.conftest import TRAINED, read_tsv, tiny
 
 # ---------------------------------------------------------------- the averaging
@@ -60,11 +62,11 @@ def test_members_with_other_tasks_are_named_before_any_compute(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for d in (a, b, c):
         d.mkdir()
-    runs.write_config(a, tiny("pal"))
-    runs.write_config(b, tiny("pal", tasks=("sst",)))
+    workdir_format.write_config(a, tiny("pal"))
+    workdir_format.write_config(b, tiny("pal", tasks=("sst",)))
     other = tiny("pal")
     other.extra_tasks.sst = {"num_labels": 3}
-    runs.write_config(c, other)
+    workdir_format.write_config(c, other)
     with pytest.raises(EnsembleError, match=rf"member {b} has tasks \['sst'\]"):
         ensemble.evaluate_ensemble([str(a), str(b)], tmp_path / "out")
     with pytest.raises(EnsembleError, match=r"task 'sst' otherwise .*num_labels: 5 -> 3"):
@@ -94,7 +96,7 @@ def test_a_split_some_members_lack_is_named():
 def second(tmp_path_factory):
     """A second tiny PAL run, another seed: another model on the same tasks and files."""
     workdir = tmp_path_factory.mktemp("run_seed1")
-    train.train_and_evaluate(tiny("pal", seed=1), workdir)
+    loop.train_and_evaluate(tiny("pal", seed=1), workdir)
     # Evaluated in other batches than the first run: two length buckets (rows leave the
     # model bucket by bucket, not in file order) and another batch size.
     values = json.loads((workdir / "config.json").read_text())
@@ -105,7 +107,7 @@ def second(tmp_path_factory):
 
 def _dev_outputs(workdir):
     """task -> (labels, outputs) of the dev rows in file order, from a Predictor."""
-    from flaxpals import build
+    from flaxpals.model import build
 
     p = Predictor.from_workdir(workdir)
     data = build.load_data(p.config, p.tasks, p._r.tokenizer, splits=("dev",))
@@ -132,7 +134,7 @@ def test_ensemble_dev_metrics_follow_from_the_members_outputs(trained, second, t
     assert record["dev/sts"] == pytest.approx(r, abs=1e-5)
     # Each member's own figures are its logged best epoch's.
     for workdir, scores in zip((first, second), record["member_scores"], strict=True):
-        logged = runs.record_at(workdir, runs.read_best(workdir)["step"])
+        logged = workdir_format.record_at(workdir, workdir_format.read_best(workdir)["step"])
         for key in ("dev/sst", "dev/quora", "dev/sts", "dev/average"):
             assert scores[key] == pytest.approx(logged[key], abs=1e-6), (workdir, key)
 
@@ -210,24 +212,24 @@ def test_saved_outputs_round_trip_and_a_better_epoch_replaces_them(tmp_path):
     ids = np.array(["a1", "b22", "c"])
     first = {"dev": {"sst": (ids, np.array([0, 4, 2]), np.arange(15.0).reshape(3, 5)),
                      "sts": (ids, None, np.array([0.5, 1.5, 4.0], np.float32))}}
-    runs.write_outputs(tmp_path, 7, "dev/average", config, first)
-    runs.write_outputs(tmp_path, 9, "val/average", config,
+    workdir_format.write_outputs(tmp_path, 7, "dev/average", config, first)
+    workdir_format.write_outputs(tmp_path, 9, "val/average", config,
                        {"dev": {"sst": (ids, first["dev"]["sst"][1], -first["dev"]["sst"][2])}})
-    saved = runs.read_outputs(tmp_path)
+    saved = workdir_format.read_outputs(tmp_path)
     assert (saved.step, saved.metric) == (9, "val/average")
     assert saved.config.to_dict() == config.to_dict() and list(saved.rows["dev"]) == ["sst"]
     got_ids, labels, out = saved.rows["dev"]["sst"]
     assert got_ids.tolist() == ["a1", "b22", "c"] and labels.tolist() == [0, 4, 2]
     np.testing.assert_array_equal(out, -np.arange(15.0).reshape(3, 5))
-    assert [p.name for p in tmp_path.iterdir()] == [runs.OUTPUTS_FILE]  # no .tmp left
+    assert [p.name for p in tmp_path.iterdir()] == [workdir_format.OUTPUTS_FILE]  # no .tmp left
 
 
 @TRAINED
 def test_a_runs_saved_outputs_are_its_best_checkpoints(trained):
     """best-outputs.npz, written while training, against the best checkpoint restored."""
     workdir = trained[1]
-    saved = runs.read_outputs(workdir / runs.OUTPUTS_FILE)
-    assert saved.step == runs.read_best(workdir)["step"]
+    saved = workdir_format.read_outputs(workdir / workdir_format.OUTPUTS_FILE)
+    assert saved.step == workdir_format.read_best(workdir)["step"]
     assert saved.metric == trained[0].eval.best_metric
     restored = _dev_outputs(workdir)  # in file order
     ids = saved.rows["dev"]["sst"][0]
@@ -241,13 +243,12 @@ def test_a_runs_saved_outputs_are_its_best_checkpoints(trained):
 
 @TRAINED
 def test_eval_mode_writes_the_saved_outputs_of_a_run_without_them(trained, tmp_path):
-    from flaxpals import evaluation
 
     old = tmp_path / "old"
     shutil.copytree(trained[1], old)
-    (old / runs.OUTPUTS_FILE).unlink()
-    evaluation.evaluate_checkpoint(old, step=None)
-    got, want = runs.read_outputs(old), runs.read_outputs(trained[1])
+    (old / workdir_format.OUTPUTS_FILE).unlink()
+    eval_files.evaluate_checkpoint(old, step=None)
+    got, want = workdir_format.read_outputs(old), workdir_format.read_outputs(trained[1])
     assert got.step == want.step and got.metric == want.metric
     for task, (ids, labels, out) in want.rows["dev"].items():
         np.testing.assert_array_equal(got.rows["dev"][task][0], ids)
@@ -258,7 +259,7 @@ def test_eval_mode_writes_the_saved_outputs_of_a_run_without_them(trained, tmp_p
 @TRAINED
 def test_an_ensemble_of_saved_outputs_scores_as_of_checkpoints(trained, second, tmp_path):
     first = trained[1]
-    files = [str(first / runs.OUTPUTS_FILE), str(second / runs.OUTPUTS_FILE)]
+    files = [str(first / workdir_format.OUTPUTS_FILE), str(second / workdir_format.OUTPUTS_FILE)]
     want = ensemble.evaluate_ensemble([str(first), str(second)], tmp_path / "ckpt")
     for members in (files, [files[0], str(second)]):  # files, or a file and a workdir
         got = ensemble.evaluate_ensemble(members, tmp_path / "files")
@@ -273,9 +274,9 @@ def test_unusable_saved_outputs_are_named(trained, tmp_path):
 
     stale = tmp_path / "stale"
     shutil.copytree(trained[1], stale, ignore=shutil.ignore_patterns("checkpoints", "best"))
-    best = runs.read_best(stale)
+    best = workdir_format.read_best(stale)
     (stale / "best.json").write_text(json.dumps({**best, "step": best["step"] + 1}))
-    npz = str(stale / runs.OUTPUTS_FILE)
+    npz = str(stale / workdir_format.OUTPUTS_FILE)
     with pytest.raises(EnsembleError, match=rf"{npz} holds step {best['step']}'s outputs"):
         ensemble.evaluate_ensemble([npz, npz], tmp_path / "out")
     with pytest.raises(EnsembleError, match="--step=3 needs the run's workdir"):
@@ -286,8 +287,8 @@ def test_unusable_saved_outputs_are_named(trained, tmp_path):
     with pytest.raises(EnsembleError, match="predicting needs the runs' checkpoints"):
         ensemble.write_ensemble_predictions([npz, trained[1]], tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    (stale / runs.OUTPUTS_FILE).write_bytes(b"PK\x03\x04 cut short")
+    (stale / workdir_format.OUTPUTS_FILE).write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(config_lib.ConfigError, match=rf"{npz}: not a readable"):
         ensemble.evaluate_ensemble([npz], tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="writes best-outputs.npz when it saves"):
-        runs.read_outputs(tmp_path / "missing.npz")
+        workdir_format.read_outputs(tmp_path / "missing.npz")

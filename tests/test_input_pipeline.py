@@ -12,9 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from flaxpals import batching, tasks
-from flaxpals import input_pipeline as ip
-from flaxpals.datasets import reader
+from flaxpals.data import batching, reader, tasks
+from flaxpals.data import input_pipeline as ip
 from tests.conftest import read_tsv, require
 
 # The module's token cache is built once: keep the module on one xdist worker.
@@ -298,14 +297,15 @@ def test_train_sample_is_seeded_random_not_the_files_head(tok, cache):
 
 
 def test_the_trainers_train_sample_is_the_seeded_one(tok, cache):
-    # What the trainer evaluates each epoch (evaluation.EvalSets): the seeded sample for
+    # What the trainer evaluates each epoch (evaluate.EvalSets): the seeded sample for
     # train, the head for any other split's limit.
-    from flaxpals import config_lib, evaluation, parallel
+    from flaxpals import config_lib
+    from flaxpals.train import evaluate, parallel
 
     c = config_lib.base()
     c.seed = 5
     sst, dev = load("sst", "train", tok, cache), load("sst", "dev", tok, cache)
-    sets = evaluation.EvalSets({"sst": {"train": sst, "dev": dev}}, c, parallel.make_mesh())
+    sets = evaluate.EvalSets({"sst": {"train": sst, "dev": dev}}, c, parallel.make_mesh())
     sampled, batches = sets.get("sst", "train", c.eval.train_sample)
     assert list(sampled.ids) == list(sst.sample(c.eval.train_sample, seed=5).ids)
     assert sum(int((b["index"] >= 0).sum()) for b in batches) == c.eval.train_sample

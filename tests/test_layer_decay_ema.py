@@ -11,11 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from flaxpals import config_lib, optim
-from flaxpals.adapters import AdapterConfig
-from flaxpals.bert import tiny_config
-from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
-from flaxpals.steps import Steps, TrainState
+from flaxpals import config_lib
+from flaxpals.model.adapters import AdapterConfig
+from flaxpals.model.bert import tiny_config
+from flaxpals.model.multitask import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
+from flaxpals.train import optim
+from flaxpals.train.steps import Steps, TrainState
 
 TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classification"))
 # The tiny model has L = 2 layers: powers of the decay by where a param lives.

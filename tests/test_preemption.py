@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxpals import config_lib, preemption
+from flaxpals import config_lib
+from flaxpals.train import preemption
 from tests.conftest import ROOT, epochs, tiny
 
 # ---------------------------------------------------------------- the budget's format
@@ -363,7 +364,7 @@ def test_time_budget_stops_with_a_checkpoint_and_a_second_run_finishes(straight,
 
 
 # Two processes of 2 CPU devices each on a loopback coordinator (as tests/test_scale.py),
-# through the CLI's own multi-process rule (JAX_COORDINATOR_ADDRESS, flaxpals/parallel.py).
+# through the CLI's own multi-process rule (JAX_COORDINATOR_ADDRESS, flaxpals/train/parallel.py).
 # SST and STS only, 16 training examples per task: a global batch of 8 is 2 rows a device.
 PAIR_FLAGS = ("--config.tasks=('sst','sts')", "--config.data.train_limit=16",
               "--config.data.eval_limit=16", "--config.eval.train_sample=8")
@@ -420,9 +421,9 @@ def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(tmp_path):
 SAVE_THEN_SIGNAL_TWICE = """
 import signal, sys
 import jax.numpy as jnp
-from flaxpals import preemption
-from flaxpals.checkpointing import Checkpoints
-from flaxpals.steps import TrainState
+from flaxpals.train import preemption
+from flaxpals.train.checkpointing import Checkpoints
+from flaxpals.train.steps import TrainState
 
 def state(value):
     return TrainState(step=jnp.zeros((), jnp.int32),
@@ -443,8 +444,8 @@ print("still running")
 
 @pytest.mark.slow
 def test_a_second_signal_during_a_save_leaves_the_previous_checkpoint(tmp_path):
-    from flaxpals.checkpointing import Checkpoints
-    from flaxpals.steps import TrainState
+    from flaxpals.train.checkpointing import Checkpoints
+    from flaxpals.train.steps import TrainState
 
     done = subprocess.run([sys.executable, "-c", SAVE_THEN_SIGNAL_TWICE, str(tmp_path)],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},

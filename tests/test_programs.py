@@ -9,20 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxpals import (
-    batching,
-    build,
-    compilation,
-    input_pipeline,
-    optim,
-    parallel,
-    programs,
-    runs,
-    train,
-)
-from flaxpals.evaluation import EvalSets, eval_record, record_splits, split_limit
-from flaxpals.programs import Programs
-from flaxpals.steps import Steps, TrainState, device_batch
+from flaxpals import workdir_format
+from flaxpals.data import batching, input_pipeline
+from flaxpals.model import build
+from flaxpals.train import compilation, loop, optim, parallel, programs
+from flaxpals.train.evaluate import EvalSets, eval_record, record_splits, split_limit
+from flaxpals.train.programs import Programs
+from flaxpals.train.steps import Steps, TrainState, device_batch
 from tests.conftest import tiny
 
 REAL_BUCKETS = (16, 24, 32, 48, 64, 96, 128)
@@ -74,9 +67,9 @@ def _programs_of_a_run(tmp_path, shapes: str, method: str = "annealed",
     jax.clear_caches()
     mark = compilation.STATS.by_function()
     workdir = tmp_path / f"{shapes}-{method}-{pairs}"
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     if history is not None:
-        history += runs.read_metrics(workdir)
+        history += workdir_format.read_metrics(workdir)
     counts = {}
     for name, total in compilation.STATS.by_function().items():
         d = total - mark.get(name, compilation.Compiled())
@@ -132,7 +125,7 @@ def test_the_cpu_policy_compiles_a_program_per_length_used(tmp_path):
 
 
 def _setup(method, tasks):
-    """What train.py builds before its loop, for a tiny run with two length buckets."""
+    """What loop.py builds before its loop, for a tiny run with two length buckets."""
     config = tiny(arg=f"method={method}", **{"data.buckets": (16, 32), "tasks": tasks,
                                              "data.train_limit": 96})
     mesh = parallel.make_mesh()

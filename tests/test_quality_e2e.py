@@ -9,7 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from flaxpals import config_lib, evaluation, train
+from flaxpals import config_lib
+from flaxpals.serve import eval_files
+from flaxpals.train import loop
 
 
 @pytest.mark.slow
@@ -24,7 +26,7 @@ def test_trainer_with_every_option_on(tmp_path, method):
     c.train.smart_weight, c.train.smart_bregman_weight = 1.0, 1.0
     c.eval.use_ema, c.eval.best_metric = True, "val_ema/average"
     c.checkpoint.every_steps = 100
-    train.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     records = [json.loads(line)
                for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
@@ -43,7 +45,7 @@ def test_trainer_with_every_option_on(tmp_path, method):
     # The best checkpoint holds the weights its metric scored: --mode=eval of it gives
     # the EMA's figures of that epoch.
     logged = [r for r in records if r["step"] == best["step"]][0]
-    record = evaluation.evaluate_checkpoint(tmp_path)
+    record = eval_files.evaluate_checkpoint(tmp_path)
     for split in ("dev", "val"):
         assert record[f"{split}/average"] == pytest.approx(logged[f"{split}_ema/average"],
                                                            abs=1e-6)

@@ -23,24 +23,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from flaxpals import (
-    checkpointing,
-    cli,
-    config_lib,
-    evaluation,
-    export,
-    main,
-    preemption,
-    preflight,
-    runs,
-    train,
-    workdir_lock,
-)
-from flaxpals.checkpointing import Checkpoints
-from flaxpals.datasets import reader
-from flaxpals.predict import read_input
-from flaxpals.steps import TrainState
-from flaxpals.tasks import get_task
+from flaxpals import cli, config_lib, main, workdir_format
+from flaxpals.data import reader
+from flaxpals.data.tasks import get_task
+from flaxpals.serve import eval_files, exporter
+from flaxpals.serve.predictor import read_input
+from flaxpals.train import checkpointing, loop, preemption, preflight, workdir_lock
+from flaxpals.train.checkpointing import Checkpoints
+from flaxpals.train.steps import TrainState
 from tests.conftest import ROOT, TRAINED, tiny
 from tests.test_preemption import SavedAt2
 
@@ -94,7 +84,7 @@ def test_an_old_best_checkpoint_takes_its_score_from_metrics_jsonl(tmp_path):
     ckpts = Checkpoints(tmp_path, 2)
     ckpts.best.save(6, args=Checkpoints._args(_state(1.0), {"step": 6}), force=True)
     ckpts.best.wait_until_finished()
-    runs.append_metrics(tmp_path, {"epoch": 1, "step": 6, "dev/average": 0.7,
+    workdir_format.append_metrics(tmp_path, {"epoch": 1, "step": 6, "dev/average": 0.7,
                                    "dev/sst": 0.4})
     assert ckpts.best_score("dev/average") == 0.7
     assert ckpts.best_score("dev/sst") == 0.4  # another eval.best_metric: its own figure
@@ -115,7 +105,7 @@ def _scripted_eval(monkeypatch, scores: list[float]) -> None:
     """train's eval_record giving these dev/average scores, one per epoch evaluated, so
     which epoch is best does not depend on the numerics."""
     left = list(scores)
-    monkeypatch.setattr(train, "eval_record", lambda *a, **k: {"dev/average": left.pop(0)})
+    monkeypatch.setattr(loop, "eval_record", lambda *a, **k: {"dev/average": left.pop(0)})
 
 
 class _Killed(Exception):
@@ -135,19 +125,19 @@ def test_training_keeps_the_better_best_when_best_json_is_lost(tmp_path, monkeyp
             ckpts.wait()
             raise _Killed
 
-    monkeypatch.setattr(train, "AFTER_STEP_HOOKS", [stop_after])
+    monkeypatch.setattr(loop, "AFTER_STEP_HOOKS", [stop_after])
     with pytest.raises(_Killed):
-        train.train_and_evaluate(c, tmp_path)
+        loop.train_and_evaluate(c, tmp_path)
     assert sorted(os.listdir(tmp_path / "best")) == ["6"]
     (tmp_path / "best.json").unlink()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "st')  # a write cut short by the kill
-    monkeypatch.setattr(train, "AFTER_STEP_HOOKS", [])
+    monkeypatch.setattr(loop, "AFTER_STEP_HOOKS", [])
     _scripted_eval(monkeypatch, [0.5])
-    train.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     assert sorted(os.listdir(tmp_path / "best")) == ["6"]
     assert json.loads((tmp_path / "best.json").read_text())["step"] == 6
-    lines = runs.read_metrics(tmp_path)
+    lines = workdir_format.read_metrics(tmp_path)
     assert [(r["epoch"], r["dev/average"]) for r in lines] == [(1, 0.9), (2, 0.5)]
     assert (tmp_path / "metrics.jsonl.unreadable").read_text() == '{"epoch": 2, "st\n'
 
@@ -156,7 +146,7 @@ def test_training_keeps_the_better_best_when_best_json_is_lost(tmp_path, monkeyp
 
 HOLD = """
 import sys, time
-from flaxpals import workdir_lock
+from flaxpals.train import workdir_lock
 lock = workdir_lock.FileLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)
@@ -236,7 +226,7 @@ def test_a_checkpoint_without_a_fingerprint_restores_with_a_log_line(tmp_path, c
     old = Checkpoints(tmp_path, 2)  # as an earlier flaxpals saved it
     old.save_best(6, _state(2.0), {"step": 6}, 0.5, "dev/average")
     old.close()
-    ckpts = Checkpoints(tmp_path, 2, runs.fingerprint(tiny("pal")))
+    ckpts = Checkpoints(tmp_path, 2, workdir_format.fingerprint(tiny("pal")))
     with caplog.at_level("INFO", logger="flaxpals"):
         step, params = ckpts.restore_params({"w": np.zeros(1000, np.float32)})
     ckpts.close()
@@ -245,11 +235,11 @@ def test_a_checkpoint_without_a_fingerprint_restores_with_a_log_line(tmp_path, c
 
 
 def test_resuming_a_checkpoint_of_another_model_stops(tmp_path):
-    saved = runs.fingerprint(tiny("pal"))
+    saved = workdir_format.fingerprint(tiny("pal"))
     ckpts = Checkpoints(tmp_path, 2, saved)
     ckpts.save(4, _state(1.0), {"step": 4}, force=True)
     ckpts.close()
-    other = runs.fingerprint(tiny("pal", **{"model.adapter_heads": 3}))
+    other = workdir_format.fingerprint(tiny("pal", **{"model.adapter_heads": 3}))
     ckpts = Checkpoints(tmp_path, 2, other)
     with pytest.raises(checkpointing.CheckpointMismatchError,
                        match=r"model\.adapter_heads: 6 -> 3; resume with the config"):
@@ -284,12 +274,12 @@ def test_a_config_json_edited_into_another_model_stops_every_restore(trained, tm
     shutil.copytree(source, workdir)
     change, field = EDITS[edit]
     _edit_config(workdir, change)
-    from flaxpals import ensemble
     from flaxpals.predict import Predictor
+    from flaxpals.serve import ensemble
 
-    for restore in (lambda: evaluation.evaluate_checkpoint(workdir),
+    for restore in (lambda: eval_files.evaluate_checkpoint(workdir),
                     lambda: Predictor.from_workdir(workdir),
-                    lambda: export.export(workdir, tmp_path / "out"),
+                    lambda: exporter.export(workdir, tmp_path / "out"),
                     lambda: ensemble.evaluate_ensemble([str(workdir)], tmp_path / "ens")):
         with pytest.raises(checkpointing.CheckpointMismatchError) as e:
             restore()
@@ -304,23 +294,23 @@ def test_a_missing_encoder_or_data_file_stops_before_the_workdir_is_touched(tmp_
     workdir = tmp_path / "run"
     with pytest.raises(config_lib.ConfigError,
                        match=r"^config\.model\.encoder: checkpoint directory '/nonexistent/dir' "):
-        train.train_and_evaluate(tiny("pal", **{"model.encoder": "/nonexistent/dir"}), workdir)
+        loop.train_and_evaluate(tiny("pal", **{"model.encoder": "/nonexistent/dir"}), workdir)
     empty = tmp_path / "data"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"task 'sst', split 'train': .*does not exist"):
-        train.train_and_evaluate(tiny("pal", **{"data.data_dir": str(empty)}), workdir)
+        loop.train_and_evaluate(tiny("pal", **{"data.data_dir": str(empty)}), workdir)
     assert not workdir.exists()
 
 
 def test_a_workdir_without_checkpoints_takes_a_corrected_config(tmp_path):
     """A run that failed before its first checkpoint (its config.json written by an
     earlier flaxpals) does not make the corrected command look like another model."""
-    runs.write_config(tmp_path, tiny("pal", **{"model.encoder": "/nonexistent/dir"}))
-    train._save_config(tmp_path, tiny("pal"))
-    assert runs.read_config(tmp_path).model.encoder == "tiny"
+    workdir_format.write_config(tmp_path, tiny("pal", **{"model.encoder": "/nonexistent/dir"}))
+    loop._save_config(tmp_path, tiny("pal"))
+    assert workdir_format.read_config(tmp_path).model.encoder == "tiny"
     (tmp_path / "checkpoints" / "4").mkdir(parents=True)  # with a checkpoint it is refused
-    with pytest.raises(runs.ConfigMismatchError, match="use a new --workdir"):
-        train._save_config(tmp_path, tiny("pal", **{"model.pooling": "cls"}))
+    with pytest.raises(workdir_format.ConfigMismatchError, match="use a new --workdir"):
+        loop._save_config(tmp_path, tiny("pal", **{"model.pooling": "cls"}))
 
 
 # ---------------------------------------------------------------- 5. the eval record's rows
@@ -335,13 +325,13 @@ def test_an_eval_record_counts_rows_read_scored_and_skipped(trained, tmp_path):
     rows = ["id,sentence,sentiment"] + [f"r{i},{'a fine film' if i % 2 == 0 else ''},{i % 5}"
                                         for i in range(40)]
     path.write_text("\n".join(rows) + "\n")
-    record = evaluation.evaluate_checkpoint(workdir, eval_file=str(path), task="sst")
+    record = eval_files.evaluate_checkpoint(workdir, eval_file=str(path), task="sst")
     assert record["rows"] == {"dev/sst": {"read": 40, "skipped": 20, "kept": 20, "scored": 20,
                                           "skipped_by_reason": {"empty_sentence": 20}}}
     saved = json.loads((workdir / f"eval-{record['step']}-half.json").read_text())
     assert saved["rows"] == record["rows"]
     # The run's own data: the eval limit scores 48 of SST dev's 1,101 rows.
-    assert evaluation.evaluate_checkpoint(workdir)["rows"]["dev/sst"] == {
+    assert eval_files.evaluate_checkpoint(workdir)["rows"]["dev/sst"] == {
         "read": 1101, "skipped": 0, "kept": 1101, "scored": 48, "skipped_by_reason": {}}
 
 
@@ -409,7 +399,7 @@ def test_any_other_write_to_a_full_disk_is_one_line(tmp_path):
 
 
 def test_a_data_file_that_fails_its_checksum_is_one_line_and_writes_nothing(tmp_path):
-    from flaxpals import paths
+    from flaxpals.data import paths
 
     data = tmp_path / "data"
     shutil.copytree(paths.data_dir(), data)
@@ -426,13 +416,13 @@ def test_a_data_file_that_fails_its_checksum_is_one_line_and_writes_nothing(tmp_
 
 
 def test_preflight_checks_the_checksum_before_anything_is_written(tmp_path):
-    from flaxpals import paths
-    from flaxpals.datasets.cs224n import ChecksumError
+    from flaxpals.data import paths
+    from flaxpals.data.cs224n import ChecksumError
 
     data = tmp_path / "data"
     shutil.copytree(paths.data_dir(), data)
-    (data / "sts-train.csv").chmod(0o644)
-    (data / "sts-train.csv").write_bytes((data / "sts-train.csv").read_bytes()[:-10])
+    (data / "sts-loop.csv").chmod(0o644)
+    (data / "sts-loop.csv").write_bytes((data / "sts-loop.csv").read_bytes()[:-10])
     with pytest.raises(ChecksumError, match=r"sts-train\.csv: sha256 .* differs"):
         preflight.check(tiny("pal", **{"data.data_dir": str(data)}))
 
@@ -443,19 +433,19 @@ def test_preflight_checks_the_checksum_before_anything_is_written(tmp_path):
 def test_a_cut_short_last_metrics_line_is_skipped_then_set_aside(tmp_path, caplog):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "step": 6}\n{"epoch": 2, "st')
     with caplog.at_level("WARNING", logger="flaxpals"):
-        assert runs.read_metrics(tmp_path) == [{"epoch": 1, "step": 6}]
+        assert workdir_format.read_metrics(tmp_path) == [{"epoch": 1, "step": 6}]
     assert "metrics.jsonl:2: the last line is cut short" in caplog.text
-    runs.repair_records(tmp_path)
+    workdir_format.repair_records(tmp_path)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1, "step": 6}\n'
     assert (tmp_path / "metrics.jsonl.unreadable").read_text() == '{"epoch": 2, "st\n'
-    runs.append_metrics(tmp_path, {"epoch": 2, "step": 12})
-    assert [r["epoch"] for r in runs.read_metrics(tmp_path)] == [1, 2]
+    workdir_format.append_metrics(tmp_path, {"epoch": 2, "step": 12})
+    assert [r["epoch"] for r in workdir_format.read_metrics(tmp_path)] == [1, 2]
 
 
 def test_a_damaged_metrics_line_before_the_last_is_named(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
     with pytest.raises(config_lib.ConfigError, match=r"metrics\.jsonl:2: not a JSON record"):
-        runs.read_metrics(tmp_path)
+        workdir_format.read_metrics(tmp_path)
 
 
 # ---------------------------------------------------------------- 9, 10. exports
@@ -464,7 +454,7 @@ def test_a_damaged_metrics_line_before_the_last_is_named(tmp_path):
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "model"
-    export.export(trained[1], out)
+    exporter.export(trained[1], out)
     return out
 
 
@@ -475,8 +465,8 @@ def test_a_damaged_export_names_its_file_and_the_fix(exported, tmp_path, name):
     shutil.copytree(exported, copy)
     data = (copy / name).read_bytes()
     (copy / name).write_bytes(data[: len(data) // 2])
-    with pytest.raises(export.ExportError) as e:
-        export.restore_exported(copy)
+    with pytest.raises(exporter.ExportError) as e:
+        exporter.restore_exported(copy)
     message = str(e.value)
     assert str(copy / name) in message
     assert f"export the run again (python -m flaxpals.export --workdir=RUN --out={copy} " \
@@ -492,26 +482,26 @@ def test_export_refuses_a_non_empty_directory_or_a_file_and_replaces_whole(train
     (out / "notes.txt").write_text("my notes")
     with pytest.raises(config_lib.ConfigError, match=r"is not empty \(1 entries: notes\.txt\); "
                        r"give a new directory, or --overwrite"):
-        export.export(workdir, out)
+        exporter.export(workdir, out)
     assert (out / "notes.txt").read_text() == "my notes"
     with pytest.raises(config_lib.ConfigError, match=r"notes\.txt is a file; give a directory"):
-        export.export(workdir, out / "notes.txt")
+        exporter.export(workdir, out / "notes.txt")
     # A failure half-way leaves the directory as it was, and no temporary one.
-    real = export._write
+    real = exporter._write
 
     def half(r, source, target):
         (target / "README.md").parent.mkdir(parents=True, exist_ok=True)
         (target / "README.md").write_text("half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export, "_write", half)
+    monkeypatch.setattr(exporter, "_write", half)
     with pytest.raises(OSError):
-        export.export(workdir, out, overwrite=True)
+        exporter.export(workdir, out, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["mine"]
     assert sorted(os.listdir(out)) == ["notes.txt"]
-    monkeypatch.setattr(export, "_write", real)
-    export.export(workdir, out, overwrite=True)
-    assert not (out / "notes.txt").exists() and (out / export.META_FILE).exists()
+    monkeypatch.setattr(exporter, "_write", real)
+    exporter.export(workdir, out, overwrite=True)
+    assert not (out / "notes.txt").exists() and (out / exporter.META_FILE).exists()
     assert sorted(os.listdir(tmp_path)) == ["mine"]
 
 
@@ -644,19 +634,19 @@ def test_overrides_without_config_apply_to_the_workdirs_config(tmp_path):
     assert overrides == [("data.data_dir", "/d"), ("eval.batch_size", "8"),
                          ("data.strict", "false")]
     assert main.split_overrides(["prog", "--config=c.py", "--config.seed=1"])[1] == []
-    runs.write_config(tmp_path, tiny("pal"))
+    workdir_format.write_config(tmp_path, tiny("pal"))
     config = main.workdir_config(str(tmp_path), overrides)
     assert (config.data.data_dir, config.eval.batch_size, config.data.strict) == ("/d", 8, False)
     with pytest.raises(config_lib.ConfigError, match=r"--config\.eval\.batch_size=many: not a"):
         main.workdir_config(str(tmp_path), [("eval.batch_size", "many")])
     pooled = main.workdir_config(str(tmp_path), [("model.pooling", "cls")])
-    with pytest.raises(runs.ConfigMismatchError, match="model.pooling: 'mean' -> 'cls'"):
-        runs.config_for_restore(tmp_path, pooled)
+    with pytest.raises(workdir_format.ConfigMismatchError, match="model.pooling: 'mean' -> 'cls'"):
+        workdir_format.config_for_restore(tmp_path, pooled)
 
 
 @TRAINED
 def test_eval_takes_a_data_dir_override_without_config(trained, tmp_path):
-    from flaxpals import paths
+    from flaxpals.data import paths
 
     data = tmp_path / "other"
     shutil.copytree(paths.data_dir(), data)
@@ -665,7 +655,7 @@ def test_eval_takes_a_data_dir_override_without_config(trained, tmp_path):
     result = _main("flaxpals.main", f"--workdir={workdir}", "--mode=eval",
                    f"--config.data.data_dir={data}")
     assert result.returncode == 0, _err(result)[-2000:]
-    step = runs.read_best(workdir)["step"]
+    step = workdir_format.read_best(workdir)["step"]
     assert (workdir / f"eval-{step}-other.json").exists()
 
 
@@ -698,7 +688,7 @@ def test_two_trainers_on_one_workdir(tmp_path):
     last = _log(workdir, refused).strip().splitlines()[-1]
     assert last.startswith(f"error: workdir {workdir} is in use by a flaxpals trainer: host ")
     assert "Traceback" not in _log(workdir, refused)
-    assert [r["epoch"] for r in runs.read_metrics(workdir)] == [1, 2]
+    assert [r["epoch"] for r in workdir_format.read_metrics(workdir)] == [1, 2]
     # One started while another trains is refused too, and leaves the run alone.
     again = tmp_path / "again"
     first = _trainer(again, "first")
@@ -709,7 +699,7 @@ def test_two_trainers_on_one_workdir(tmp_path):
     assert second.wait(timeout=600) == 1
     assert f"pid {first.pid}" in _log(again, "second")
     assert first.wait(timeout=600) == 0
-    assert [r["epoch"] for r in runs.read_metrics(again)] == [1, 2]
+    assert [r["epoch"] for r in workdir_format.read_metrics(again)] == [1, 2]
 
 
 def _mount_tmpfs(path: Path, megabytes: int) -> bool:
@@ -739,7 +729,7 @@ def test_a_full_disk_stops_in_one_line_and_the_run_resumes(tmp_path):
         resumed = _trainer(workdir, "resumed")
         assert resumed.wait(timeout=600) == 0, _log(workdir, "resumed")[-2000:]
         assert "resumed from checkpoint step 3 (epoch 1)" in _log(workdir, "resumed")
-        assert [r["epoch"] for r in runs.read_metrics(workdir)] == [1, 2]
+        assert [r["epoch"] for r in workdir_format.read_metrics(workdir)] == [1, 2]
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
 

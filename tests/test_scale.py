@@ -23,11 +23,14 @@ import jax
 import numpy as np
 import pytest
 
-from flaxpals import batching, build, config_lib, parallel, runs
-from flaxpals.bert import tiny_config
-from flaxpals.checkpointing import Checkpoints
-from flaxpals.models import MultiTaskModel, TaskSpec, dummy_batch
-from flaxpals.sampler import TaskSampler
+from flaxpals import config_lib, workdir_format
+from flaxpals.data import batching
+from flaxpals.model import build
+from flaxpals.model.bert import tiny_config
+from flaxpals.model.multitask import MultiTaskModel, TaskSpec, dummy_batch
+from flaxpals.mtl.sampler import TaskSampler
+from flaxpals.train import parallel
+from flaxpals.train.checkpointing import Checkpoints
 from tests.conftest import tiny
 
 # One module-wide set of subprocess runs (`jobs`): under pytest-xdist
@@ -317,7 +320,7 @@ def _equations(jaxpr):
 
 def test_bf16_run_trains_and_keeps_float32_state(jobs):
     run = jobs["one"].results()[len(RUNS)]
-    losses = [r["loss/sst"] for r in runs.read_metrics(jobs["tmp"] / "bf16")]
+    losses = [r["loss/sst"] for r in workdir_format.read_metrics(jobs["tmp"] / "bf16")]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     params = np.load(run["params"])
     assert {params[k].dtype for k in params} == {np.dtype(np.float32)}

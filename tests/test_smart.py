@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxpals import config_lib, heads, smart
-from flaxpals.bert import tiny_config
-from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
-from flaxpals.steps import Steps
+from flaxpals import config_lib
+from flaxpals.model import heads
+from flaxpals.model.bert import tiny_config
+from flaxpals.model.multitask import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
+from flaxpals.train import smart
+from flaxpals.train.steps import Steps
 
 TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classification"),
          TaskSpec("sts", "pair_regression"))

@@ -6,7 +6,7 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from flaxpals.summary_writer import SummaryWriter
+from flaxpals.train.summary_writer import SummaryWriter
 from tests.conftest import TRAINED, epochs
 
 
@@ -44,7 +44,7 @@ def test_the_trained_run_logs_its_epochs_to_tensorboard(trained):
 
 def test_training_imports_no_tensorflow():
     # TensorFlow takes seconds to import; only a TFDS-sourced task should pay for it.
-    code = ("import sys, flaxpals.main, flaxpals.train, flaxpals.predict\n"
+    code = ("import sys, flaxpals.main, flaxpals.train.loop, flaxpals.predict\n"
             "print(sorted(m for m in sys.modules if m.startswith(('tensorflow', 'clu'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from experiments import sweep, sweep_plots, sweep_report, sweep_shares
-from flaxpals import runs
+from flaxpals import workdir_format
 from tests.conftest import ROOT, require
 
 ROW = "separate-sst"  # one task: the cheapest row to compile (a cold compile dominates)
 
 
 def epochs(workdir):
-    return [r["epoch"] for r in runs.read_metrics(workdir)]
+    return [r["epoch"] for r in workdir_format.read_metrics(workdir)]
 
 
 def table_row(markdown: str, name: str) -> list[str]:
@@ -59,7 +59,7 @@ def test_smoke_sweep_reports_and_resumes(tmp_path, monkeypatch):
     assert all(r["seconds"] > 0 for r in record["runs"])
 
     report = (tmp_path / "RESULTS.md").read_text()
-    logged = runs.read_metrics(workdir)
+    logged = workdir_format.read_metrics(workdir)
     best = max(logged, key=lambda r: r["dev/average"])
     sst = table_row(report, "Separate model: sst")
     number = re.compile(r"^\d\.\d{3}$")
@@ -207,7 +207,7 @@ def _fake_run(workdir, dev_by_epoch, best_metric="dev/average", val_by_epoch=Non
                   f"train/{task}": dev + 0.1}
         if val_by_epoch:
             record["val/average"] = val_by_epoch[epoch - 1]
-        runs.append_metrics(workdir, record)
+        workdir_format.append_metrics(workdir, record)
 
 
 def test_seeds_are_reported_as_mean_and_std(tmp_path):
@@ -273,7 +273,7 @@ def _fake_torch_run(workdir, dev_by_epoch, task="sst"):
     (workdir / "config.json").write_text(json.dumps(
         {"framework": "pytorch", "task": task, "epochs": len(dev_by_epoch)}))
     for epoch, dev in enumerate(dev_by_epoch, start=1):
-        runs.append_metrics(workdir, {"epoch": epoch, "step": epoch, f"dev/{task}": dev,
+        workdir_format.append_metrics(workdir, {"epoch": epoch, "step": epoch, f"dev/{task}": dev,
                                       "dev/average": dev})
 
 
@@ -311,7 +311,7 @@ def test_smoke_pytorch_row_runs_and_reports(tmp_path):
     require("transformers")
     argv = [f"--results={tmp_path}", "--budget=smoke", "--only=torch-sst"]
     assert sweep.main(argv) == 0
-    records = runs.read_metrics(tmp_path / "torch-sst")
+    records = workdir_format.read_metrics(tmp_path / "torch-sst")
     assert [r["epoch"] for r in records] == [1, 2]
     report = (tmp_path / "RESULTS.md").read_text()
     best = max(r["dev/sst"] for r in records)
@@ -321,7 +321,7 @@ def test_smoke_pytorch_row_runs_and_reports(tmp_path):
     lines = (tmp_path / "torch-sst" / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "torch-sst" / "metrics.jsonl").write_text(lines[0] + "\n")
     assert sweep.main(argv) == 0
-    assert [r["epoch"] for r in runs.read_metrics(tmp_path / "torch-sst")] == [1, 2]
+    assert [r["epoch"] for r in workdir_format.read_metrics(tmp_path / "torch-sst")] == [1, 2]
     assert (tmp_path / "torch-sst" / "metrics.jsonl.1").read_text() == lines[0] + "\n"
 
 
@@ -331,7 +331,7 @@ def test_an_ema_row_is_reported_by_its_ema_figures(tmp_path):
     (workdir / "config.json").write_text(json.dumps(
         {"train": {"num_epochs": 2}, "eval": {"best_metric": "val_ema/average"}}))
     for epoch, (raw, ema, val_ema) in enumerate([(0.5, 0.6, 0.9), (0.55, 0.58, 0.8)], 1):
-        runs.append_metrics(workdir, {"epoch": epoch, "dev/sst": raw, "dev_ema/sst": ema,
+        workdir_format.append_metrics(workdir, {"epoch": epoch, "dev/sst": raw, "dev_ema/sst": ema,
                                       "val_ema/average": val_ema})
     row = next(r for r in sweep_report.collect(tmp_path) if r["slug"] == "best-val-ema")
     # epoch 1 by val_ema; the checkpoint kept holds the EMA weights: their dev score
@@ -363,8 +363,8 @@ def test_ensemble_rows_wait_for_every_seed_and_are_labelled(tmp_path, monkeypatc
     assert "best-val-ensemble] not all of seeds [0, 1] have finished" in capsys.readouterr().out
     assert [c for c in ran if "--mode=eval" in c] == []
 
-    runs.append_metrics(tmp_path / "best-val-seed1", {"epoch": 2, "step": 20, "dev/sst": .47,
-                                                      "dev/average": .47})
+    workdir_format.append_metrics(tmp_path / "best-val-seed1", {
+        "epoch": 2, "step": 20, "dev/sst": .47, "dev/average": .47})
     ran.clear()
     assert sweep.main(argv) == 0
     assert len(ran) == 1 and ran[0][2:4] == ["flaxpals.main", "--mode=eval"]
@@ -393,23 +393,25 @@ def test_an_ensemble_reads_the_seeds_saved_outputs_where_they_are(tmp_path):
     a, b = tmp_path / "best-val", tmp_path / "best-val-seed1"
     a.mkdir()
     b.mkdir()
-    (a / runs.OUTPUTS_FILE).write_bytes(b"")
-    assert sweep_ensemble.member(a) == a / runs.OUTPUTS_FILE
+    (a / workdir_format.OUTPUTS_FILE).write_bytes(b"")
+    assert sweep_ensemble.member(a) == a / workdir_format.OUTPUTS_FILE
     assert sweep_ensemble.member(b) == b  # no file: its best checkpoint
     ens = sweep_ensemble.workdir_of(tmp_path, "best-val")
     ens.mkdir()
     (ens / "eval-ensemble.json").write_text(json.dumps({"members": [str(a), str(b)]}))
     # Scored from checkpoints before; the same seeds read from their files: done already.
-    assert sweep_ensemble.is_done(ens, [a / runs.OUTPUTS_FILE, b])
-    assert not sweep_ensemble.is_done(ens, [a / runs.OUTPUTS_FILE, tmp_path / "best-val-seed2"])
+    assert sweep_ensemble.is_done(ens, [a / workdir_format.OUTPUTS_FILE, b])
+    assert not sweep_ensemble.is_done(
+        ens, [a / workdir_format.OUTPUTS_FILE, tmp_path / "best-val-seed2"])
 
 
 def _three_task_run(workdir, sst, quora, sts):
     """A finished one-epoch multi-task run's files."""
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(json.dumps({"train": {"num_epochs": 1}}))
-    runs.append_metrics(workdir, {"epoch": 1, "step": 10, "dev/sst": sst, "dev/quora": quora,
-                                  "dev/sts": sts, "dev/average": (sst + quora + sts) / 3})
+    workdir_format.append_metrics(workdir, {
+        "epoch": 1, "step": 10, "dev/sst": sst, "dev/quora": quora,
+        "dev/sts": sts, "dev/average": (sst + quora + sts) / 3})
 
 
 def test_combiners_are_set_against_pcgrad_and_proportional_beyond_the_spread(tmp_path):
@@ -463,7 +465,7 @@ def test_the_shares_section_reads_the_logged_statistics(tmp_path):
               "sum_share/quora": 0.05, "sum_share/sts": 0.25}]
     for epoch, extra in enumerate(stats, 1):
         if epoch > 1:
-            runs.append_metrics(tmp_path / "best-imtl_g-seed1", {
+            workdir_format.append_metrics(tmp_path / "best-imtl_g-seed1", {
                 "epoch": epoch, "step": 20, "dev/average": 0.7, **{
                     f"dev/{t}": 0.7 for t in ("sst", "quora", "sts")}})
         lines = (tmp_path / "best-imtl_g-seed1" / "metrics.jsonl").read_text().splitlines()
@@ -561,8 +563,8 @@ def test_rows_started_without_an_epoch_and_unfinished_separate_models_say_so(tmp
 
 
 def test_every_combiner_and_loss_weighting_has_a_best_recipe_row():
-    from flaxpals.combiners import COMBINERS
-    from flaxpals.weighting import LOSS_WEIGHTINGS
+    from flaxpals.mtl.combiners import COMBINERS
+    from flaxpals.mtl.loss_weighting import LOSS_WEIGHTINGS
 
     rows = {r.slug: r for r in sweep.ROWS}
     cpu = sweep.BUDGETS["cpu"]

@@ -13,12 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxpals import combiners, config_lib, heads, optim, parallel, task_params
-from flaxpals.adapters import AdapterConfig
-from flaxpals.bert import tiny_config
-from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
-from flaxpals.programs import Programs
-from flaxpals.steps import Steps, TrainState, device_batch
+from flaxpals import config_lib
+from flaxpals.model import heads
+from flaxpals.model.adapters import AdapterConfig
+from flaxpals.model.bert import tiny_config
+from flaxpals.model.multitask import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
+from flaxpals.mtl import combiners, task_params
+from flaxpals.train import optim, parallel
+from flaxpals.train.programs import Programs
+from flaxpals.train.steps import Steps, TrainState, device_batch
 from tests.test_train_units import _random_batch
 
 TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classification"),

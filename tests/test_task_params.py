@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from flaxpals import bert
-from flaxpals.adapters import TaskAdapters
-from flaxpals.task_params import (
+from flaxpals.model import bert
+from flaxpals.model.adapters import TaskAdapters
+from flaxpals.mtl.task_params import (
     format_accounting,
     keep_other_tasks,
     owner,

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from flaxpals import tasks
+from flaxpals.data import tasks
 from tests.conftest import require
 
 

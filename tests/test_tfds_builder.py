@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from flaxpals import paths, tasks
-from flaxpals.datasets import cs224n, reader
+from flaxpals.data import cs224n, paths, reader, tasks
 from tests.conftest import require
 
 tfds = require("tensorflow_datasets")

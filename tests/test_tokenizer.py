@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from flaxpals.tokenizer import Tokenizer
+from flaxpals.model.tokenizer import Tokenizer
 from tests.conftest import read_tsv
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from benchmarks import bench_steps as bench
 from benchmarks import step_sides
-from flaxpals import config_lib, heads
+from flaxpals import config_lib
+from flaxpals.model import heads
 from tests.conftest import require
 
 

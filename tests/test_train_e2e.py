@@ -13,8 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from flaxpals import build, config_lib, evaluation, train
-from flaxpals.checkpointing import Checkpoints
+from flaxpals import config_lib
+from flaxpals.model import build
+from flaxpals.serve import eval_files
+from flaxpals.train import loop
+from flaxpals.train.checkpointing import Checkpoints
 from tests.conftest import TRAINED, epochs, read_tsv, tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +38,7 @@ def test_every_method_lowers_the_loss_on_a_fixed_batch(tmp_path, name, method):
     c = tiny(name, f"method={method}", **{"data.train_limit": 8, "train.num_epochs": 4,
                                             "train.steps_per_epoch": 6, "eval.train_sample": 8,
                                             "checkpoint.every_steps": 100})
-    train.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     history = epochs(tmp_path)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     for task in c.tasks:
@@ -52,7 +55,7 @@ def test_every_method_lowers_the_loss_on_a_fixed_batch(tmp_path, name, method):
 @TRAINED
 def test_eval_restores_the_best_checkpoint(trained):
     c, workdir = trained
-    record = evaluation.evaluate_checkpoint(workdir)
+    record = eval_files.evaluate_checkpoint(workdir)
     best = json.loads((workdir / "best.json").read_text())
     assert record["step"] == best["step"]
     # The same params on the same dev sample give the score recorded in training.
@@ -65,7 +68,7 @@ def test_eval_restores_the_best_checkpoint(trained):
 @TRAINED
 def test_predict_writes_every_id_once(trained):
     c, workdir = trained
-    written = evaluation.write_predictions(workdir)
+    written = eval_files.write_predictions(workdir)
     names = sorted(p.name for p in written)
     assert names == ["para-dev-output.csv", "sst-dev-output.csv", "sst-test-output.csv",
                      "sts-dev-output.csv", "sts-test-output.csv"]  # no Quora test file here
@@ -185,8 +188,8 @@ def test_corrupt_latest_checkpoint_falls_back(trained, caplog, tmp_path):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     model, params, *_ = build.build_model(c)
-    from flaxpals.optim import make_optimizer
-    from flaxpals.steps import TrainState
+    from flaxpals.train.optim import make_optimizer
+    from flaxpals.train.steps import TrainState
     tx = make_optimizer(c.train, params, 10)
     target = TrainState(jax.numpy.zeros((), jax.numpy.int32), params, tx.init(params),
                         jax.random.key_data(jax.random.key(0)))
@@ -207,9 +210,9 @@ def test_nan_loss_stops_the_run_naming_the_window_task_and_step(tmp_path):
     # Metrics are read every log_every_steps (2) and at checkpoints (every 4 steps).
     c = tiny(**{"train.learning_rate": 1e35, "train.schedule": "constant",
                 "train.grad_clip": 0.0, "checkpoint.every_steps": 4})
-    with pytest.raises(train.TrainingError, match=r"non-finite loss or gradient in steps "
+    with pytest.raises(loop.TrainingError, match=r"non-finite loss or gradient in steps "
                        r"(\d+)-(\d+) \(first at step \d+, epoch 1\) for task\(s\) \w+") as e:
-        train.train_and_evaluate(c, tmp_path)
+        loop.train_and_evaluate(c, tmp_path)
     first, last = map(int, e.value.args[0].split("steps ")[1].split(" ")[0].split("-"))
     assert last - first + 1 <= c.log_every_steps and last % c.log_every_steps == 0
     ckpts = Checkpoints(tmp_path, 2)
@@ -219,7 +222,7 @@ def test_nan_loss_stops_the_run_naming_the_window_task_and_step(tmp_path):
 
 
 def _host_reads(monkeypatch, stray=False) -> tuple[list, list]:
-    """(reads outside train.sync_point, reads inside it) of a jax.Array's value by the
+    """(reads outside loop.sync_point, reads inside it) of a jax.Array's value by the
     training loop's thread, from the loop's start on (every np.asarray, float(),
     .item() and jax.device_get of a jax.Array reads `ArrayImpl._value`).
 
@@ -237,7 +240,7 @@ def _host_reads(monkeypatch, stray=False) -> tuple[list, list]:
             (inside if state["inside"] else outside).append(1)
         return value.fget(self)
 
-    started, sync_point = train.RunTimer.loop_started, train.sync_point
+    started, sync_point = loop.RunTimer.loop_started, loop.sync_point
 
     def loop_started(self):
         state["thread"] = threading.get_ident()
@@ -253,17 +256,17 @@ def _host_reads(monkeypatch, stray=False) -> tuple[list, list]:
             state["inside"] -= 1
 
     monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(read))
-    monkeypatch.setattr(train.RunTimer, "loop_started", loop_started)
-    monkeypatch.setattr(train, "sync_point", counted)
+    monkeypatch.setattr(loop.RunTimer, "loop_started", loop_started)
+    monkeypatch.setattr(loop, "sync_point", counted)
     if stray:
-        step = train.Programs.train
+        step = loop.Programs.train
 
         def train_and_read(self, state, batches):
             state, metrics = step(self, state, batches)
             float(metrics["grad_norm"])
             return state, metrics
 
-        monkeypatch.setattr(train.Programs, "train", train_and_read)
+        monkeypatch.setattr(loop.Programs, "train", train_and_read)
     return outside, inside
 
 
@@ -273,7 +276,7 @@ def test_steps_between_the_loops_waits_read_nothing_from_the_device(tmp_path, mo
     c = tiny(**{"log_every_steps": 4, "checkpoint.every_steps": 100,
                 "train.steps_per_epoch": 9, "train.num_epochs": 2})
     outside, inside = _host_reads(monkeypatch)
-    train.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     assert [r["step"] for r in epochs(tmp_path)] == [9, 18]
     assert not outside
     assert inside  # the metrics, the checkpoints and the evaluations were read there
@@ -283,7 +286,7 @@ def test_the_host_read_counter_sees_a_stray_read(tmp_path, monkeypatch):
     c = tiny(**{"log_every_steps": 4, "checkpoint.every_steps": 100,
                 "train.steps_per_epoch": 3, "train.num_epochs": 1, "eval.train_sample": 0})
     outside, _ = _host_reads(monkeypatch, stray=True)
-    train.train_and_evaluate(c, tmp_path)
+    loop.train_and_evaluate(c, tmp_path)
     assert len(outside) == 3  # one per step
 
 

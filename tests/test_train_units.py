@@ -9,20 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from flaxpals import (
-    compilation,
-    config_lib,
-    evaluation,
-    metrics,
-    optim,
-    parallel,
-    pcgrad,
-    task_params,
-)
-from flaxpals.adapters import AdapterConfig
-from flaxpals.bert import tiny_config
-from flaxpals.models import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
-from flaxpals.steps import Steps, TrainState, device_batch
+from flaxpals import config_lib
+from flaxpals.data import metrics
+from flaxpals.model.adapters import AdapterConfig
+from flaxpals.model.bert import tiny_config
+from flaxpals.model.multitask import ModelOptions, MultiTaskModel, TaskSpec, dummy_batch
+from flaxpals.mtl import pcgrad, task_params
+from flaxpals.train import compilation, evaluate, optim, parallel
+from flaxpals.train.steps import Steps, TrainState, device_batch
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -146,11 +140,11 @@ def test_bad_keys_and_values_are_named():
 def test_train_sample_zero_scores_no_train_split():
     # 0 once meant "no limit" and scored the whole train split every epoch.
     c = load_config("baseline")
-    assert ("train", "train") in evaluation.record_splits(c)
+    assert ("train", "train") in evaluate.record_splits(c)
     c.eval.train_sample = 0
-    assert evaluation.record_splits(c) == (("dev", "dev"),)
+    assert evaluate.record_splits(c) == (("dev", "dev"),)
     c.data.validation_fraction = 0.1
-    assert evaluation.record_splits(c) == (("dev", "dev"), ("val", "val"))
+    assert evaluate.record_splits(c) == (("dev", "dev"), ("val", "val"))
 
 
 TASKS = (TaskSpec("sst", "classification", 5), TaskSpec("quora", "pair_classification"),

@@ -11,10 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from flaxpals import build, config_lib, evaluation, export, runs
-from flaxpals.checkpointing import CheckpointMismatchError, Checkpoints
-from flaxpals.datasets.reader import DataFormatError
+from flaxpals import config_lib, workdir_format
+from flaxpals.data.reader import DataFormatError
+from flaxpals.model import build
 from flaxpals.predict import Predictor, predict_file
+from flaxpals.serve import eval_files, exporter
+from flaxpals.train.checkpointing import CheckpointMismatchError, Checkpoints
 from tests.conftest import ROOT, TRAINED, epochs, read_tsv, require, tiny
 
 # ---------------------------------------------------------------- saved config, no compute
@@ -24,31 +26,31 @@ from tests.conftest import ROOT, TRAINED, epochs, read_tsv, require, tiny
                                        ("model.pair_encoding", "bi")])
 def test_a_changed_model_field_is_named_saved_to_given(tmp_path, key, value):
     saved = tiny("pal")
-    runs.write_config(tmp_path, saved)
+    workdir_format.write_config(tmp_path, saved)
     section, field = key.split(".")
-    with pytest.raises(runs.ConfigMismatchError) as e:
-        runs.config_for_restore(tmp_path, tiny("pal", **{key: value}))
+    with pytest.raises(workdir_format.ConfigMismatchError) as e:
+        workdir_format.config_for_restore(tmp_path, tiny("pal", **{key: value}))
     lines = str(e.value).splitlines()
     assert f"  {key}: {saved[section][field]!r} -> {value!r}" in lines
     assert len(lines) == 3  # the sentence, the one field, the way out
 
 
 def test_a_changed_label_count_is_named(tmp_path):
-    runs.write_config(tmp_path, tiny("pal"))
+    workdir_format.write_config(tmp_path, tiny("pal"))
     given = tiny("pal")
     given.extra_tasks.sst = {"num_labels": 3}  # the builtin SST with 3 classes
-    with pytest.raises(runs.ConfigMismatchError, match=r"tasks\.sst\.num_labels: 5 -> 3"):
-        runs.config_for_restore(tmp_path, given)
+    with pytest.raises(workdir_format.ConfigMismatchError, match=r"tasks\.sst\.num_labels: 5 -> 3"):
+        workdir_format.config_for_restore(tmp_path, given)
 
 
 def test_data_and_eval_fields_apply_and_training_fields_stay_saved(tmp_path):
     saved = tiny("pal")
-    runs.write_config(tmp_path, saved)
+    workdir_format.write_config(tmp_path, saved)
     other_data = tmp_path / "elsewhere"
     other_data.mkdir()
     given = tiny("pal", **{"eval.batch_size": 8, "data.data_dir": str(other_data),
                            "train.learning_rate": 0.5})
-    config = runs.config_for_restore(tmp_path, given)
+    config = workdir_format.config_for_restore(tmp_path, given)
     assert config.eval.batch_size == 8
     assert config.data.data_dir == str(other_data)
     assert config.train.learning_rate == saved.train.learning_rate
@@ -57,16 +59,16 @@ def test_data_and_eval_fields_apply_and_training_fields_stay_saved(tmp_path):
 
 def test_a_saved_config_reads_back_and_old_runs_keep_their_train_sample(tmp_path):
     saved = tiny("pal", **{"model.pooling": "cls"})
-    runs.write_config(tmp_path, saved)
-    assert runs.read_config(tmp_path).to_dict() == saved.to_dict()
+    workdir_format.write_config(tmp_path, saved)
+    assert workdir_format.read_config(tmp_path).to_dict() == saved.to_dict()
     values = json.loads((tmp_path / "config.json").read_text())
     del values["eval"]["train_sample_from"]  # written before the field existed
     (tmp_path / "config.json").write_text(json.dumps(values))
-    assert runs.read_config(tmp_path).eval.train_sample_from == "head"
+    assert workdir_format.read_config(tmp_path).eval.train_sample_from == "head"
     values["train"]["lerning_rate"] = 1.0
     (tmp_path / "config.json").write_text(json.dumps(values))
     with pytest.raises(ValueError, match=r"config\.json: config\.train\.lerning_rate: unknown"):
-        runs.read_config(tmp_path)
+        workdir_format.read_config(tmp_path)
 
 
 def _main(*args, stdin=None):
@@ -76,7 +78,7 @@ def _main(*args, stdin=None):
 
 
 def test_cli_stops_a_mismatched_eval_before_any_compute(tmp_path):
-    runs.write_config(tmp_path, tiny("pal"))  # a run with no checkpoint at all
+    workdir_format.write_config(tmp_path, tiny("pal"))  # a run with no checkpoint at all
     result = _main("flaxpals.main", f"--workdir={tmp_path}", "--mode=eval",
                    "--config=configs/pal.py:tiny", "--config.model.pooling=cls")
     assert result.returncode != 0
@@ -111,10 +113,10 @@ def test_cli_stops_flags_the_mode_would_ignore(tmp_path, flags, message):
 def test_eval_with_no_config_gives_the_logged_figures(trained):
     _, workdir = trained
     lines = epochs(workdir)
-    best = runs.read_best(workdir)
+    best = workdir_format.read_best(workdir)
     for step, want in ((None, next(r for r in lines if r["step"] == best["step"])),
                        (lines[-1]["step"], lines[-1])):
-        record = evaluation.evaluate_checkpoint(workdir, step=step)
+        record = eval_files.evaluate_checkpoint(workdir, step=step)
         assert record["step"] == want["step"]
         figures = [k for k in want if k.startswith(("dev/", "train/"))]
         assert len(figures) == 10
@@ -136,9 +138,9 @@ def test_eval_on_a_file_with_its_own_columns(trained, tmp_path, monkeypatch):
         w.writerow(["review_id", "body", "stars"])
         for r in read_tsv("ids-sst-dev.csv")[:48]:
             w.writerow([r["id"], r["sentence"], f"{float(r['sentiment']):.1f}"])
-    record = evaluation.evaluate_checkpoint(workdir, eval_file="reviews.csv", task="sst",
+    record = eval_files.evaluate_checkpoint(workdir, eval_file="reviews.csv", task="sst",
                                             columns={"text": "body", "label": "stars"})
-    logged = runs.record_at(workdir, record["step"])
+    logged = workdir_format.record_at(workdir, record["step"])
     assert record["dev/sst"] == pytest.approx(logged["dev/sst"], abs=1e-9)
     assert (workdir / f"eval-{record['step']}-reviews.json").exists()
 
@@ -146,7 +148,7 @@ def test_eval_on_a_file_with_its_own_columns(trained, tmp_path, monkeypatch):
 @TRAINED
 def test_timings_say_where_the_run_went(trained):
     _, workdir = trained
-    (record,) = runs.read_timings(workdir)  # one invocation
+    (record,) = workdir_format.read_timings(workdir)  # one invocation
     assert record["steps"] == epochs(workdir)[-1]["step"]
     assert 1 <= record["compiling_steps"] < record["steps"]  # the first step compiled
     assert 0 < record["first_step_s"] <= record["total_s"]
@@ -179,7 +181,7 @@ def _dev(task):
 @TRAINED
 def test_predictor_equals_mode_predict_on_dev(trained, predictor):
     _, workdir = trained
-    evaluation.write_predictions(workdir)
+    eval_files.write_predictions(workdir)
     assert [t.name for t in predictor.tasks] == ["sst", "quora", "sts"]
     for task, prefix, key in (("sst", "sst", "label"), ("quora", "para", "label"),
                               ("sts", "sts", "score")):
@@ -228,7 +230,7 @@ def test_export_refuses_a_training_runs_workdir(trained):
     _, workdir = trained
     before = (workdir / "config.json").read_text()
     with pytest.raises(config_lib.ConfigError, match="holds a training run"):
-        export.export(workdir, workdir)
+        exporter.export(workdir, workdir)
     assert (workdir / "config.json").read_text() == before
 
 
@@ -247,13 +249,14 @@ def test_export_loads_anywhere_and_predicts_the_same(trained, predictor, tmp_pat
     torch = require("torch")
     transformers = require("transformers")
     _, workdir = trained
-    out = export.export(workdir, tmp_path / "model")
+    out = exporter.export(workdir, tmp_path / "model")
     for name in ("config.json", "model.safetensors", "vocab.txt", "tasks.safetensors",
                  "flaxpals.json", "README.md"):
         assert (out / name).exists(), name
     meta = json.loads((out / "flaxpals.json").read_text())
     assert meta["step"] == predictor.step
-    assert meta["metrics"]["dev/sst"] == runs.record_at(workdir, predictor.step)["dev/sst"]
+    assert meta["metrics"]["dev/sst"] == \
+        workdir_format.record_at(workdir, predictor.step)["dev/sst"]
     assert [t["name"] for t in meta["tasks"]] == ["sst", "quora", "sts"]
     exported = Predictor.from_pretrained(out)
     for task in ("sst", "quora", "sts"):
@@ -263,7 +266,7 @@ def test_export_loads_anywhere_and_predicts_the_same(trained, predictor, tmp_pat
         for key in a:
             np.testing.assert_allclose(a[key], b[key], atol=1e-6, rtol=0, err_msg=task)
     # The encoder alone in transformers against flaxpals' encoder on the same weights.
-    from flaxpals import bert
+    from flaxpals.model import bert
 
     config, directory = build.encoder_config(predictor.config.model)
     tokens = predictor._r.tokenizer(["a man walks into a bar", "the film is dull"])
@@ -360,7 +363,7 @@ def get_config(arg=None):
     c.tasks = ("sst", "dupes")
     c.extra_tasks.dupes = dict(
         kind="pair_classification", num_labels=2,
-        files=dict(train="{data}/dupes-train.csv", dev="{data}/dupes-dev.csv",
+        files=dict(train="{data}/dupes-loop.csv", dev="{data}/dupes-dev.csv",
                    test="{data}/dupes-test.csv"),
         fields=dict(id="qid", text="first", text_pair="second", label="same"))
     return config_lib.apply_arg(c, "tiny")
@@ -370,7 +373,7 @@ def get_config(arg=None):
 @pytest.mark.slow  # three subprocess runs: `make test-slow` and CI
 def test_a_task_declared_in_a_config_file_trains_evals_and_predicts(tmp_path):
     # Quora pairs under other column names, comma-delimited, labels as in the file (1.0).
-    rows = read_tsv("quora-train.csv")
+    rows = read_tsv("quora-loop.csv")
     for split, part in (("train", rows[:80]), ("dev", rows[80:112]), ("test", rows[112:120])):
         with open(tmp_path / f"dupes-{split}.csv", "w", newline="") as f:
             w = csv.writer(f)
@@ -405,12 +408,12 @@ def test_a_workdir_saved_under_the_old_field_names_restores(tmp_path):
     values["model"]["checkpoint"] = values["model"].pop("encoder")  # the names it had before
     values["train"]["mode"] = values["train"].pop("trainable")
     (tmp_path / "config.json").write_text(json.dumps(values))
-    config = runs.read_config(tmp_path)
+    config = workdir_format.read_config(tmp_path)
     assert (config.model.encoder, config.train.trainable) == ("tiny", "adapters_only")
     assert config.to_dict() == saved.to_dict()
     # A published sweep row, written before the rename, reads back too.
     row = ROOT / "docs" / "results" / "best-proportional"
-    assert runs.read_config(row).model.encoder == json.loads(
+    assert workdir_format.read_config(row).model.encoder == json.loads(
         (row / "config.json").read_text())["model"]["checkpoint"]
 
 
@@ -428,7 +431,7 @@ def test_a_resume_that_does_not_fit_stops_and_keeps_the_checkpoints(trained, tmp
                                                                       value, message):
     import shutil
 
-    from flaxpals import train
+    from flaxpals.train import loop
 
     config, workdir = trained
     copy = tmp_path / "run"
@@ -438,11 +441,12 @@ def test_a_resume_that_does_not_fit_stops_and_keeps_the_checkpoints(trained, tmp
     section, field = key.split(".")
     changed[section][field] = value
     with pytest.raises(CheckpointMismatchError, match=message) as e:
-        train.train_and_evaluate(changed, copy)
+        loop.train_and_evaluate(changed, copy)
     assert "resume with the config the run was saved with" in str(e.value)
     assert len(str(e.value)) < 800
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == steps
     assert not (copy / "checkpoints-unreadable").exists()
-    assert runs.read_metrics(copy) == runs.read_metrics(workdir)  # nothing appended
+    # nothing appended
+    assert workdir_format.read_metrics(copy) == workdir_format.read_metrics(workdir)
     assert json.loads((copy / "config.1.json").read_text()) == json.loads(
         (workdir / "config.json").read_text())  # the run's own config, kept

@@ -6,8 +6,11 @@ References: the real CS224N files and their source line numbers (unique per row)
 import numpy as np
 import pytest
 
-from flaxpals import build, config_lib, evaluation, parallel, tasks
-from flaxpals import input_pipeline as ip
+from flaxpals import config_lib
+from flaxpals.data import input_pipeline as ip
+from flaxpals.data import tasks
+from flaxpals.model import build
+from flaxpals.train import evaluate, parallel
 
 pytestmark = pytest.mark.xdist_group("validation_split")
 
@@ -88,7 +91,7 @@ def test_load_data_holds_out_val_and_no_training_batch_reads_it(tok, cache):
         assert seen and not seen & held
         assert seen <= set(splits["train"].ids)
         # The trainer's evaluation reads the whole held-out split.
-        found, batches = evaluation.EvalSets(data, c, parallel.make_mesh()).get(t.name, "val")
+        found, batches = evaluate.EvalSets(data, c, parallel.make_mesh()).get(t.name, "val")
         assert found is splits["val"]
         assert sum(int((b["index"] >= 0).sum()) for b in batches) == 100
     # The same rows whatever the run's seed.

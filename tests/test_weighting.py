@@ -1,4 +1,4 @@
-"""The loss weightings of flaxpals/weighting.py against NumPy references from the papers.
+"""The loss weightings of flaxpals/mtl/loss_weighting.py against NumPy references from the papers.
 
 Each reference runs the paper's rule step by step in float64 on a sequence of
 per-task losses, with its own Adam (Kingma & Ba's equations, optax's defaults
@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxpals import config_lib, gradmtl, optim, pcgrad
-from flaxpals import weighting as wt
+from flaxpals import config_lib
+from flaxpals.mtl import core, pcgrad
+from flaxpals.mtl import loss_weighting as wt
+from flaxpals.train import optim
 from tests.test_combiners import assert_heads_untouched, make_problem, rel_err, shared_update
 
 STEPS = 12
@@ -148,7 +150,7 @@ def test_dwa_weights_move_after_two_windows():
     np.testing.assert_allclose(outs[6], w[6] @ a, rtol=1e-6)
     assert int(state.inner.windows) == 3
     # The state keeps the last step's weights for the metrics, and no Gram matrix.
-    stats = gradmtl.step_stats(state, ["x", "y"])
+    stats = core.step_stats(state, ["x", "y"])
     assert sorted(stats) == ["coef/x", "coef/y"]
     np.testing.assert_allclose([float(stats["coef/x"]), float(stats["coef/y"])], w[-1],
                                rtol=1e-6)

