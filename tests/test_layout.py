@@ -34,3 +34,77 @@ def test_the_library_never_imports_project_code():
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names
                           if n.split(".")[0] in PROJECT_CODE + ("torch", "transformers")]
     assert offenders == []
+
+
+# The wings, lowest first: a module imports from its own wing or a lower one only.
+# config_lib (the config and its allowed values) imports nothing of flaxpals; the entry
+# points (commands) sit on top. docs/architecture.md draws the same order.
+WINGS = ("config_lib", "data", "workdir_format", "model", "mtl", "train", "serve")
+ENTRY_POINTS = ("main", "cli", "predict", "export", "ensemble", "__init__")
+
+
+def _library_imports() -> dict[str, set[str]]:
+    """{module: flaxpals modules it imports anywhere in its body}, module names dotted."""
+    root = ROOT / "flaxpals"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flaxpals"):
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+                         else node.module for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("flaxpals")}
+        graph[name] = deps - {name}
+    return graph
+
+
+def _wing(module: str) -> int:
+    top = module.split(".")[1] if "." in module else "__init__"
+    if top in ENTRY_POINTS:
+        return len(WINGS)
+    assert top in WINGS, f"{module}: in no wing; add its wing to WINGS"
+    return WINGS.index(top)
+
+
+def test_no_module_imports_from_a_higher_wing():
+    graph = _library_imports()
+    upward = [f"{m} -> {d}" for m, deps in sorted(graph.items()) for d in sorted(deps)
+              if d != "flaxpals" and _wing(d) > _wing(m)]
+    assert upward == []
+
+
+def test_config_lib_imports_no_other_flaxpals_module():
+    assert _library_imports()["flaxpals.config_lib"] == set()
+
+
+def test_the_library_has_no_import_cycles():
+    graph = _library_imports()
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def test_old_import_paths_still_work():
+    # Names users hold from before the wings: the entry points and the Ensemble.
+    from flaxpals.ensemble import Ensemble
+    from flaxpals.predict import Predictor
+    from flaxpals.serve import ensemble, predictor
+
+    assert Predictor is predictor.Predictor and Ensemble is ensemble.Ensemble

@@ -417,6 +417,19 @@ def test_a_workdir_saved_under_the_old_field_names_restores(tmp_path):
         (row / "config.json").read_text())["model"]["checkpoint"]
 
 
+@pytest.mark.parametrize("row", sorted(
+    p.parent.name for p in (ROOT / "docs" / "results").glob("*/config.json")
+    if "framework" not in json.loads(p.read_text())))  # not the PyTorch reference's runs
+def test_every_published_run_config_reads_back(row):
+    # The committed runs were saved by older layouts of the library: their configs
+    # still read, name their tasks and fingerprint their model.
+    from flaxpals.data.tasks import tasks_of_config
+
+    config = workdir_format.read_config(ROOT / "docs" / "results" / row)
+    assert [t.name for t in tasks_of_config(config)]
+    assert workdir_format.fingerprint(config)
+
+
 @TRAINED
 @pytest.mark.parametrize("key,value,message", [
     # Another optimiser state tree: the restore used to fail as a damaged file would,
