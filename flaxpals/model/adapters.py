@@ -208,13 +208,17 @@ class PAL(nn.Module):
         return _gelu(x)
 
 
-class LowRankLayer(nn.Module):
-    """V^D GELU(V^E h): [batch, length, hidden] -> [batch, length, hidden]."""
+class _LowRankFields(nn.Module):
+    """What a low-rank layer is made of (shared by one layer and a task's stack)."""
 
     config: BertConfig
     size: int
     zero_init_decoder: bool = False
     dtype: Any = jnp.float32
+
+
+class LowRankLayer(_LowRankFields):
+    """V^D GELU(V^E h): [batch, length, hidden] -> [batch, length, hidden]."""
 
     @nn.compact
     def __call__(self, h: Array) -> Array:
@@ -224,13 +228,8 @@ class LowRankLayer(nn.Module):
                       zero=self.zero_init_decoder)(x)
 
 
-class LowRank(nn.Module):
+class LowRank(_LowRankFields):
     """One task's low-rank layers: an independent V^E, V^D in every layer."""
-
-    config: BertConfig
-    size: int
-    zero_init_decoder: bool = False
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, layer: int, h: Array, bias: Array, deterministic: bool) -> Array:
