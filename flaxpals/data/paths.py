@@ -1,6 +1,9 @@
-"""Where the CS224N data files are found.
+"""Where flaxpals reads its data files and where it writes what it derives from them.
 
-In order: an explicit argument (the `--config.data.data_dir` of a run), the
+    data_dir()    # the CS224N files (read, maybe read-only)
+    cache_dir()   # token-id caches, prepared TFDS datasets, compiled XLA programs
+
+`data_dir`, in order: an explicit argument (the `--config.data.data_dir` of a run), the
 environment variable FLAXPALS_DATA_DIR, then a `shared/data/cs224n` folder
 beside or above the current directory or this package's checkout (where the
 project's machines keep the files, read-only).
