@@ -233,7 +233,7 @@ def bench_workloads(args, flax: FlaxSide, torch_side: TorchSide | None) -> list[
 
 
 def pipeline_throughput(args, config, flax: FlaxSide) -> dict:
-    """Examples/s of the real training batches of each task (input_pipeline.train_batches)."""
+    """Examples/s of the real training batches of each task (input_pipeline.planned_batches)."""
     from benchmarks import bench_input
     from flaxpals.data import input_pipeline
 
@@ -304,7 +304,7 @@ def format_row(row: dict) -> str:
 
 
 def print_pipeline(pipeline: dict, rows: list[dict], batch: int) -> None:
-    print("\nInput pipeline (train_batches on the real training files) against step consumption")
+    print("\nInput pipeline (planned_batches on the real training files) against step consumption")
     print(f"{'task':8} {'pipeline ex/s':>13} {'real/padded':>11}  step ex/s at L (flaxpals train "
           "step)    batches per bucket")
     for task, p in pipeline.items():
