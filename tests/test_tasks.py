@@ -70,9 +70,6 @@ def test_csv_task_by_config_from_a_configdict():
 
 def test_config_naming_a_builtin_gives_it():
     assert tasks.task_from_config({"name": "sts"}) == tasks.get_task("sts")
-    assert tasks.get_tasks("sst, quora,sts") == [tasks.get_task(n) for n in ("sst", "quora", "sts")]
-    with pytest.raises(ValueError, match="unique"):
-        tasks.get_tasks(["sst", {"name": "sst"}])
 
 
 @pytest.mark.parametrize("cfg, error", [
