@@ -5,8 +5,8 @@
 
 dev_per_epoch.png: the Table 1 rows, the separate models and the PyTorch references,
 dev per epoch. dev_per_epoch_best.png: the best-recipe rows on their own scale, against
-the PyTorch reference. methods.png: each gradient combiner and loss weighting (issue
-#19) against PAL + proportional sampling with the recipe's seed spread, and PAL +
+the PyTorch reference. methods.png: each gradient combiner and loss weighting
+against PAL + proportional sampling with the recipe's seed spread, and PAL +
 PCGrad. train_vs_dev.png: train sample against dev, a panel per row. With several seeds
 a curve is their mean, with a band of one standard deviation.
 """

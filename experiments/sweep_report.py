@@ -359,7 +359,7 @@ def against_baselines(rows: list[dict]) -> list[str]:
     if spread and not spread_row.get("done"):
         spread_text += ", unfinished"
     unfinished_bases = [f"`{slug}`" for slug, base in bases.items() if not base.get("done")]
-    return (["## Gradient combiners and loss weightings (issue #19)", "",
+    return (["## Gradient combiners and loss weightings", "",
              "PAL on the best recipe (cross pairs, mean pooling, warm-up 5e-5, 3 epochs, "
              "method=additive: every step one batch of each task) with each combiner or "
              "loss weighting; dev at the row's best epoch, differences in points against "

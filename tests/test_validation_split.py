@@ -100,7 +100,7 @@ def test_load_data_holds_out_val_and_no_training_batch_reads_it(tok, cache):
     again = build.load_data(c2, task_list, tok)
     for t in task_list:
         assert list(again[t.name]["val"].ids) == list(data[t.name]["val"].ids)
-    # Off: no val split, train as before.
+    # Off: no val split, every train row trains.
     off = _config(cache, **{"data.validation_fraction": 0.0, "eval.best_metric": "dev/average"})
     plain = build.load_data(off, task_list, tok)
     assert "val" not in plain["sst"] and len(plain["sst"]["train"]) == 400

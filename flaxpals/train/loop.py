@@ -11,7 +11,7 @@
 
 A run killed or stopped mid-epoch resumes from its latest checkpoint, which
 also holds the epoch's running loss sums, so the epoch's line is what an
-uninterrupted run writes. `evaluation.py` restores a run for eval and predict.
+uninterrupted run writes. `flaxpals/serve/restore.py` restores a run for eval, predict and export.
 
 Every device of every process takes part (parallel.py): the state lives on a
 ('data',) mesh, every process plans the same global batches of every task and
