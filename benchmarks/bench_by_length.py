@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_e2e import cpu
+from benchmarks.host import cpu
 from flaxpals import config_lib
 from flaxpals.model import build
 from flaxpals.model.multitask import dummy_batch

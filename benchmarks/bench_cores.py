@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_e2e import cpu
+from benchmarks.host import cpu
 
 
 def parse_args(argv=None) -> argparse.Namespace:

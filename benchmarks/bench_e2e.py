@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -38,21 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.host import cpu
 from flaxpals import config_lib
 from flaxpals.data import metrics as metrics_lib
 from flaxpals.data import tasks
 
 WORKLOADS = ("sst", "multitask")
 TASKS = ("sst", "quora", "sts")
-
-
-def cpu() -> dict:
-    """The CPU's model, core count and vector extensions (ratios depend on them)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", info)
-    flags = sorted(set(re.findall(r"\b(avx2|avx512[a-z0-9_]*|amx[a-z0-9_]*)\b", info)))
-    return {"model": model.group(1) if model else platform.processor(),
-            "cores": os.cpu_count(), "flags": flags}
 
 
 def timed(cmd: list[str], env: dict, log: Path) -> dict:

@@ -5,7 +5,7 @@
 
 Tokenization is timed into a fresh temporary cache (parse + tokenize, nothing
 cached), then the cached load is timed. Pipeline throughput is measured on
-train_batches after a warm-up batch, and on one
+the trainer's batches (a TrainPlan read by planned_batches) after a warm-up batch, and on one
 eval_batches pass; padding efficiency is real tokens / padded tokens.
 """
 
@@ -18,8 +18,8 @@ import time
 
 from absl import app, flags
 
+from flaxpals.data import batching, tasks
 from flaxpals.data import input_pipeline as ip
-from flaxpals.data import tasks
 from flaxpals.model import hf_checkpoint
 from flaxpals.model.tokenizer import Tokenizer
 
@@ -52,12 +52,14 @@ def _tokenization(task, tok, cache):
 
 
 def train_throughput(split, batch_size: int, num_batches: int, buckets) -> dict:
-    """Examples/s of `train_batches` over `num_batches` batches after a warm-up batch.
+    """Examples/s of the trainer's batches (`planned_batches`) over `num_batches` batches
+    after a warm-up batch.
 
     Returns {"first_batch_s", "examples_per_s", "real_over_padded", "lengths"
     (batches per bucket length)}; a pair counts as one example.
     """
-    it = ip.train_batches(split, batch_size, seed=0, buckets=buckets)
+    it = ip.planned_batches(split, batching.TrainPlan(split.lengths(), buckets, batch_size,
+                                                      seed=0))
     start = time.perf_counter()
     next(it)
     first = time.perf_counter() - start
@@ -92,7 +94,7 @@ def main(argv):
     _, _, directory = hf_checkpoint.load_pretrained(FLAGS.checkpoint)
     tok = Tokenizer.from_checkpoint(directory, max_length=FLAGS.max_length)
     buckets = tuple(int(b) for b in FLAGS.buckets)
-    chosen = tasks.get_tasks(FLAGS.tasks)
+    chosen = [tasks.get_task(name.strip()) for name in FLAGS.tasks.split(",")]
     with tempfile.TemporaryDirectory() as cache:
         print("Tokenization (parse + tokenize into an empty cache; then a cached load)")
         print(f"{'task':8} {'split':5} {'enc':6} {'rows':>6} {'kept':>6} {'skip':>4} "

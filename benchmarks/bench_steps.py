@@ -8,7 +8,7 @@
 
 flaxpals side: the trainer's real code: `build.build_model` (MultiTaskModel and
 its params from the checkpoint), `optim.make_optimizer` (+ `pcgrad.pcgrad` for
-PCGrad), `steps.Steps(...).jitted()`. PyTorch side: `experiments.torch_reference`
+PCGrad), `steps.Steps(...).jitted()`. PyTorch side: `benchmarks.torch_reference`
 (transformers.BertModel with the same config and weights, equal heads,
 torch.optim.AdamW with the same hyper-parameters). Dropout is on in both
 (`--no-dropout` turns it off in both).
@@ -53,6 +53,7 @@ import statistics
 import tempfile
 import time
 
+from benchmarks import host
 from benchmarks.step_sides import FlaxSide, TorchSide, bench_config, synthetic_batch
 
 TASKS = ("sst", "quora", "sts")
@@ -154,7 +155,7 @@ def parity(args, flax: FlaxSide, torch_side: TorchSide) -> dict:
     import numpy as np
     import torch
 
-    from experiments import torch_reference as bench_torch
+    from benchmarks import torch_reference as bench_torch
     from flaxpals.model import heads
 
     out = {}
@@ -233,7 +234,7 @@ def bench_workloads(args, flax: FlaxSide, torch_side: TorchSide | None) -> list[
 
 
 def pipeline_throughput(args, config, flax: FlaxSide) -> dict:
-    """Examples/s of the real training batches of each task (input_pipeline.train_batches)."""
+    """Examples/s of the real training batches of each task (input_pipeline.planned_batches)."""
     from benchmarks import bench_input
     from flaxpals.data import input_pipeline
 
@@ -304,7 +305,7 @@ def format_row(row: dict) -> str:
 
 
 def print_pipeline(pipeline: dict, rows: list[dict], batch: int) -> None:
-    print("\nInput pipeline (train_batches on the real training files) against step consumption")
+    print("\nInput pipeline (planned_batches on the real training files) against step consumption")
     print(f"{'task':8} {'pipeline ex/s':>13} {'real/padded':>11}  step ex/s at L (flaxpals train "
           "step)    batches per bucket")
     for task, p in pipeline.items():
@@ -353,9 +354,7 @@ def main(argv=None) -> dict:
     machine = configure_process(args)
     import jax
 
-    from experiments.sweep import machine as host
-
-    machine.update(host())
+    machine.update(host.machine())
     machine.update(jax=jax.__version__, device=str(jax.devices()[0]),
                    prng_impl=str(jax.config.jax_default_prng_impl))
     config = bench_config(args)

@@ -51,7 +51,7 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks import bench_e2e
+from benchmarks import bench_e2e, host
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("sst", "quora", "sts")
@@ -141,7 +141,7 @@ def environment() -> dict:
 
     out = {"python": sys.version.split()[0], "jax": jax.__version__,
            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-           "device_kind": jax.devices()[0].device_kind, "cpu": bench_e2e.cpu()}
+           "device_kind": jax.devices()[0].device_kind, "cpu": host.cpu()}
     for name in ("flax", "optax", "orbax.checkpoint", "torch", "transformers"):
         try:
             out[name] = __import__(name, fromlist=["_"]).__version__

@@ -248,7 +248,7 @@ class TorchSide:
     def __init__(self, flax: FlaxSide, config, args, num_steps: int = 1000):
         import transformers
 
-        from experiments import torch_reference as bench_torch
+        from benchmarks import torch_reference as bench_torch
         from flaxpals.model import hf_checkpoint
 
         transformers.logging.set_verbosity_error()

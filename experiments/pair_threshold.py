@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import sweep
+from experiments import sweep_common
 from flaxpals.model import build
 from flaxpals.serve import restore
 from flaxpals.train import evaluate
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-pairs", type=int, default=4000,
                     help="train pairs the threshold is fitted on")
     args = ap.parse_args(argv)
-    rows = {r.slug: r for r in sweep.ROWS}
+    rows = {r.slug: r for r in sweep_common.ROWS}
     if args.row not in rows:
         ap.error(f"--row={args.row!r}: not a sweep row; rows: {', '.join(rows)}")
     workdir = Path(args.results) / args.row

@@ -37,7 +37,8 @@ best-recipe rows, on their own scale, with the PyTorch reference as a line),
 sampling, with the recipe's seed spread) and `train_vs_dev.png` (train-sample
 against dev per epoch, a panel per row, as the seed's Figure 4).
 
-Recipes. Table 1 rows use the seed's recipe (`SEED_RECIPE`: [CLS] tanh pooler,
+Recipes (`experiments/sweep_common.py`, with `ROWS` and `BUDGETS`). Table 1 rows use
+the seed's recipe (`SEED_RECIPE`: [CLS] tanh pooler,
 bi-encoded pairs with a dot-product head, constant learning rate 1e-5, no
 weight decay); the weight-decay row differs only by decay 0.01. The separate
 single-task models use the standard fine-tuning recipe of the PyTorch
@@ -50,8 +51,8 @@ instead of the fixed figures in `PYTORCH_REFERENCE`. The
 "best" rows are candidates (PAL with cross-encoded pairs, mean pooling and the
 warm-up schedule; annealed sampling for 2 epochs, and proportional sampling for
 3); change `ROWS` when the sweep finds better. Then the best recipe with one
-technique each (`best-val*`, issue #20) and with each gradient combiner or loss
-weighting (`best-<method>`, issue #19). The report's last table sets each
+technique each (`best-val*`) and with each gradient combiner or loss weighting
+(`best-<method>`). The report's last table sets each
 three-task row against the PyTorch figures and against the separate models.
 
 Cost of `--budget=cpu` on 2 cores: 35 min to 1 h 30 min a row for the first
@@ -68,7 +69,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -77,149 +77,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flaxpals import config_lib, workdir_format
-from flaxpals.mtl.combiners import COMBINERS
-from flaxpals.mtl.loss_weighting import LOSS_WEIGHTINGS
-
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
-TASK_ORDER = ("sst", "quora", "sts")
-TASK_LABELS = {"sst": "SST acc", "quora": "Quora acc", "sts": "STS r"}
-
-SEED_RECIPE = {"model.pooling": "cls", "model.pair_encoding": "bi", "model.similarity": "dot",
-               "train.schedule": "constant", "train.learning_rate": 1e-5,
-               "train.weight_decay": 0.0}
-REFERENCE_RECIPE = {"model.pooling": "cls", "model.pair_encoding": "cross",
-                    "train.schedule": "warmup_linear", "train.warmup_fraction": 0.1,
-                    "train.learning_rate": 5e-5, "train.weight_decay": 0.01}
-BEST_RECIPE = {"model.pooling": "mean", "model.pair_encoding": "cross",
-               "train.schedule": "warmup_linear", "train.learning_rate": 5e-5,
-               "train.weight_decay": 0.01}
-RECIPES = {"table1": SEED_RECIPE, "separate": REFERENCE_RECIPE, "best": BEST_RECIPE}
-
-# Best-epoch dev scores of the same single-task recipe in PyTorch + transformers on
-# these files and this encoder, measured once on this project's 2-core machines
-# (docs/experiments.md): the separate models' calibration target.
-PYTORCH_REFERENCE = {"sst": 0.489, "quora": 0.856, "sts": 0.855}
-
-
-# Every gradient combiner and every loss weighting, as a row (flaxpals.mtl.combiners,
-# flaxpals.mtl.loss_weighting); pcgrad runs as combiner here, so that all share method=additive.
-# The plain sum is a row too, as the control, added after best-pcgrad and best-gradvac
-# came out level with each other and below proportional sampling: the additive schedule
-# without a combiner, which tells a combiner's own effect from the schedule's.
-COMBINER_ROWS = tuple(COMBINERS)
-WEIGHTING_ROWS = tuple(w for w in LOSS_WEIGHTINGS if w != "none")
-METHOD_SLUGS = tuple(f"best-{m}" for m in COMBINER_ROWS + WEIGHTING_ROWS)
-
-# Issue #19's comparison: each combiner or loss weighting on the best recipe against the
-# same recipe with PCGrad and with proportional sampling; the yardstick of a win is the
-# seed spread of that recipe (best-val: 3 seeds, the same recipe with a validation split).
-METHOD_BASELINES = {"best-pcgrad": "PCGrad", "best-proportional": "proportional"}
-SPREAD_ROW = "best-val"
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    slug: str  # the workdir's name
-    name: str  # the table's label
-    config: str  # a file in configs/
-    arg: str  # its argument (method=...)
-    group: str  # table1 | separate | best: chooses the recipe
-    overrides: tuple[tuple[str, Any], ...] = ()
-    epochs: int | None = None  # its own epoch count, where the budget allows (row_epochs)
-
-
-VAL_SPLIT = (("data.validation_fraction", 0.1), ("eval.best_metric", "val/average"))
-
-
-def _separate(task: str) -> Row:
-    # 3 epochs, as the PyTorch reference they calibrate against.
-    return Row(f"separate-{task}", f"Separate model: {task}", "baseline.py", "method=sequential",
-               "separate", (("tasks", (task,)),), epochs=3)
-
-
-def _torch(task: str) -> Row:
-    # experiments.torch_finetune: the separate models' recipe in PyTorch + transformers,
-    # run by the sweep so that its seeds and spread are measured like flaxpals' rows.
-    return Row(f"torch-{task}", f"PyTorch reference: {task}", "", "", "torch",
-               (("task", task),), epochs=3)
-
-
-ROWS: tuple[Row, ...] = (
-    Row("bert-sequential", "BERT + sequential", "baseline.py", "method=sequential", "table1"),
-    Row("bert-additive", "BERT + additive", "baseline.py", "method=additive", "table1"),
-    Row("pal-sequential", "PAL + sequential", "pal.py", "method=sequential", "table1"),
-    Row("pal-pcgrad", "PAL + PCGrad", "pal.py", "method=pcgrad", "table1"),
-    Row("lowrank-sequential", "Low-rank + sequential", "lowrank.py", "method=sequential",
-        "table1"),
-    Row("lowrank-sequential-wd", "Low-rank + sequential + weight decay 0.01", "lowrank.py",
-        "method=sequential", "table1", (("train.weight_decay", 0.01),)),
-    Row("pal-annealed", "PAL + annealed", "pal.py", "method=annealed", "table1"),
-    _separate("sst"), _separate("quora"), _separate("sts"),
-    _torch("sst"), _torch("quora"), _torch("sts"),
-    Row("best", "Best candidate: PAL + annealed, cross pairs, mean pooling, warm-up 5e-5",
-        "pal.py", "method=annealed", "best"),
-    # The annealed candidate above fell short on Quora only (.850 against .856), and the
-    # separate Quora model was still climbing at its 3rd epoch: proportional sampling
-    # for 3 epochs gives Quora as many steps as its separate model had (1,518), the
-    # three separate models' total examples, with one encoder.
-    Row("best-proportional", "Best candidate 2: PAL + proportional, cross pairs, mean "
-        "pooling, warm-up 5e-5, 3 epochs", "pal.py", "method=proportional", "best", epochs=3),
-    # Issue #20's rows (docs/results/PLAN.md), added before any of them ran: the recipe
-    # above with 10% of each train file held out to choose the epoch (so dev stays a
-    # test), then one technique each on top of it.
-    Row("best-val", "Best recipe, epoch chosen on a validation split", "pal.py",
-        "method=proportional", "best", VAL_SPLIT, epochs=3),
-    Row("best-val-ema", "Best recipe, val split, + weight EMA 0.999 (scored as EMA)", "pal.py",
-        "method=proportional", "best", VAL_SPLIT + (
-            ("train.ema_decay", 0.999), ("eval.use_ema", True),
-            ("eval.best_metric", "val_ema/average")), epochs=3),
-    Row("best-val-lld", "Best recipe, val split, + layer-wise lr decay 0.9", "pal.py",
-        "method=proportional", "best", VAL_SPLIT + (("train.layer_decay", 0.9),), epochs=3),
-    # SMART as the authors' code runs it: each token's perturbation rescaled to inf-norm 1.
-    # (The paper's eps-ball of 1e-5 changed no epoch-1 figure beyond 7 digits: PLAN.md.)
-    Row("best-val-smart-token", "Best recipe, val split, + SMART (weight 1, token-normed, "
-        "eps 1)", "pal.py", "method=proportional", "best", VAL_SPLIT + (
-            ("train.smart_weight", 1.0), ("train.smart_projection", "token"),
-            ("train.smart_eps", 1.0)), epochs=3),
-    # Issue #19's rows: the best recipe with each way of combining the task gradients
-    # (method=additive: every step one batch of every task) or weighting the task losses;
-    # best-pcgrad (PAL + PCGrad on this recipe) and best-proportional are their baselines.
-    *(Row(f"best-{name}", f"Best recipe, additive + {name}", "pal.py", "method=additive",
-          "best", ((key, name),), epochs=3) for key, name in (
-              [("train.combiner", c) for c in COMBINER_ROWS]
-              + [("train.loss_weighting", w) for w in WEIGHTING_ROWS])),
+from benchmarks.host import machine
+from experiments import sweep_ensemble, sweep_report
+from experiments.sweep_common import (
+    BUDGETS,
+    CONFIGS,
+    RECIPES,
+    REFERENCE_RECIPE,
+    ROOT,
+    ROWS,
+    Budget,
+    Row,
+    is_done,
+    seed_workdir,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    scale: str  # "" (the config's encoder: MiniLM) or "tiny"
-    overrides: dict[str, Any]
-    about: str
-    row_epochs: bool = False  # whether a row's own `epochs` replaces the budget's
-    torch_args: tuple[tuple[str, Any], ...] = ()  # experiments.torch_finetune flags
-
-
-BUDGETS = {
-    "cpu": Budget("", {"train.num_epochs": 2, "checkpoint.keep": 1},
-                  "embedded all-MiniLM-L6-v2, all training data, 2 epochs (separate models: "
-                  "3, as the PyTorch reference; a row may set its own), batch 32, the "
-                  "config's length buckets (each row's config.json records them)",
-                  row_epochs=True,
-                  torch_args=(("train_sample", 500),)),
-    "smoke": Budget("tiny", {"train.num_epochs": 2, "train.steps_per_epoch": 4,
-                             "data.train_limit": 32, "data.eval_limit": 32,
-                             "eval.train_sample": 16, "checkpoint.every_steps": 1000,
-                             "checkpoint.keep": 1},
-                    "tiny random-init encoder, 32 examples a task, 2 epochs of 4 steps "
-                    "(PyTorch rows: MiniLM, 32 examples, 2 epochs): "
-                    "tests the machinery, the numbers mean nothing",
-                    torch_args=(("epochs", 2), ("train_limit", 32), ("eval_limit", 32),
-                                ("train_sample", 16))),
-}
-
+from flaxpals import config_lib
 
 # ---------------------------------------------------------------- configs and commands
 
@@ -319,33 +191,6 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------- running rows
 
 
-def seed_workdir(results: Path, slug: str, seed: int) -> Path:
-    """Seed 0 runs in `<results>/<slug>` (the rows run before seeds were), seed s in
-    `<results>/<slug>-seed<s>`."""
-    return results / slug if seed == 0 else results / f"{slug}-seed{seed}"
-
-
-def is_done(workdir: Path, num_epochs: int) -> bool:
-    return any(r.get("epoch") == num_epochs for r in workdir_format.read_metrics(workdir))
-
-
-def machine() -> dict[str, Any]:
-    """The host a row ran on, its vector extensions included (step times depend on them:
-    AVX2 against AVX-512)."""
-    from benchmarks.bench_e2e import cpu  # the one definition of what a figure records
-
-    host = cpu()
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python":
-            platform.python_version(), "cpu": host["model"], "cpu_flags": " ".join(host["flags"])}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return info
-
-
 def comparable(cmd: list[str]) -> list[str]:
     """What makes two runs of a row the same: config and overrides (not the program that
     runs them, not paths)."""
@@ -418,6 +263,36 @@ def run_row(row: Row, cmd: list[str], record: RowRecord, workdir: Path,
 
 
 # ---------------------------------------------------------------- CLI
+
+
+def run_ensembles(rows: list[Row], seeds: list[int], results: Path,
+                  epochs: dict[str, int], failed: list[str], dry_run: bool = False) -> None:
+    """`--ensemble`: each flaxpals row whose seeds have all finished, averaged as one
+    model: a row of its own, `<slug>-ensemble`, labelled ensemble in the report."""
+    for row in rows:
+        seed_dirs = [seed_workdir(results, row.slug, s) for s in seeds]
+        if row.group == "torch" or len(seed_dirs) < 2:
+            continue
+        workdir = sweep_ensemble.workdir_of(results, row.slug)
+        if dry_run:
+            print(shlex.join(sweep_ensemble.command(seed_dirs, workdir, display=True)))
+            continue
+        if not all(is_done(m, epochs[row.slug]) for m in seed_dirs):
+            print(f"[{workdir.name}] not all of seeds {seeds} have finished: no ensemble yet")
+            continue
+        members = [sweep_ensemble.member(d) for d in seed_dirs]
+        if sweep_ensemble.is_done(workdir, members):
+            print(f"[{workdir.name}] done (eval-ensemble.json): skipped")
+            continue
+        workdir.mkdir(parents=True, exist_ok=True)
+        sweep_ensemble.set_aside(workdir)
+        cmd = sweep_ensemble.command(members, workdir)
+        ens = dataclasses.replace(row, slug=workdir.name, group="ensemble",
+                                  name=f"Ensemble of {len(members)} seeds: {row.name}")
+        status = run_row(ens, cmd, RowRecord(workdir, ens, "-", cmd), workdir)
+        print(f"[{workdir.name}] {status}", flush=True)
+        if status != "finished":
+            failed.append(workdir.name)
 
 
 def select(only: str | None) -> list[Row]:
@@ -506,15 +381,11 @@ def main(argv=None) -> int:
             if status != "finished":
                 failed.append(name)
         if args.ensemble:
-            from experiments import sweep_ensemble  # imports this module
-
-            sweep_ensemble.run_ensembles(rows, seeds, results, {p[0].slug: p[4] for p in plans},
+            run_ensembles(rows, seeds, results, {p[0].slug: p[4] for p in plans},
                                          failed, dry_run=args.dry_run)
     if args.dry_run:
         return 0
     if results.exists():
-        from experiments import sweep_report  # imports this module
-
         path = sweep_report.report(results, args.budget)
         print(f"wrote {path}")
     if failed:

@@ -15,12 +15,10 @@ its best checkpoint in its workdir.
 
 from __future__ import annotations
 
-import dataclasses
-import shlex
 import sys
 from pathlib import Path
 
-from experiments import sweep
+from experiments import sweep_common
 
 
 def workdir_of(results: Path, slug: str) -> Path:
@@ -73,37 +71,7 @@ def set_aside(workdir: Path) -> None:
             path.rename(path.with_name(f"{name}.{n}"))
 
 
-def run_ensembles(rows: list[sweep.Row], seeds: list[int], results: Path,
-                  epochs: dict[str, int], failed: list[str], dry_run: bool = False) -> None:
-    """`--ensemble`: each flaxpals row whose seeds have all finished, averaged as one
-    model: a row of its own, `<slug>-ensemble`, labelled ensemble in the report."""
-    for row in rows:
-        seed_dirs = [sweep.seed_workdir(results, row.slug, s) for s in seeds]
-        if row.group == "torch" or len(seed_dirs) < 2:
-            continue
-        workdir = workdir_of(results, row.slug)
-        if dry_run:
-            print(shlex.join(command(seed_dirs, workdir, display=True)))
-            continue
-        if not all(sweep.is_done(m, epochs[row.slug]) for m in seed_dirs):
-            print(f"[{workdir.name}] not all of seeds {seeds} have finished: no ensemble yet")
-            continue
-        members = [member(d) for d in seed_dirs]
-        if is_done(workdir, members):
-            print(f"[{workdir.name}] done (eval-ensemble.json): skipped")
-            continue
-        workdir.mkdir(parents=True, exist_ok=True)
-        set_aside(workdir)
-        cmd = command(members, workdir)
-        ens = dataclasses.replace(row, slug=workdir.name, group="ensemble",
-                                  name=f"Ensemble of {len(members)} seeds: {row.name}")
-        status = sweep.run_row(ens, cmd, sweep.RowRecord(workdir, ens, "-", cmd), workdir)
-        print(f"[{workdir.name}] {status}", flush=True)
-        if status != "finished":
-            failed.append(workdir.name)
-
-
-def collect(results: Path, row: sweep.Row) -> dict | None:
+def collect(results: Path, row: sweep_common.Row) -> dict | None:
     """The report's row for `row`'s ensemble, or None when it has not been scored."""
     import json
 

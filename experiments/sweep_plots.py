@@ -5,8 +5,8 @@
 
 dev_per_epoch.png: the Table 1 rows, the separate models and the PyTorch references,
 dev per epoch. dev_per_epoch_best.png: the best-recipe rows on their own scale, against
-the PyTorch reference. methods.png: each gradient combiner and loss weighting (issue
-#19) against PAL + proportional sampling with the recipe's seed spread, and PAL +
+the PyTorch reference. methods.png: each gradient combiner and loss weighting
+against PAL + proportional sampling with the recipe's seed spread, and PAL +
 PCGrad. train_vs_dev.png: train sample against dev, a panel per row. With several seeds
 a curve is their mean, with a band of one standard deviation.
 """
@@ -16,7 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from experiments import sweep, sweep_report
+from experiments.sweep_common import (
+    METHOD_BASELINES,
+    METHOD_SLUGS,
+    SPREAD_ROW,
+    TASK_LABELS,
+    TASK_ORDER,
+    difference_std,
+    mean_std,
+    pytorch_reference,
+)
 
 
 def row_styles(n: int) -> list[dict[str, Any]]:
@@ -38,7 +47,7 @@ def epoch_curve(r: dict, key: str) -> list[tuple[int, float, float | None]]:
         for x in run["records"]:
             if key in x:
                 by_epoch.setdefault(int(x["epoch"]), []).append(float(x[key]))
-    return [(e, *sweep_report.mean_std(v)) for e, v in sorted(by_epoch.items())]
+    return [(e, *mean_std(v)) for e, v in sorted(by_epoch.items())]
 
 
 def _band(ax, x, mean, std, color) -> None:
@@ -60,7 +69,7 @@ def _dev_figure(rows: list[dict], ran: list[dict], path: Path, title: str,
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    panels = list(sweep.TASK_ORDER) + ["average"]
+    panels = list(TASK_ORDER) + ["average"]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
     styles = dict(zip((r["slug"] for r in ran), row_styles(len(ran)), strict=True))
     for ax, key in zip(axes[0], panels, strict=True):
@@ -99,7 +108,7 @@ def _dev_figure(rows: list[dict], ran: list[dict], path: Path, title: str,
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-        ax.set_title(f"dev {sweep.TASK_LABELS.get(key, 'average (seed)')}")
+        ax.set_title(f"dev {TASK_LABELS.get(key, 'average (seed)')}")
         ax.set_xlabel("epoch")
     legend = {}
     for ax in axes[0]:
@@ -127,18 +136,18 @@ def plot(rows: list[dict], results: Path) -> list[Path]:
     ran = [r for r in rows if r["records"]]
     # The method rows but PCGrad's get methods.png: one line each would crowd this one.
     best = [r for r in ran if r["group"] == "best"
-            and (r["slug"] not in sweep.METHOD_SLUGS or r["slug"] in sweep.METHOD_BASELINES)]
+            and (r["slug"] not in METHOD_SLUGS or r["slug"] in METHOD_BASELINES)]
     written = [_dev_figure(rows, [r for r in ran if r["group"] != "best"],
                            results / "dev_per_epoch.png",
                            "Table 1 rows, separate models and PyTorch references")]
     if best:
-        reference = {t: v for t, (v, _, _) in sweep_report.pytorch_reference(rows).items()}
-        reference["average"] = sum(reference[t] for t in sweep.TASK_ORDER) / len(
-            sweep.TASK_ORDER)
+        reference = {t: v for t, (v, _, _) in pytorch_reference(rows).items()}
+        reference["average"] = sum(reference[t] for t in TASK_ORDER) / len(
+            TASK_ORDER)
         written.append(_dev_figure(rows, best, results / "dev_per_epoch_best.png",
                                    "Best-recipe rows (PAL, cross pairs, mean pooling, "
                                    "warm-up 5e-5)", reference))
-    if any(r["slug"] in sweep.METHOD_SLUGS and r["best"] for r in rows):
+    if any(r["slug"] in METHOD_SLUGS and r["best"] for r in rows):
         written.append(methods_figure(rows, results / "methods.png"))
 
     ncols = min(4, max(len(ran), 1))
@@ -150,14 +159,14 @@ def plot(rows: list[dict], results: Path) -> list[Path]:
             ax.axis("off")
             continue
         r = ran[i]
-        for t in sweep.TASK_ORDER:
+        for t in TASK_ORDER:
             for split, style in (("train", "--"), ("dev", "-")):
                 curve = epoch_curve(r, f"{split}/{t}")
                 if not curve:
                     continue
                 x, mean, std = zip(*curve, strict=True)
                 ax.plot(x, mean, style, marker="o", color=colors[t],
-                        label=f"{sweep.TASK_LABELS[t]} {split}")
+                        label=f"{TASK_LABELS[t]} {split}")
                 _band(ax, x, mean, std, colors[t])
         n_seeds = len(r.get("seeds") or {0: r})
         ax.set_title(r["name"] + (f" ({n_seeds} seeds)" if n_seeds > 1 else ""), fontsize=8)
@@ -183,19 +192,19 @@ def _method_label(slug: str, row: dict | None) -> str:
 
 def methods_figure(rows: list[dict], path: Path) -> Path:
     """methods.png: a panel per task and the average; a line per combiner or loss
-    weighting (`sweep.METHOD_SLUGS`), its dev score at its best epoch as a dot (with a bar
+    weighting (`METHOD_SLUGS`), its dev score at its best epoch as a dot (with a bar
     of ± one std over its seeds where several), against PAL + proportional sampling (a
     solid line, shaded ± twice the standard deviation of a one-seed row's difference
-    from it, `sweep_report.difference_std` of the recipe's seed spread,
-    `sweep.SPREAD_ROW`: a one-seed dot outside the shading counts) and PAL + PCGrad
+    from it, `difference_std` of the recipe's seed spread,
+    `SPREAD_ROW`: a one-seed dot outside the shading counts) and PAL + PCGrad
     (dashed). A method not run yet keeps its line, empty; an unfinished one says so,
     its dot hollow."""
     import matplotlib.pyplot as plt
 
     by_slug = {r["slug"]: r for r in rows}
-    methods = [s for s in sweep.METHOD_SLUGS if s not in sweep.METHOD_BASELINES]
-    spread = by_slug.get(sweep.SPREAD_ROW, {}).get("std", {})
-    panels = list(sweep.TASK_ORDER) + ["average"]
+    methods = [s for s in METHOD_SLUGS if s not in METHOD_BASELINES]
+    spread = by_slug.get(SPREAD_ROW, {}).get("std", {})
+    panels = list(TASK_ORDER) + ["average"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.42 * len(methods)
                                                       + 2.2), sharey=True, squeeze=False)
     y = list(range(len(methods)))[::-1]  # the first method on top
@@ -205,11 +214,11 @@ def methods_figure(rows: list[dict], path: Path) -> Path:
         if prop is not None:
             ax.axvline(prop, color="C0", linewidth=1.2, label="PAL + proportional sampling")
             if metric in spread:
-                half = 2 * sweep_report.difference_std(
+                half = 2 * difference_std(
                     spread[metric], 1, by_slug["best-proportional"]["n_seeds"])
                 ax.axvspan(prop - half, prop + half, color="C0", alpha=0.12, linewidth=0,
                            label="± 2 std of a one-seed row's difference "
-                                 f"(seeds of {sweep.SPREAD_ROW})")
+                                 f"(seeds of {SPREAD_ROW})")
         pcgrad = (by_slug.get("best-pcgrad", {}).get("best") or {}).get(metric)
         if pcgrad is not None:
             ax.axvline(pcgrad, color="C3", linewidth=1.2, linestyle="--", label="PAL + PCGrad")
@@ -228,7 +237,7 @@ def methods_figure(rows: list[dict], path: Path) -> Path:
         ax.grid(axis="x", alpha=0.3)
         ax.margins(x=0.08)  # a dot at the edge of the range stays whole
         ax.set_ylim(-0.6, len(methods) - 0.4)
-        ax.set_title(f"dev {sweep.TASK_LABELS.get(key, 'average')}")
+        ax.set_title(f"dev {TASK_LABELS.get(key, 'average')}")
     legend = {}
     for ax in axes[0]:
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):

@@ -20,7 +20,22 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from experiments import sweep, sweep_ensemble, sweep_shares
+from experiments import sweep_ensemble, sweep_plots, sweep_shares
+from experiments.sweep_common import (
+    BUDGETS,
+    CONFIGS,
+    METHOD_BASELINES,
+    METHOD_SLUGS,
+    ROWS,
+    SPREAD_ROW,
+    TASK_LABELS,
+    TASK_ORDER,
+    difference_std,
+    is_done,
+    mean_std,
+    pytorch_reference,
+    seed_workdir,
+)
 from flaxpals import config_lib, workdir_format
 
 
@@ -71,22 +86,7 @@ def _one_run(workdir: Path) -> dict:
             "train_sample_from": ("random" if torch else
                                   config.get("eval", {}).get("train_sample_from", "head")
                                   if config else None),
-            "done": bool(num_epochs) and sweep.is_done(workdir, num_epochs)}
-
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for fewer than two values)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-
-
-def difference_std(std: float, n_a: int, n_b: int) -> float:
-    """The standard deviation of the difference between two rows' means over n_a and
-    n_b seeds, each seed's figure spread by `std`: std * sqrt(1/n_a + 1/n_b) (sqrt 2
-    times std for two one-seed rows)."""
-    return std * (1 / n_a + 1 / n_b) ** 0.5
+            "done": bool(num_epochs) and is_done(workdir, num_epochs)}
 
 
 def aggregate(seeds: dict[int, dict]) -> dict[str, Any]:
@@ -126,16 +126,16 @@ def aggregate(seeds: dict[int, dict]) -> dict[str, Any]:
 
 
 def collect(results: Path) -> list[dict]:
-    """Everything the report needs, one dict per row of sweep.ROWS (run or not), its seeds
+    """Everything the report needs, one dict per row of ROWS (run or not), its seeds
     aggregated (`aggregate`)."""
     out = []
-    for row in sweep.ROWS:
-        seeds = {s: _one_run(sweep.seed_workdir(results, row.slug, s))
+    for row in ROWS:
+        seeds = {s: _one_run(seed_workdir(results, row.slug, s))
                  for s in _seeds_run(results, row.slug)}
         out.append({"slug": row.slug, "name": row.name, "group": row.group,
                     **aggregate(seeds)})
     # Ensembles of a row's seeds (experiments.sweep --ensemble), after every row.
-    out += [e for e in (sweep_ensemble.collect(results, row) for row in sweep.ROWS) if e]
+    out += [e for e in (sweep_ensemble.collect(results, row) for row in ROWS) if e]
     return out
 
 
@@ -153,7 +153,7 @@ def combined_separate(rows: list[dict], group: str = "separate") -> dict | None:
     best, std = {}, {}
     for r in sep:
         for k, v in r["best"].items():
-            if k.startswith(("dev/", "train/")) and k.split("/")[1] in sweep.TASK_ORDER:
+            if k.startswith(("dev/", "train/")) and k.split("/")[1] in TASK_ORDER:
                 best[k] = v
                 if k in r.get("std", {}):
                     std[k] = r["std"][k]
@@ -202,7 +202,7 @@ def _cell(r: dict, key: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    cols = [f"{sweep.TASK_LABELS[t]} {s}" for t in sweep.TASK_ORDER for s in ("train", "dev")]
+    cols = [f"{TASK_LABELS[t]} {s}" for t in TASK_ORDER for s in ("train", "dev")]
     head = (["Configuration"] + cols + ["dev average (seed)", "dev overall (CS224N)",
                                          "params / encoder", "best epoch", "wall h:mm",
                                          "seeds"])
@@ -220,13 +220,13 @@ def table(rows: list[dict]) -> str:
             lines.append("| " + " | ".join([r["name"], state] + [""] * (len(head) - 2))
                          + " |")
             continue
-        headed = r.get("head_tasks", sweep.TASK_ORDER if r.get("train_sample_from") == "head"
+        headed = r.get("head_tasks", TASK_ORDER if r.get("train_sample_from") == "head"
                        else ())
         cells = [_cell(r, f"{s}/{t}") + (HEAD_MARK if s == "train" and t in headed
                                          and f"{s}/{t}" in b else "")
-                 for t in sweep.TASK_ORDER for s in ("train", "dev")]
+                 for t in TASK_ORDER for s in ("train", "dev")]
         # The averages are over the three tasks: left empty for a row with fewer.
-        full = all(f"dev/{t}" in b for t in sweep.TASK_ORDER)
+        full = all(f"dev/{t}" in b for t in TASK_ORDER)
         chosen = r.get("best_epochs") or [b.get("epoch")]
         epochs = r.get("epoch") or (f"{','.join(str(e) for e in chosen)} of "
                                     f"{r.get('num_epochs')}")
@@ -239,20 +239,6 @@ def table(rows: list[dict]) -> str:
                                    str(epochs), _hms(r["seconds"]),
                                    str(r.get("n_seeds", 1))]) + " |")
     return "\n".join(lines)
-
-
-def pytorch_reference(rows: list[dict]) -> dict[str, tuple[float, float | None, str]]:
-    """task -> (dev score, std over seeds or None, source): the sweep's own PyTorch rows
-    (torch-<task>, mean over their seeds) where run, else `sweep.PYTORCH_REFERENCE`
-    (one seed, measured before the sweep ran PyTorch rows)."""
-    out = {t: (v, None, "fixed") for t, v in sweep.PYTORCH_REFERENCE.items()}
-    for r in rows:
-        if r["group"] == "torch" and r["best"]:
-            task = r["slug"].split("-", 1)[1]
-            if f"dev/{task}" in r["best"]:
-                out[task] = (r["best"][f"dev/{task}"], r.get("std", {}).get(f"dev/{task}"),
-                             f"{r.get('n_seeds', 1)} seed(s)")
-    return out
 
 
 def _pm(value: float, std: float | None) -> str:
@@ -270,7 +256,7 @@ def calibration(rows: list[dict]) -> list[str]:
         ours = r["best"].get(f"dev/{task}")
         if ours is not None and task in reference:
             ref, ref_std, source = reference[task]
-            out.append(f"| {sweep.TASK_LABELS[task]} | {_cell(r, f'dev/{task}')} | "
+            out.append(f"| {TASK_LABELS[task]} | {_cell(r, f'dev/{task}')} | "
                        f"{_pm(ref, ref_std)} ({source}) | {100 * (ours - ref):+.1f} |")
     if not out:
         return []
@@ -293,17 +279,17 @@ def against_references(rows: list[dict]) -> list[str]:
     combined = combined_separate(rows)
     sep = combined["best"] if combined else {}
     reference = {t: v[0] for t, v in pytorch_reference(rows).items()}
-    head = ["Configuration"] + [f"{sweep.TASK_LABELS[t]}: dev, vs PyTorch, vs separate"
-                                for t in sweep.TASK_ORDER] + [
+    head = ["Configuration"] + [f"{TASK_LABELS[t]}: dev, vs PyTorch, vs separate"
+                                for t in TASK_ORDER] + [
         "reaches PyTorch on", "within 1 pt of separate on"]
     out = []
     for r in rows:
         b = r["best"]
         if (r["group"] in ("separate", "torch") or not b
-                or not all(f"dev/{t}" in b for t in sweep.TASK_ORDER)):
+                or not all(f"dev/{t}" in b for t in TASK_ORDER)):
             continue
         cells, reached, close = [], 0, 0
-        for t in sweep.TASK_ORDER:
+        for t in TASK_ORDER:
             ours = b[f"dev/{t}"]
             ref, own = reference.get(t), sep.get(f"dev/{t}")
             vs_ref = "–" if ref is None else f"{100 * (ours - ref):+.1f}"
@@ -329,25 +315,25 @@ def against_references(rows: list[dict]) -> list[str]:
 def against_baselines(rows: list[dict]) -> list[str]:
     """The `best-<method>` rows against PAL + PCGrad and PAL + proportional sampling."""
     by_slug = {r["slug"]: r for r in rows}
-    methods = [r for r in rows if r["slug"] in sweep.METHOD_SLUGS and r["best"]
-               and all(f"dev/{t}" in r["best"] for t in sweep.TASK_ORDER)]
+    methods = [r for r in rows if r["slug"] in METHOD_SLUGS and r["best"]
+               and all(f"dev/{t}" in r["best"] for t in TASK_ORDER)]
     if not methods:
         return []
-    spread_row = by_slug.get(sweep.SPREAD_ROW, {})
+    spread_row = by_slug.get(SPREAD_ROW, {})
     spread = spread_row.get("std", {})
-    bases = {slug: by_slug[slug] for slug in sweep.METHOD_BASELINES
+    bases = {slug: by_slug[slug] for slug in METHOD_BASELINES
              if slug in by_slug and by_slug[slug]["best"]}
     head = ["Configuration", "seeds"] + [
-        f"{sweep.TASK_LABELS[t]}: dev, vs {', vs '.join(sweep.METHOD_BASELINES.values())}"
-        for t in sweep.TASK_ORDER] + ["dev average", "beyond 2 std of the difference"]
+        f"{TASK_LABELS[t]}: dev, vs {', vs '.join(METHOD_BASELINES.values())}"
+        for t in TASK_ORDER] + ["dev average", "beyond 2 std of the difference"]
     out = []
     for r in methods:
         b, cells = r["best"], []
-        beyond = {slug: [] for slug in sweep.METHOD_BASELINES}
-        for t in sweep.TASK_ORDER:
+        beyond = {slug: [] for slug in METHOD_BASELINES}
+        for t in TASK_ORDER:
             key = f"dev/{t}"
             diffs = []
-            for slug in sweep.METHOD_BASELINES:
+            for slug in METHOD_BASELINES:
                 base = bases.get(slug)
                 if slug == r["slug"] or base is None or key not in base["best"]:
                     diffs.append("–")
@@ -356,7 +342,7 @@ def against_baselines(rows: list[dict]) -> list[str]:
                 diffs.append(f"{100 * diff:+.1f}")
                 if key in spread and abs(diff) > 2 * difference_std(
                         spread[key], r["n_seeds"], base["n_seeds"]):
-                    beyond[slug].append(f"{sweep.TASK_LABELS[t]} {100 * diff:+.1f}")
+                    beyond[slug].append(f"{TASK_LABELS[t]} {100 * diff:+.1f}")
             cells.append(", ".join([_pm(b[key], r["std"].get(key))] + diffs))
         unfinished = "" if r.get("done") else " (unfinished)"
         if not spread:
@@ -364,25 +350,25 @@ def against_baselines(rows: list[dict]) -> list[str]:
         elif not r.get("done"):
             verdict = "– (unfinished)"  # a mid-run epoch is no result
         else:
-            verdict = "; ".join(f"vs {sweep.METHOD_BASELINES[slug]}: {', '.join(found)}"
+            verdict = "; ".join(f"vs {METHOD_BASELINES[slug]}: {', '.join(found)}"
                                 for slug, found in beyond.items() if found) or "none"
         out.append("| " + " | ".join([r["name"] + unfinished, str(r["n_seeds"])] + cells + [
             _pm(b["dev/average"], r["std"].get("dev/average")), verdict]) + " |")
-    spread_text = ", ".join(f"{sweep.TASK_LABELS[t]} {spread[f'dev/{t}']:.3f}"
-                            for t in sweep.TASK_ORDER if f"dev/{t}" in spread) or "not run yet"
+    spread_text = ", ".join(f"{TASK_LABELS[t]} {spread[f'dev/{t}']:.3f}"
+                            for t in TASK_ORDER if f"dev/{t}" in spread) or "not run yet"
     if spread and not spread_row.get("done"):
         spread_text += ", unfinished"
     unfinished_bases = [f"`{slug}`" for slug, base in bases.items() if not base.get("done")]
-    return (["## Gradient combiners and loss weightings (issue #19)", "",
+    return (["## Gradient combiners and loss weightings", "",
              "PAL on the best recipe (cross pairs, mean pooling, warm-up 5e-5, 3 epochs, "
              "method=additive: every step one batch of each task) with each combiner or "
              "loss weighting; dev at the row's best epoch, differences in points against "
              "the same recipe with PCGrad (`best-pcgrad`) and with proportional sampling "
              "(`best-proportional`). A difference counts only beyond twice its own standard "
              "deviation: the recipe's seed-to-seed standard deviation s "
-             f"(`{sweep.SPREAD_ROW}`, sample std over its seeds: {spread_text}) times "
+             f"(`{SPREAD_ROW}`, sample std over its seeds: {spread_text}) times "
              "sqrt(1/n + 1/m) for rows of n and m seeds, sqrt 2 for two one-seed rows. "
-             f"`{sweep.SPREAD_ROW}` chooses its epoch on a validation split, these rows on "
+             f"`{SPREAD_ROW}` chooses its epoch on a validation split, these rows on "
              "dev itself, which flatters them a little; with one seed a row shows no more "
              "than that."
              + (f" Unfinished baselines: {', '.join(unfinished_bases)}." if unfinished_bases
@@ -405,13 +391,11 @@ def _shown_arg(arg: str) -> str:
     if arg.startswith(("--workdir=", "--ensemble=")):
         flag, _, value = arg.partition("=")
         return f"{flag}={','.join(_shown(v) for v in value.split(','))}"
-    return arg.replace(str(sweep.CONFIGS) + "/", "configs/")
+    return arg.replace(str(CONFIGS) + "/", "configs/")
 
 
 def report(results: Path, budget_name: str) -> Path:
     rows = collect(results)
-    from experiments import sweep_plots  # imports this module
-
     plots = sweep_plots.plot(rows, results) if any(r["records"] for r in rows) else []
     machines = {json.dumps(run["machine"], sort_keys=True) for r in rows for run in r["runs"]
                 if "machine" in run}
@@ -420,7 +404,7 @@ def report(results: Path, budget_name: str) -> Path:
         budget_name = used.pop()
     elif used:
         budget_name = "mixed: " + ", ".join(sorted(used))
-    about = "; ".join(f"`{b}`: {sweep.BUDGETS[b].about}" for b in sweep.BUDGETS if b in budget_name)
+    about = "; ".join(f"`{b}`: {BUDGETS[b].about}" for b in BUDGETS if b in budget_name)
     lines = [
         "# Results", "",
         f"Written by `python -m experiments.sweep --results={_shown(results)} "

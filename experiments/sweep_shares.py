@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments import sweep
+from experiments.sweep_common import TASK_LABELS, TASK_ORDER
+from experiments.sweep_plots import row_styles
 
 
 def _trend(records: list[dict], key: str) -> str:
@@ -37,7 +38,7 @@ def logged_runs(rows: list[dict]) -> list[tuple[str, int, list[dict]]]:
     for r in rows:
         for seed, run in sorted((r.get("seeds") or {}).items()):
             records = [x for x in run["records"]
-                       if all(f"coef/{t}" in x for t in sweep.TASK_ORDER)]
+                       if all(f"coef/{t}" in x for t in TASK_ORDER)]
             if records:
                 out.append((r["name"] + ("" if run.get("done") else " (unfinished)"),
                             seed, records))
@@ -48,16 +49,16 @@ def section(rows: list[dict]) -> list[str]:
     runs = logged_runs(rows)
     if not runs:
         return []
-    names = {t: label.split()[0] for t, label in sweep.TASK_LABELS.items()}  # "SST acc" -> SST
+    names = {t: label.split()[0] for t, label in TASK_LABELS.items()}  # "SST acc" -> SST
     head = (["Configuration", "seed"]
-            + [f"{names[t]} share (the sum's)" for t in sweep.TASK_ORDER]
-            + [f"{names[t]} coefficient" for t in sweep.TASK_ORDER])
+            + [f"{names[t]} share (the sum's)" for t in TASK_ORDER]
+            + [f"{names[t]} coefficient" for t in TASK_ORDER])
     lines = []
     for name, seed, records in runs:
         shares = [f"{_trend(records, f'share/{t}')} ({_trend(records, f'sum_share/{t}')})"
                   if any(f"share/{t}" in x for x in records) else "–"
-                  for t in sweep.TASK_ORDER]
-        coefs = [_trend(records, f"coef/{t}") for t in sweep.TASK_ORDER]
+                  for t in TASK_ORDER]
+        coefs = [_trend(records, f"coef/{t}") for t in TASK_ORDER]
         lines.append("| " + " | ".join([name, str(seed)] + shares + coefs) + " |")
     return ["## How the combiners split the shared update", "",
             "Epoch means over each run's steps, first epoch → last. share: the task's part "
@@ -72,7 +73,7 @@ def section(rows: list[dict]) -> list[str]:
 def figure(rows: list[dict], path: Path) -> Path | None:
     """shares.png: the gradient-combiner runs' shares per epoch against the sum's."""
     runs = [(name, seed, records) for name, seed, records in logged_runs(rows)
-            if all(f"share/{t}" in x for x in records for t in sweep.TASK_ORDER)]
+            if all(f"share/{t}" in x for x in records for t in TASK_ORDER)]
     if not runs:
         return None
     import matplotlib
@@ -81,9 +82,8 @@ def figure(rows: list[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from experiments.sweep_plots import row_styles
 
-    tasks = sweep.TASK_ORDER
+    tasks = TASK_ORDER
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.8), sharey=True,
                              squeeze=False)
     styles = row_styles(len(runs))
@@ -97,7 +97,7 @@ def figure(rows: list[dict], path: Path) -> Path | None:
                     marker=style["marker"], color=style["color"], alpha=0.6,
                     label=f"the sum at its gradients ({label})")
         ax.axhline(1 / len(tasks), color="grey", linewidth=0.8, linestyle=":")
-        ax.set_title(f"{sweep.TASK_LABELS[t].split()[0]}: share of the shared update")
+        ax.set_title(f"{TASK_LABELS[t].split()[0]}: share of the shared update")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

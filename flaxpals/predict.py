@@ -23,7 +23,7 @@ import sys
 from flaxpals.data import reader
 from flaxpals.serve.predictor import Predictor, predict_file
 
-__all__ = ["Predictor", "main"]  # `from flaxpals.predict import Predictor` as before
+__all__ = ["Predictor", "main"]  # the predictor's API beside its command
 
 
 def main(argv):

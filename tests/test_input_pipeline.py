@@ -1,4 +1,4 @@
-"""load_split, train_batches, eval_batches on the real files.
+"""load_split, planned_batches, eval_batches on the real files.
 
 References: the raw files through Python's csv module (`read_tsv`) and Hugging
 Face's BertTokenizerFast (`hf_tokenizer`) for the token ids of both pair
@@ -24,6 +24,14 @@ BUCKETS = (32, 64, 128)
 
 def load(name, split, tok, cache, **kw):
     return ip.load_split(tasks.get_task(name), split, tok, cache_dir=cache, **kw)
+
+
+def train_batches(split, batch_size, *, seed, buckets=ip.DEFAULT_BUCKETS, process_index=0,
+                  process_count=1, start_batch=0, num_epochs=None):
+    """The trainer's batches of one task: its TrainPlan read by planned_batches."""
+    plan = batching.TrainPlan(split.lengths(), buckets, batch_size, seed=seed,
+                              process_index=process_index, process_count=process_count)
+    return ip.planned_batches(split, plan, start_batch=start_batch, num_epochs=num_epochs)
 
 
 def _take(it, n):
@@ -105,7 +113,7 @@ def test_tokenizing_the_three_train_sets_takes_seconds(tok, tmp_path):
 def test_train_batches_are_bucketed_full_and_consistent(tok, cache):
     split = load("sst", "train", tok, cache)
     lengths = split.lengths()
-    for batch in _take(ip.train_batches(split, 32, seed=0, buckets=BUCKETS), 60):
+    for batch in _take(train_batches(split, 32, seed=0, buckets=BUCKETS), 60):
         b, length = batch["input_ids"].shape
         assert b == 32 and length in BUCKETS
         assert all(batch[k].shape == (32, length) and batch[k].dtype == np.int32
@@ -123,7 +131,7 @@ def test_train_batches_are_bucketed_full_and_consistent(tok, cache):
 def test_one_pass_has_every_example_once(tok, cache):
     split = load("sts", "dev", tok, cache)
     n = len(split)
-    seen = np.concatenate([b["index"] for b in ip.train_batches(split, 32, seed=3,
+    seen = np.concatenate([b["index"] for b in train_batches(split, 32, seed=3,
                                                                 num_epochs=1)])
     assert len(seen) == (n // 32) * 32 and len(np.unique(seen)) == len(seen)
     batches = list(ip.eval_batches(split, 32))
@@ -188,7 +196,7 @@ def test_seeded_shuffle_resume_and_skip_cost(tok, cache):
     assert per_epoch == 863 // 32
 
     def order(seed, start=0, n=2 * per_epoch + 5):
-        it = ip.train_batches(split, 32, seed=seed, start_batch=start)
+        it = train_batches(split, 32, seed=seed, start_batch=start)
         return [tuple(b["index"]) for b in _take(it, n)]
 
     a = order(0)
@@ -207,9 +215,9 @@ def test_seeded_shuffle_resume_and_skip_cost(tok, cache):
 
 def test_each_process_reads_its_rows_of_the_same_global_batches(tok, cache):
     split = load("sst", "dev", tok, cache)
-    parts = [list(ip.train_batches(split, 16, seed=0, buckets=(16, 32, 64), process_index=p,
+    parts = [list(train_batches(split, 16, seed=0, buckets=(16, 32, 64), process_index=p,
                                    process_count=2, num_epochs=1)) for p in (0, 1)]
-    one = list(ip.train_batches(split, 32, seed=0, buckets=(16, 32, 64), num_epochs=1))
+    one = list(train_batches(split, 32, seed=0, buckets=(16, 32, 64), num_epochs=1))
     assert len(parts[0]) == len(parts[1]) == len(one) == len(split) // 32
     # Step by step the same length on both processes, and together one process's batch.
     for a, b, whole in zip(*parts, one, strict=True):
@@ -249,7 +257,7 @@ def test_a_tfds_task_declared_by_config(tok, cache):
     assert split.num_rows == 40 and len(split) + split.num_skipped == 40
     assert set(split.skip_counts) <= {"duplicate_id", "empty_sentence"}
     assert set(split.labels.tolist()) <= {0, 1} and test.labels is None
-    batch = next(ip.train_batches(split, 8, seed=0))
+    batch = next(train_batches(split, 8, seed=0))
     assert batch["input_ids"].shape[0] == 8 and "input_ids_2" not in batch
 
 
@@ -258,9 +266,9 @@ def test_bad_arguments_are_refused(tok, cache):
     with pytest.raises(ValueError, match="pair_encoding"):
         load("sts", "dev", tok, cache, pair_encoding="siamese")
     with pytest.raises(ValueError, match="buckets"):
-        next(ip.train_batches(split, 8, seed=0, buckets=(64, 32)))
+        next(train_batches(split, 8, seed=0, buckets=(64, 32)))
     with pytest.raises(ValueError, match="do not fill one global batch"):
-        next(ip.train_batches(split, 1000, seed=0))
+        next(train_batches(split, 1000, seed=0))
     with pytest.raises(ValueError, match="process_index"):
         next(ip.eval_batches(split, 8, process_index=2, process_count=2))
 
@@ -315,7 +323,7 @@ def test_the_trainers_train_sample_is_the_seeded_one(tok, cache):
 def test_batches_match_a_row_by_row_reference(tok, cache):
     # Reference: each row's token list, cut to the bucket, then padded, one row at a time.
     split = load("quora", "dev", tok, cache, pair_encoding="bi")
-    batches = _take(ip.train_batches(split, 8, seed=5, buckets=(16, 32)), 10)
+    batches = _take(train_batches(split, 8, seed=5, buckets=(16, 32)), 10)
     batches += list(ip.eval_batches(split.take(21), 8, buckets=(16, 32)))  # padding rows
     for batch in batches:
         length = batch["input_ids"].shape[1]
@@ -343,7 +351,7 @@ def test_an_abandoned_iterator_stops_its_thread(tok, cache):
 
     split = load("sts", "dev", tok, cache)
     before = workers()
-    it = ip.train_batches(split, 8, seed=0)  # infinite
+    it = train_batches(split, 8, seed=0)  # infinite
     next(it)
     mine = workers() - before
     assert len(mine) == 1

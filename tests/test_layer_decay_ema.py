@@ -91,7 +91,7 @@ def test_layer_decay_under_a_frozen_encoder():
 
 
 def test_defaults_add_no_stage_and_leave_updates_bit_identical():
-    # The optimiser as it was before layer_decay and ema_decay existed, written out.
+    # The optimiser without layer_decay and ema_decay, written out.
     params = _random_params()
     cfg = config_lib.base().train
     assert (cfg.layer_decay, cfg.ema_decay) == (1.0, 0.0)

@@ -63,6 +63,25 @@ def _library_imports() -> dict[str, set[str]]:
     return graph
 
 
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Every import cycle a depth-first walk of `graph` meets, as "a -> b -> a"."""
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state and dep in graph:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
 def _wing(module: str) -> int:
     top = module.split(".")[1] if "." in module else "__init__"
     if top in ENTRY_POINTS:
@@ -83,22 +102,7 @@ def test_config_lib_imports_no_other_flaxpals_module():
 
 
 def test_the_library_has_no_import_cycles():
-    graph = _library_imports()
-    cycles, state = [], {}
-
-    def visit(node, stack):
-        state[node] = "open"
-        for dep in sorted(graph.get(node, ())):
-            if state.get(dep) == "open":
-                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
-            elif dep not in state:
-                visit(dep, stack + [dep])
-        state[node] = "done"
-
-    for module in sorted(graph):
-        if module not in state:
-            visit(module, [module])
-    assert cycles == []
+    assert _cycles(_library_imports()) == []
 
 
 def test_old_import_paths_still_work():
@@ -108,3 +112,28 @@ def test_old_import_paths_still_work():
     from flaxpals.serve import ensemble, predictor
 
     assert Predictor is predictor.Predictor and Ensemble is ensemble.Ensemble
+
+
+def _project_imports(folder: str) -> dict[str, set[str]]:
+    """module -> the experiments/benchmarks modules it imports (at the top or in a function)."""
+    out = {}
+    for path in sorted((ROOT / folder).glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found |= {f"{node.module}.{a.name}" for a in node.names}
+        out[f"{folder}.{path.stem}"] = {n for n in found
+                                        if n.split(".")[0] in ("experiments", "benchmarks")}
+    return out
+
+
+def test_benchmarks_and_experiments_import_each_other_in_one_direction():
+    """benchmarks/ never imports experiments/, and no module there imports itself through
+    others: each module's dependencies are below it."""
+    graph = _project_imports("experiments") | _project_imports("benchmarks")
+    assert [(m, n) for m, names in graph.items() if m.startswith("benchmarks")
+            for n in names if n.startswith("experiments")] == []
+    assert _cycles(graph) == []

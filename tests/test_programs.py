@@ -146,8 +146,8 @@ def _setup(method, tasks):
 def _batches_of_every_length(data, plans, mesh):
     """task -> {length: a real training batch at that length} over an epoch's plan."""
     out = {}
-    for i, (t, plan) in enumerate(plans.items()):
-        it = input_pipeline.train_batches(data[t]["train"], 8, seed=i, buckets=(16, 32))
+    for t, plan in plans.items():
+        it = input_pipeline.planned_batches(data[t]["train"], plan)
         out[t] = {}
         for batch in itertools.islice(it, plan.batches_per_epoch):
             out[t].setdefault(batch["input_ids"].shape[1],

@@ -1,4 +1,4 @@
-"""The trainer with every option of issue #20 on: layer decay, EMA (evaluated), SMART with
+"""The trainer with every option of the validation rows on: layer decay, EMA (evaluated), SMART with
 its Bregman term, and a held-out validation split selecting the best epoch.
 
 Tiny random-init config on the real files; minutes on a 2-core machine, so `slow`.

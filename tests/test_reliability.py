@@ -113,26 +113,29 @@ class _Killed(Exception):
 
 
 def test_training_keeps_the_better_best_when_best_json_is_lost(tmp_path, monkeypatch):
-    """The issue's run: stopped after epoch 1 (best, .9), best.json deleted, resumed: epoch
+    """A run stopped at step 8, after epoch 1 (best, .9), best.json deleted, resumed: epoch
     2 scores .5 and must not replace best/6. A cut-short metrics line is repaired too."""
     c = tiny("baseline", **{"tasks": ("sst",), "train.num_epochs": 2,
                             "train.steps_per_epoch": 6, "checkpoint.every_steps": 4,
                             "eval.train_sample": 0, "compile_ahead": False})
     _scripted_eval(monkeypatch, [0.9])
 
-    def stop_after(step, ckpts):
+    save = Checkpoints.save
+
+    def stop_after_8(self, step, *args, **kwargs):  # the run ends right after step 8's save
+        save(self, step, *args, **kwargs)
         if step == 8:
-            ckpts.wait()
+            self.wait()
             raise _Killed
 
-    monkeypatch.setattr(loop, "AFTER_STEP_HOOKS", [stop_after])
-    with pytest.raises(_Killed):
-        loop.train_and_evaluate(c, tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(Checkpoints, "save", stop_after_8)
+        with pytest.raises(_Killed):
+            loop.train_and_evaluate(c, tmp_path)
     assert sorted(os.listdir(tmp_path / "best")) == ["6"]
     (tmp_path / "best.json").unlink()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "st')  # a write cut short by the kill
-    monkeypatch.setattr(loop, "AFTER_STEP_HOOKS", [])
     _scripted_eval(monkeypatch, [0.5])
     loop.train_and_evaluate(c, tmp_path)
     assert sorted(os.listdir(tmp_path / "best")) == ["6"]

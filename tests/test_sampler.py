@@ -1,4 +1,5 @@
-"""The task sampler against the issue's definitions (formulas re-derived here)."""
+"""The task sampler against its definitions (flaxpals/mtl/sampler.py; formulas re-derived
+here)."""
 
 import json
 import math

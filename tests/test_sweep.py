@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pytest
 
-from experiments import sweep, sweep_plots, sweep_report, sweep_shares
+from benchmarks import host
+from experiments import sweep, sweep_common, sweep_plots, sweep_report, sweep_shares
 from flaxpals import workdir_format
 from tests.conftest import ROOT, require
 
@@ -95,7 +96,8 @@ def _row(group, name, dev, done=True):
 
 
 def test_references_section_counts_reached_and_close_tasks(monkeypatch):
-    monkeypatch.setattr(sweep, "PYTORCH_REFERENCE", {"sst": 0.489, "quora": 0.856, "sts": 0.855})
+    monkeypatch.setattr(sweep_common, "PYTORCH_REFERENCE",
+                        {"sst": 0.489, "quora": 0.856, "sts": 0.855})
     rows = [_row("separate", "separate-sst", {"sst": 0.480}),
             _row("separate", "separate-quora", {"quora": 0.854}),
             _row("separate", "separate-sts", {"sts": 0.851}),
@@ -245,7 +247,7 @@ def test_seeds_are_reported_as_mean_and_std(tmp_path):
 
 
 def test_every_row_gets_its_own_line_style():
-    styles = sweep_plots.row_styles(len(sweep.ROWS) + 10)
+    styles = sweep_plots.row_styles(len(sweep_common.ROWS) + 10)
     keys = [(s["color"], s["linestyle"], s["marker"]) for s in styles]
     assert len(set(keys)) == len(keys)
     assert len({s["color"] for s in styles[:20]}) == 20  # 20 distinct colours first
@@ -284,9 +286,9 @@ def test_pytorch_rows_replace_the_fixed_reference(tmp_path):
     rows = sweep_report.collect(tmp_path)
     torch_sst = next(r for r in rows if r["slug"] == "torch-sst")
     assert torch_sst["done"] and torch_sst["n_seeds"] == 2
-    ref = sweep_report.pytorch_reference(rows)
+    ref = sweep_common.pytorch_reference(rows)
     assert ref["sst"][0] == pytest.approx(0.495) and ref["sst"][2] == "2 seed(s)"
-    assert ref["quora"] == (sweep.PYTORCH_REFERENCE["quora"], None, "fixed")  # not run
+    assert ref["quora"] == (sweep_common.PYTORCH_REFERENCE["quora"], None, "fixed")  # not run
     md = "\n".join(sweep_report.calibration(rows))
     assert table_row(md, "SST acc")[1:] == ["0.480", "0.495 ± 0.007 (2 seed(s))", "-1.5"]
     table = sweep_report.table(rows)
@@ -544,8 +546,8 @@ def test_the_std_of_a_difference_adds_the_variances():
     rng = np.random.default_rng(0)
     a = rng.normal(0, 0.01, size=(200_000, 3)).mean(1)
     b = rng.normal(0, 0.01, size=200_000)
-    assert sweep_report.difference_std(0.01, 3, 1) == pytest.approx(np.std(a - b), rel=0.01)
-    assert sweep_report.difference_std(0.01, 1, 1) == pytest.approx(0.01 * 2 ** 0.5)
+    assert sweep_common.difference_std(0.01, 3, 1) == pytest.approx(np.std(a - b), rel=0.01)
+    assert sweep_common.difference_std(0.01, 1, 1) == pytest.approx(0.01 * 2 ** 0.5)
 
 
 def test_rows_started_without_an_epoch_and_unfinished_separate_models_say_so(tmp_path):
@@ -566,8 +568,8 @@ def test_every_combiner_and_loss_weighting_has_a_best_recipe_row():
     from flaxpals.mtl.combiners import COMBINERS
     from flaxpals.mtl.loss_weighting import LOSS_WEIGHTINGS
 
-    rows = {r.slug: r for r in sweep.ROWS}
-    cpu = sweep.BUDGETS["cpu"]
+    rows = {r.slug: r for r in sweep_common.ROWS}
+    cpu = sweep_common.BUDGETS["cpu"]
     for key, names in (("combiner", COMBINERS), ("loss_weighting", LOSS_WEIGHTINGS)):
         for name in names if key == "combiner" else names[1:]:  # the sum too; not "none"
             c = sweep.build_config(rows[f"best-{name}"], cpu, {})
@@ -594,7 +596,7 @@ def test_machine_records_the_vector_extensions():
     as /proc/cpuinfo lists them (an empty string where it lists none)."""
     from pathlib import Path
 
-    info = sweep.machine()
+    info = host.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         listed = set(re.findall(r"\b(avx2|avx512[a-z0-9_]*)\b", cpuinfo.read_text()))

@@ -20,7 +20,7 @@ from tests.conftest import require
 def build(pooling, pair_encoding, similarity, **train):
     require("torch")
     require("transformers")
-    from experiments import torch_reference as bench_torch
+    from benchmarks import torch_reference as bench_torch
 
     args = bench.parse_args(["--checkpoint=tiny", "--batch=4", "--lengths=12", "--no-dropout",
                              f"--pooling={pooling}", f"--pair-encoding={pair_encoding}",
@@ -44,7 +44,7 @@ def build(pooling, pair_encoding, similarity, **train):
 @pytest.mark.parametrize("pooling,pair_encoding,similarity",
                          [("mean", "bi", "cosine"), ("cls", "cross", "dot")])
 def test_same_loss_for_every_head(pooling, pair_encoding, similarity):
-    from experiments import torch_reference as bench_torch
+    from benchmarks import torch_reference as bench_torch
 
     args, flax, steps, batches = build(pooling, pair_encoding, similarity)
     torch_side = type("T", (), {"model": steps.model,
@@ -62,7 +62,7 @@ def test_same_losses_over_adamw_steps():
     import jax
     import torch
 
-    from experiments import torch_reference as bench_torch
+    from benchmarks import torch_reference as bench_torch
 
     _, flax, steps, batches = build("cls", "bi", "dot", schedule="constant",
                                     learning_rate=1e-3, weight_decay=5.0, grad_clip=0.5)

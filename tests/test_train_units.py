@@ -70,9 +70,9 @@ def test_config_arguments():
     ("adam_eps", 0.0, r"config\.train\.adam_eps: must be positive"),
 ])
 def test_optimiser_values_are_checked_before_any_compute(key, value, message):
-    """Each of these used to pass validate() and fail later, unnamed, in optim or the
-    sampler; a negative grad_clip silently turned every clipped update into ascent
-    (optax scales by max_norm / norm)."""
+    """validate() names each of these, before any compute; unchecked, each fails later,
+    unnamed, in optim or the sampler, and a negative grad_clip silently turns every
+    clipped update into ascent (optax scales by max_norm / norm)."""
     c = load_config("baseline")
     c.train[key] = value
     with pytest.raises(config_lib.ConfigError, match=message):

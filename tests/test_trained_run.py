@@ -98,8 +98,8 @@ def test_cli_stops_a_mismatched_eval_before_any_compute(tmp_path):
     (["--mode=train", "--step=5"], "--step: --mode=eval or predict only"),
 ])
 def test_cli_stops_flags_the_mode_would_ignore(tmp_path, flags, message):
-    """Each used to be ignored (or, --columns, to end in a traceback): scoring the
-    run's dev set under a name that says it scored the file, say."""
+    """Each stops the command, named, before it writes anything: ignored, a flag would
+    mislead (scoring the run's dev set under a name that says it scored the file, say)."""
     result = _main("flaxpals.main", f"--workdir={tmp_path}", *flags)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -432,8 +432,8 @@ def test_every_published_run_config_reads_back(row):
 
 @TRAINED
 @pytest.mark.parametrize("key,value,message", [
-    # Another optimiser state tree: the restore used to fail as a damaged file would,
-    # every step was set aside and training started over from scratch.
+    # Another optimiser state tree: named as a config change, not taken for a damaged
+    # file (which would set every step aside and start training over from scratch).
     ("train.ema_decay", 0.99, r"optimiser state does not fit this config's .*"
                               r"missing from the checkpoint: opt_state/.*not in this config's: "
                               r"opt_state/"),

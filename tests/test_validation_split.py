@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from flaxpals import config_lib
+from flaxpals.data import batching, tasks
 from flaxpals.data import input_pipeline as ip
-from flaxpals.data import tasks
 from flaxpals.model import build
 from flaxpals.train import evaluate, parallel
 
@@ -85,8 +85,8 @@ def test_load_data_holds_out_val_and_no_training_batch_reads_it(tok, cache):
         assert list(splits["val"].ids) == list(full.holdout(0.25, c.data.validation_seed)[1].ids)
         held = set(splits["val"].ids)
         seen = set()
-        for batch in ip.train_batches(splits["train"], 16, seed=0, num_epochs=3,
-                                      buckets=tuple(c.data.buckets)):
+        plan = batching.TrainPlan(splits["train"].lengths(), tuple(c.data.buckets), 16, seed=0)
+        for batch in ip.planned_batches(splits["train"], plan, num_epochs=3):
             seen.update(batch["ids"])
         assert seen and not seen & held
         assert seen <= set(splits["train"].ids)
@@ -100,7 +100,7 @@ def test_load_data_holds_out_val_and_no_training_batch_reads_it(tok, cache):
     again = build.load_data(c2, task_list, tok)
     for t in task_list:
         assert list(again[t.name]["val"].ids) == list(data[t.name]["val"].ids)
-    # Off: no val split, train as before.
+    # Off: no val split, every train row trains.
     off = _config(cache, **{"data.validation_fraction": 0.0, "eval.best_metric": "dev/average"})
     plain = build.load_data(off, task_list, tok)
     assert "val" not in plain["sst"] and len(plain["sst"]["train"]) == 400

@@ -1,7 +1,8 @@
-"""Tokenized splits and their batches: load_split, train_batches, eval_batches.
+"""Tokenized splits and their batches: load_split, planned_batches, eval_batches.
 
     split = load_split(get_task("quora"), "train", tokenizer, pair_encoding="bi")
-    for batch in train_batches(split, 32, seed=0):        # infinite
+    plan = batching.TrainPlan(split.lengths(), (32, 64, 128), 32, seed=0)
+    for batch in planned_batches(split, plan):            # infinite
         batch["input_ids"], batch["input_ids_2"], batch["labels"], ...
 
 load_split parses a split (flaxpals.data.reader: defective rows skipped
@@ -551,31 +552,17 @@ def _batches(split: Split, plan: Iterator[tuple[np.ndarray, int]],
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def train_batches(split: Split, batch_size: int, *, seed: int,
-                  buckets: Sequence[int] = DEFAULT_BUCKETS, process_index: int = 0,
-                  process_count: int = 1, start_batch: int = 0,
-                  num_epochs: int | None = None,
-                  prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-    """Shuffled, length-bucketed, full batches: this process's rows of each global batch
-    (see batching.py).
-
-    Infinite unless num_epochs is given. Batch k of a run depends only on
-    (split, batch_size, seed, buckets, process), and start_batch=k starts there
-    at the cost of one epoch's plan, so a resumed run sees what an uninterrupted
-    one would have. batch_size is the per-process batch.
-    """
-    plan = batching.TrainPlan(split.lengths(), buckets, batch_size, seed=seed,
-                              process_index=process_index, process_count=process_count)
-    return planned_batches(split, plan, start_batch=start_batch, num_epochs=num_epochs,
-                           prefetch=prefetch)
-
-
 def planned_batches(split: Split, plan: batching.TrainPlan, *, start_batch: int = 0,
                     num_epochs: int | None = None, prefetch: int = 2,
                     to_device=None, packing: Packing | None = None
                     ) -> Iterator[dict[str, Any]]:
-    """train_batches from a plan already built (the trainer's, which also lists the shapes
-    to compile from it); `to_device`, `packing`: as `_batches`."""
+    """Shuffled, length-bucketed, full batches of `plan` (batching.TrainPlan: this process's
+    rows of each global batch), from batch `start_batch` on.
+
+    Infinite unless num_epochs is given. Batch k depends only on the split and the plan
+    (batch_size, seed, buckets, process), and start_batch=k starts there at the cost of
+    one epoch's plan, so a resumed run sees what an uninterrupted one would have.
+    `to_device`, `packing`: as `_batches`."""
     if start_batch < 0:
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     stop = None if num_epochs is None else num_epochs * plan.batches_per_epoch

@@ -22,7 +22,7 @@ Relative file names are looked up in the data directory (`flaxpals.data.paths`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from flaxpals.data.metrics import METRICS as _METRIC_FNS
@@ -314,13 +314,3 @@ def tasks_of_config(config) -> list[Task]:
                 raise ValueError(f"config.tasks: {e}") from None
     return out
 
-
-def get_tasks(spec: str | Sequence[str | Mapping[str, Any]]) -> list[Task]:
-    """Tasks from "sst,quora,sts" or a list of builtin names and task configs."""
-    if isinstance(spec, str):
-        spec = [s.strip() for s in spec.split(",") if s.strip()]
-    out = [get_task(s) if isinstance(s, str) else task_from_config(s) for s in spec]
-    names = [t.name for t in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"task names must be unique, got {names}")
-    return out

@@ -52,13 +52,6 @@ def owner(path, tasks: Sequence[str]) -> str | None:
     return found.pop() if found else None
 
 
-def owners(tree: PyTree, tasks: Sequence[str]) -> PyTree:
-    """A tree of the same structure: each leaf replaced by its task name or None."""
-    tasks = validate_tasks(tasks)
-    # None leaves would vanish from the result's structure: use "" for shared.
-    return jax.tree_util.tree_map_with_path(lambda p, _: owner(p, tasks) or "", tree)
-
-
 def task_param_mask(params: PyTree, task: str, tasks: Sequence[str]) -> PyTree:
     """True where a step on `task` may change the leaf: shared leaves and `task`'s own.
 

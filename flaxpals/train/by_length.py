@@ -12,7 +12,7 @@ fixed shapes. A jitted step runs its Python body again at every new length:
 about a second for a MiniLM train step, spent even when the program then loads
 from the persistent compilation cache. Here the first length of a batch
 structure (its set of keys: one sentence per example, or two) goes through the
-jitted step as before; from its second length on, the step is exported once with
+plain jitted step; from its second length on, the step is exported once with
 the length as a symbolic dimension (`jax.export`), and each length lowers that
 module with the length fixed (shape refinement: a fraction of a trace) and
 compiles it, or loads it from the cache. The refined program computes what the

@@ -11,7 +11,7 @@
 
 A run killed or stopped mid-epoch resumes from its latest checkpoint, which
 also holds the epoch's running loss sums, so the epoch's line is what an
-uninterrupted run writes. `evaluation.py` restores a run for eval and predict.
+uninterrupted run writes. `flaxpals/serve/restore.py` restores a run for eval, predict and export.
 
 Every device of every process takes part (parallel.py): the state lives on a
 ('data',) mesh, every process plans the same global batches of every task and
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +49,6 @@ from flaxpals.train.summary_writer import SummaryWriter
 from flaxpals.train.timing import RunTimer
 
 log = logging.getLogger(__name__)
-
-# Called as hook(step, checkpoints) after each step's checkpoint is saved: where a
-# test installs fault injection (tests/kill_run.py).
-AFTER_STEP_HOOKS: list[Callable[[int, Checkpoints], None]] = []
-
 
 # The key, in a checkpoint's sampler JSON, of the shape policy and compute dtype in force.
 RESOLVED_KEY = "resolved"
@@ -366,8 +360,6 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                 programs.close()  # its compile in flight counts in the timings
                 write_timings()
                 raise stop.stopped(step, ckpts)
-            for hook in AFTER_STEP_HOOKS:
-                hook(step, ckpts)
             if epoch_end:
                 with sync_point():
                     finish_epoch(epoch, step, loss_sums)

@@ -14,7 +14,7 @@ Rules:
 - Batches: the leading (example) axis is split over `data`. The global batch
   size of the config (`train.batch_size`, `eval.batch_size`) must divide by the
   device count; each process reads batch_size / process_count rows of its own
-  data shard (`input_pipeline.train_batches(..., process_index, process_count)`)
+  data shard (`batching.TrainPlan(..., process_index=, process_count=)`)
   and `global_batch` joins the processes' rows into one array
   (`jax.make_array_from_process_local_data`): process p's rows are its devices'
   blocks of the global batch.
