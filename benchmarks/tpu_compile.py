@@ -52,6 +52,10 @@ def _flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+# jax topology name -> (chip config, chips per host)
+TOPOLOGIES = {"v4:2x2x2": ("megacore", (2, 2, 1)), "v5e:4x4": ("default", (2, 2, 1))}
+
+
 def compile_run(topology_name: str, config_arg: str, method: str) -> dict:
     """Every program a run of `config_arg` compiles on the pod `topology_name`."""
     import jax
@@ -65,7 +69,12 @@ def compile_run(topology_name: str, config_arg: str, method: str) -> dict:
     from flaxpals.train.programs import Programs, batch_spec
     from flaxpals.train.steps import Steps, TrainState
 
-    topology = topologies.get_topology_desc(topology_name=topology_name, platform="tpu")
+    # As MaxText's accelerator_to_spec_map: v4 is one device per chip ("megacore"),
+    # two by two chips a host.
+    chip_config, per_host = TOPOLOGIES.get(topology_name, ("default", (2, 2, 1)))
+    topology = topologies.get_topology_desc(
+        topology_name=topology_name, platform="tpu", chip_config_name=chip_config,
+        chips_per_host_bounds=per_host, num_slices=1, wrap=(False, False, False))
     devices = list(topology.devices)
     name, _, arg = config_arg.partition(":")
     flags = config_lib.parse_arg(arg)
