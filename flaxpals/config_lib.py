@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -299,17 +300,8 @@ def _check(key: str, ok: bool, message: str) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Rejects unknown keys and bad values, naming the key."""
-    reference = base()
-
-    def walk(node, ref, prefix):
-        for key in node.keys():
-            name = f"{prefix}{key}"
-            if key not in ref:
-                raise ConfigError(unknown_key_message(name, ref))
-            if isinstance(ref[key], ml_collections.ConfigDict) and name != "extra_tasks":
-                walk(node[key], ref[key], name + ".")
-
-    walk(c, reference, "")
+    for name in fields(c):
+        check_key(name)
     t = c.train
     _check("train.method", t.method in METHODS, f"{t.method!r} is not one of {METHODS}")
     _check("train.combiner", t.combiner in COMBINERS, f"{t.combiner!r} is not one of {COMBINERS}")
@@ -439,8 +431,23 @@ def unknown_key_message(name: str, section: ml_collections.ConfigDict) -> str:
     return f"config.{name}: unknown key; {where} has: {', '.join(sorted(section.keys()))}"
 
 
-def check_override(name: str) -> None:
-    """Raises ConfigError for a --config.<name> override that names no field of base()."""
+def fields(node, prefix: str = "") -> dict[str, Any]:
+    """Every field of a config (a ConfigDict, or its `to_dict()`) by dotted name, its
+    sections descended into; a task declared in extra_tasks is one field,
+    `extra_tasks.<name>` (declarations are free-form)."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = prefix + key
+        if isinstance(value, ml_collections.ConfigDict | dict) and prefix != "extra_tasks.":
+            out.update(fields(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_key(name: str) -> None:
+    """Raises ConfigError for a dotted key (a --config.<name> override, a field of a given
+    or saved config) that names no field of base()."""
     node, parts = base(), name.split(".")
     for i, key in enumerate(parts):
         if i == 1 and parts[0] == "extra_tasks":
@@ -457,32 +464,17 @@ def from_dict(values) -> ml_collections.ConfigDict:
     else their default.
     """
     c = base()
-    values = _renamed(values)
-    flat_missing = []
-
-    def fill(node, vals, prefix):
-        for key, value in vals.items():
-            name = prefix + key
-            if key not in node:
-                raise ConfigError(unknown_key_message(name, node))
-            if name == "extra_tasks":
-                node[key] = ml_collections.ConfigDict(value)
-            elif isinstance(node[key], ml_collections.ConfigDict):
-                fill(node[key], value, name + ".")
-            else:
-                try:
-                    node[key] = tuple(value) if isinstance(node[key], tuple) else value
-                except TypeError as e:
-                    raise ConfigError(f"config.{name}: {e}") from None
-        for key in node.keys():
-            if key not in vals and not isinstance(node[key], ml_collections.ConfigDict):
-                flat_missing.append(prefix + key)
-
-    fill(c, values, "")
-    for name in flat_missing:
-        if name in LEGACY_DEFAULTS:
-            section, _, key = name.rpartition(".")
-            (c[section] if section else c)[key] = LEGACY_DEFAULTS[name]
+    given = fields(_renamed(values))
+    for name, value in {**LEGACY_DEFAULTS, **given}.items():
+        check_key(name)
+        section, _, key = name.rpartition(".")
+        node = c
+        for part in filter(None, section.split(".")):
+            node = node[part]
+        try:
+            node[key] = tuple(value) if isinstance(node.get(key), tuple) else value
+        except TypeError as e:
+            raise ConfigError(f"config.{name}: {e}") from None
     validate(c)
     return c
 

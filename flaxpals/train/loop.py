@@ -67,10 +67,6 @@ class TrainingError(RuntimeError):
 # ---------------------------------------------------------------- training
 
 
-def _host0() -> bool:
-    return jax.process_index() == 0
-
-
 class LossSums:
     """Running sums of an epoch's train losses and combiner statistics (core.step_stats):
     {"loss/<task>": [sum, count], "coef/<task>": ...}.
@@ -106,7 +102,7 @@ def _save_config(workdir: epath.Path, config) -> None:
             workdir_format.check_same_model(saved, config, str(workdir / "config.json"),
                                         workdir_format.TRAIN_FIX)
         parallel.barrier("flaxpals-config-read")
-        if saved.to_dict() != config.to_dict() and _host0():
+        if saved.to_dict() != config.to_dict() and workdir_format.is_host0():
             n = len(list(workdir.glob("config.*.json"))) + 1
             (workdir / "config.json").rename(workdir / f"config.{n}.json")
             log.info("the config differs from the saved run's: the earlier one is now "
@@ -140,7 +136,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _save_config(workdir, config)
-    writer = SummaryWriter(workdir / "tensorboard", enabled=_host0())
+    writer = SummaryWriter(workdir / "tensorboard", enabled=workdir_format.is_host0())
 
     model, params, tokenizer, tasks = build.build_model(config)
     names = tuple(t.name for t in tasks)
@@ -272,7 +268,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                                kept[optim.scored_tag(config.eval.best_metric)])
 
     bar = tqdm(total=sampler.total_steps, initial=sampler.step, desc="train", unit="step",
-               disable=not _host0(), dynamic_ncols=True)
+               disable=not workdir_format.is_host0(), dynamic_ncols=True)
     # A run killed between an epoch's last checkpoint and its metrics line
     # resumes exactly at that epoch's end: evaluate it now so no epoch goes
     # missing (its loss sums came with the checkpoint).
@@ -323,7 +319,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         means = Window.means(fetched)
         bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in means.items()
                          if k.startswith("loss/")}, refresh=False)
-        if _host0():
+        if workdir_format.is_host0():
             rate = {"steps_per_second": len(fetched) / seconds} if seconds > 0 else {}
             writer.write_scalars(step, {**means, **rate})
 
