@@ -7,7 +7,18 @@ experiment needs; each takes an argument string, e.g.
 
 (comma-separated `key=value` pairs and bare flags: `tiny` for the random-init
 test scale, `bert_base` for bert-base-uncased on an accelerator). `validate`
-rejects unknown keys and bad values, naming the key, before any compute.
+rejects unknown keys and bad values, naming the key, before any compute; the
+declared tasks and the model's options are checked where they are built
+(`data.tasks.tasks_of_config`, `model.build.model_options`, both raising
+ConfigError naming the key), which the trainer's preflight does before it
+writes anything.
+
+This module imports no other flaxpals module: it owns the allowed value of each
+choice (COMBINERS, LOSS_WEIGHTINGS, ...), which the implementing modules import,
+and one function per choice derived from the config (`task_schedule`,
+`combiner`, `loss_weighting`, `lr_schedule`, `trainable`, `shape_policy`,
+`compute_dtype`) that the rest of the library calls instead of reading the raw
+fields. `fields` is the one walk over a config's fields.
 "The report" in comments is the CS224N project report whose experiments
 flaxpals reimplements: its recipe, where it differs from the defaults.
 """
@@ -15,20 +26,40 @@ flaxpals reimplements: its recipe, where it differs from the defaults.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from flaxpals.data.tasks import tasks_of_config
-from flaxpals.mtl import sampler
-from flaxpals.mtl.combiners import COMBINERS, MGDA_MAX_TASKS
-from flaxpals.mtl.loss_weighting import LOSS_WEIGHTINGS
-from flaxpals.train import optim, preemption, smart
-
-# The sampler's methods, plus pcgrad: the additive schedule with PCGrad combining the
-# task gradients.
-METHODS = sampler.METHODS + ("pcgrad",)
+# The allowed values of the config's choices, defined here once; the modules that
+# implement them import these names (and check at import that their tables match).
+# train.method of the task sampler (flaxpals/mtl/sampler.py): the deterministic
+# schedules, then the sampled ones.
+SAMPLING_METHODS = ("sequential", "round_robin", "additive",
+                    "proportional", "sqrt", "uniform", "temperature", "annealed")
+# train.method: the sampler's methods, plus pcgrad: the additive schedule with PCGrad
+# combining the task gradients.
+METHODS = SAMPLING_METHODS + ("pcgrad",)
+# train.combiner (flaxpals/mtl/combiners.py); sum: the plain sum of the task gradients.
+COMBINERS = ("sum", "pcgrad", "gradvac", "cagrad", "mgda", "imtl_g", "aligned_mtl",
+             "nash_mtl")
+# mgda's exact solver solves 2^k - 1 supports of k + 1 unknowns each: k tasks at most.
+MGDA_MAX_TASKS = 12
+# train.loss_weighting (flaxpals/mtl/loss_weighting.py); none: the plain sum.
+LOSS_WEIGHTINGS = ("none", "uncertainty", "dwa", "famo")
+# train.trainable, train.schedule and train.decay_mask (flaxpals/train/optim.py).
+TRAINABLE = ("finetune", "adapters_only", "head_only")
+LR_SCHEDULES = ("constant", "warmup_linear")
+DECAY_MASKS = ("no_bias_norm", "all")
+# train.smart_norm and train.smart_projection (flaxpals/train/smart.py): the paper's
+# Algorithm 1 (ball) | the authors' code (token).
+SMART_NORMS = ("inf", "l2")
+SMART_PROJECTIONS = ("ball", "token")
+# model.encoder names of random-weight encoders (flaxpals/model/build.py).
+RANDOM_ENCODERS = ("tiny", "bert-base-random")
+# model.pair_encoding: bi (sentences encoded apart) | cross ([CLS] a [SEP] b [SEP]).
+PAIR_ENCODINGS = ("bi", "cross")
 # data.shapes: how batches are padded (`shape_policy`).
 SHAPE_POLICIES = ("auto", "buckets", "fixed", "packed")
 # model.dtype: the compute dtype; auto is the platform's (`compute_dtype`).
@@ -50,7 +81,7 @@ def base() -> ml_collections.ConfigDict:
     c.extra_tasks = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    # A directory, 'minilm' (embedded), a hub id, or random weights (build.RANDOM_ENCODERS):
+    # A directory, 'minilm' (embedded), a hub id, or random weights (RANDOM_ENCODERS):
     # 'tiny' (tests) or 'bert-base-random' (bert-base-uncased's shape, for benchmarks).
     c.model.encoder = "minilm"
     # Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU) | float32 | bfloat16;
@@ -94,7 +125,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.method = "annealed"  # One of config_lib.METHODS (pcgrad = additive + PCGrad).
-    # Task gradients of method=additive, one of combiners.COMBINERS: sum | pcgrad |
+    # Task gradients of method=additive, one of COMBINERS: sum | pcgrad |
     # gradvac | cagrad | mgda | imtl_g | aligned_mtl | nash_mtl (flaxpals/mtl/combiners.py).
     c.train.combiner = "sum"
     c.train.pcgrad_reduction = "sum"  # PCGrad: sum (the paper) | mean.
@@ -231,14 +262,51 @@ def set_method(c: ml_collections.ConfigDict, method: str) -> None:
     c.train.method = method
 
 
-def schedule(train_cfg) -> str:
-    """The sampler's method: pcgrad trains on the additive schedule."""
+def task_schedule(train_cfg) -> str:
+    """The sampler's method (one of SAMPLING_METHODS): pcgrad trains on the additive
+    schedule."""
     return "additive" if train_cfg.method == "pcgrad" else train_cfg.method
 
 
 def combiner(train_cfg) -> str:
-    """How the additive schedule combines the task gradients."""
+    """The combiner of the task gradients (one of COMBINERS): method=pcgrad is the
+    additive schedule with PCGrad; sum for the other methods, whose steps each take one
+    task."""
     return "pcgrad" if train_cfg.method == "pcgrad" else train_cfg.combiner
+
+
+def loss_weighting(train_cfg) -> str:
+    """The weighting of the task losses (one of LOSS_WEIGHTINGS); none: their plain sum."""
+    return train_cfg.loss_weighting
+
+
+def trainable(train_cfg) -> str:
+    """What trains (one of TRAINABLE): finetune, adapters_only or head_only."""
+    return train_cfg.trainable
+
+
+def lr_schedule(train_cfg) -> str:
+    """The learning-rate schedule (one of LR_SCHEDULES)."""
+    return train_cfg.schedule
+
+
+_BUDGET_FORMAT = re.compile(r"(\d+):([0-5]\d)(?::([0-5]\d))?")
+
+
+def parse_budget(text: str) -> float | None:
+    """train.time_budget: 'HH:MM' or 'H:MM:SS' -> seconds; '' -> None. Raises ValueError
+    (one line)."""
+    text = text.strip()
+    if not text:
+        return None
+    match = _BUDGET_FORMAT.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not HH:MM (or H:MM:SS), e.g. '23:30'; '' for none")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if total <= 0:
+        raise ValueError(f"{text!r} leaves no time; '' for no budget")
+    return float(total)
 
 
 def shape_policy(data_cfg, platform: str | None = None) -> str:
@@ -338,15 +406,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("train.steps_per_epoch", isinstance(t.steps_per_epoch, int)
            and (t.steps_per_epoch == -1 or t.steps_per_epoch >= 1),
            f"must be an integer >= 1, or -1 for the method's default, got {t.steps_per_epoch!r}")
-    for key, kinds in (("trainable", optim.TRAINABLE), ("schedule", optim.SCHEDULES),
-                       ("decay_mask", optim.DECAY_MASKS)):
+    for key, kinds in (("trainable", TRAINABLE), ("schedule", LR_SCHEDULES),
+                       ("decay_mask", DECAY_MASKS)):
         _check(f"train.{key}", t[key] in kinds, f"{t[key]!r} is not {'|'.join(kinds)}")
     _check("train.grad_clip", t.grad_clip >= 0, f"must be >= 0 (0: off), got {t.grad_clip}")
     for key in ("adam_b1", "adam_b2"):
         _check(f"train.{key}", 0 <= t[key] < 1, f"must be in [0, 1), got {t[key]}")
     _check("train.adam_eps", t.adam_eps > 0, f"must be positive, got {t.adam_eps}")
     try:
-        preemption.parse_budget(str(t.time_budget))
+        parse_budget(str(t.time_budget))
     except ValueError as e:
         raise ConfigError(f"config.train.time_budget: {e}") from None
     _check("tasks", len(c.tasks) > 0 and len(set(c.tasks)) == len(c.tasks),
@@ -380,10 +448,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"must be an integer >= 1, got {t.smart_steps!r}")
     for key in ("smart_eps", "smart_step_size", "smart_noise"):
         _check(f"train.{key}", t[key] > 0, f"must be positive, got {t[key]}")
-    _check("train.smart_norm", t.smart_norm in smart.NORMS,
-           f"{t.smart_norm!r} is not {'|'.join(smart.NORMS)}")
-    _check("train.smart_projection", t.smart_projection in smart.PROJECTIONS,
-           f"{t.smart_projection!r} is not {'|'.join(smart.PROJECTIONS)}")
+    _check("train.smart_norm", t.smart_norm in SMART_NORMS,
+           f"{t.smart_norm!r} is not {'|'.join(SMART_NORMS)}")
+    _check("train.smart_projection", t.smart_projection in SMART_PROJECTIONS,
+           f"{t.smart_projection!r} is not {'|'.join(SMART_PROJECTIONS)}")
     v = c.data.validation_fraction
     _check("data.validation_fraction", 0 <= v < 1, f"must be in [0, 1) (0: off), got {v}")
     _check("eval.use_ema", not c.eval.use_ema or t.ema_decay > 0,
@@ -412,16 +480,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("checkpoint.every_steps", c.checkpoint.every_steps > 0, "must be positive")
     _check("checkpoint.keep", c.checkpoint.keep > 0, "must be positive")
     _check("log_every_steps", c.log_every_steps > 0, "must be positive")
-    try:
-        tasks_of_config(c)  # builds each declared task, naming its key
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    from flaxpals.model.build import model_options  # the model's own checks, at the boundary
-
-    try:
-        model_options(c.model, platform="cpu")  # checks only: touches no device
-    except ValueError as e:
-        raise ConfigError(f"config.model: {e}") from None
 
 
 def unknown_key_message(name: str, section: ml_collections.ConfigDict) -> str:

@@ -161,16 +161,15 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                 f"({processes} process(es))")
         sizes[t.name] = n
     sampler = sampler_lib.TaskSampler(
-        config_lib.schedule(config.train), sizes, num_epochs=config.train.num_epochs,
+        config_lib.task_schedule(config.train), sizes, num_epochs=config.train.num_epochs,
         steps_per_epoch=None if config.train.steps_per_epoch < 0 else config.train.steps_per_epoch,
         temperature=config.train.temperature, seed=config.seed)
 
     from flaxpals.mtl import combiners
 
     # None for the plain sum: the additive step sums the gradients itself.
-    combiner_name = config_lib.combiner(config.train)
     combiner = combiners.from_config(config.train, task_params.shared_param_mask(params, names),
-                                     len(names), config.seed, combiner_name)
+                                     len(names), config.seed)
     tx = optim.make_optimizer(config.train, params, sampler.total_steps, combiner)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=tx.init(params),
@@ -178,8 +177,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     state_sharding = parallel.state_shardings(state, mesh, config.parallel.fsdp)
     state = parallel.put(state, state_sharding)
     log.info("%s", parallel.describe(state, state_sharding, mesh))
-    steps = Steps(model, tx, combiner_name, config.train.loss_weighting,
-                  smart_lib.from_config(config.train))
+    steps = Steps(model, tx, combiner is not None, smart_lib.from_config(config.train))
     programs = Programs(steps, mesh, state_sharding, fixed_shapes=policy != "buckets",
                         symbolic_length=config.symbolic_length)
 
@@ -343,7 +341,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                         [(t, n) for t in names for split, _ in record_splits(config)
                          for n in eval_sets.lengths(t, split, split_limit(config, split))],
                         config.eval.batch_size,
-                        additive=config_lib.schedule(config.train) == "additive")
+                        additive=config_lib.task_schedule(config.train) == "additive")
             epoch_end = sampler.done or sampler.epoch != epoch
             # Waits for the device only here: the first step, every log_every_steps, and
             # the checkpoints (whose state must have finite losses).
