@@ -502,12 +502,20 @@ def test_names_and_errors():
     for name in ("famo", "sum"):
         with pytest.raises(ValueError, match="not one of"):
             cb.build(name, mask, 3)
-    with pytest.raises(ValueError, match=r"c must be in \[0, 1\)"):
-        cb.cagrad(mask, 3, c=1.0)
     with pytest.raises(ValueError, match="beta"):
         cb.gradvac(mask, 3, beta=0.0)
-    with pytest.raises(ValueError, match="up to 12 tasks"):
-        cb.mgda(mask, 13)
+    # cagrad's range and mgda's task limit are the config's to check, naming the key.
+    c = config_lib.base()
+    c.train.method, c.train.combiner, c.train.cagrad_c = "additive", "cagrad", 1.0
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"^config\.train\.cagrad_c: must be in \[0, 1\), got 1\.0"):
+        config_lib.validate(c)
+    c.train.cagrad_c, c.train.combiner = 0.4, "mgda"
+    c.tasks = tuple(f"t{i}" for i in range(13))
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"^config\.train\.combiner: mgda's exact solver takes up to 12 "
+                             r"tasks, got 13"):
+        config_lib.validate(c)
     with pytest.raises(ValueError, match="built for 4 tasks"):
         cb.imtl_g(mask, 4).update(stacked, cb.imtl_g(mask, 4).init(params))
 

@@ -9,6 +9,8 @@ parameters only, or say nothing about heads). `build(name, ...)` builds one by
 its name (config_lib.COMBINERS but sum); `from_config` builds what the trainer
 needs from the `train` config: the combiner `config_lib.combiner` names, or the
 loss weighting `config_lib.loss_weighting` names, or None for the plain sum.
+The options' ranges (cagrad's c, mgda's task count) are config_lib.validate's
+to check.
 
 gradvac      GradVac, Wang et al. 2021, "Gradient Vaccine", Algorithm 1. For each
              task i, the other tasks j in a fresh random order: phi = cos(g_i', g_j);
@@ -211,9 +213,6 @@ def mgda_coefs(gram: Array) -> Array:
     the singletons always solve.
     """
     k = gram.shape[0]
-    if k > config_lib.MGDA_MAX_TASKS:
-        raise ValueError(f"mgda: the exact solver handles up to {config_lib.MGDA_MAX_TASKS} "
-                         f"tasks, got {k}")
     dtype = gram.dtype
     scale = jnp.trace(gram) / k
     g = gram / jnp.where(scale > 0, scale, 1)  # conditioning only
@@ -324,15 +323,12 @@ def gradvac(shared: Mask, num_tasks: int, *, beta: float = 0.01, seed: int | Arr
 
 def cagrad(shared: Mask, num_tasks: int, *, c: float = 0.4
            ) -> optax.GradientTransformationExtraArgs:
-    if not 0 <= c < 1:
-        raise ValueError(f"cagrad: c must be in [0, 1) (the paper's convergence range), got {c}")
+    """CAGrad with radius c in [0, 1), the paper's convergence range."""
     return _stateless("cagrad", shared, num_tasks, lambda gram: cagrad_coefs(gram, c))
 
 
 def mgda(shared: Mask, num_tasks: int) -> optax.GradientTransformationExtraArgs:
-    if num_tasks > config_lib.MGDA_MAX_TASKS:
-        raise ValueError(f"mgda: the exact solver handles up to {config_lib.MGDA_MAX_TASKS} "
-                         f"tasks, got {num_tasks}")
+    """MGDA over up to config_lib.MGDA_MAX_TASKS tasks."""
     return _stateless("mgda", shared, num_tasks, mgda_coefs)
 
 

@@ -205,9 +205,7 @@ def make_optimizer(cfg, params, num_steps: int,
     parts.append(optax.adamw(schedule(cfg, num_steps), b1=cfg.adam_b1, b2=cfg.adam_b2,
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                              mask=decay_mask(params, cfg.decay_mask)))
-    if cfg.layer_decay != 1.0:
-        if not 0.0 < cfg.layer_decay < 1.0:
-            raise ValueError(f"train.layer_decay={cfg.layer_decay} is not in (0, 1]")
+    if cfg.layer_decay != 1.0:  # its range is config_lib.validate's to check
         parts.append(scale_by_layer_decay(cfg.layer_decay, encoder_layers(params)))
     tx = optax.chain(*parts)
     labels = trainable_labels(params, cfg)
