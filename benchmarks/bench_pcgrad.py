@@ -5,7 +5,7 @@ per step), built by `benchmarks.step_sides.FlaxSide` exactly as the trainer buil
 them (`optim.make_optimizer`, `steps.Steps`, `combiners.from_config`):
 
   sum      per-task gradients (one jax.grad each), stacked, summed by
-           `pcgrad.sum_combiner`, then clip + AdamW: the combiners' step without
+           `pcgrad.sum_combine`, then clip + AdamW: the combiners' step without
            the combining, the control for their own overhead;
   pcgrad   the same stacked gradients through `pcgrad.pcgrad` (the trainer's
            `method=pcgrad`);

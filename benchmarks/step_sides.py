@@ -72,10 +72,22 @@ def bench_config(args):
 def families() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(the combiners beside sum and PCGrad, the loss weightings): FlaxSide's families
     beyond sum, pcgrad and stacked_sum. (Imports JAX: call after configure_process.)"""
-    from flaxpals.mtl import combiners, loss_weighting
+    from flaxpals import config_lib
 
-    return (tuple(n for n in combiners.COMBINERS if n not in ("sum", "pcgrad")),
-            loss_weighting.LOSS_WEIGHTINGS[1:])
+    return (tuple(n for n in config_lib.COMBINERS if n not in ("sum", "pcgrad")),
+            config_lib.LOSS_WEIGHTINGS[1:])
+
+
+def _stacked_sum():
+    """PCGrad's step without the projection: per-task gradients stacked, then summed over
+    the task axis (`pcgrad.sum_combine`)."""
+    import optax
+
+    from flaxpals.mtl import pcgrad
+
+    return optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda updates, state, params=None: (pcgrad.sum_combine(updates), state))
 
 
 class FlaxSide:
@@ -85,7 +97,7 @@ class FlaxSide:
     train_step, additive_step summing the per-task gradients, predict_step), "pcgrad"
     (combiner pcgrad.pcgrad, per-task gradients stacked) and, for
     benchmarks/bench_pcgrad.py, "stacked_sum" (per-task gradients stacked, then
-    pcgrad.sum_combiner: PCGrad's step without the projection), and one per
+    summed: PCGrad's step without the projection), and one per
     other combiner and loss weighting (`families()`), each as the trainer
     builds it from the config (`combiners.from_config`), on stacked gradients.
     """
@@ -107,14 +119,14 @@ class FlaxSide:
         shared = task_params.shared_param_mask(self.params, tuple(self.specs))
         self._combiners = {"sum": None, "pcgrad": pcgrad.pcgrad(shared, seed=config.seed,
                                                                 num_tasks=len(self.specs)),
-                           "stacked_sum": pcgrad.sum_combiner(shared)}
+                           "stacked_sum": _stacked_sum()}
         combiner_names, weighting_names = families()
         for family in combiner_names + weighting_names:
             cfg = config.train.copy_and_resolve_references()
-            weighting = family in weighting_names
-            cfg["loss_weighting" if weighting else "combiner"] = family
-            self._combiners[family] = combiners.from_config(
-                cfg, shared, len(self.specs), config.seed, "sum" if weighting else family)
+            cfg.method = "additive"  # the method whose combiner is train.combiner
+            cfg["loss_weighting" if family in weighting_names else "combiner"] = family
+            self._combiners[family] = combiners.from_config(cfg, shared, len(self.specs),
+                                                            config.seed)
         self._families, self.states = {}, {}
         self._shared_grads = {} if share_task_grads else None
         tx = self._tx("sum")
@@ -136,7 +148,7 @@ class FlaxSide:
 
         if family not in self._families:
             tx = self._tx(family)
-            self._families[family] = (tx, Steps(self.model, tx, "pcgrad").jitted()[1])
+            self._families[family] = (tx, Steps(self.model, tx, stacked=True).jitted()[1])
         if family not in self.states:
             tx = self._families[family][0]
             p = jax.tree.map(jnp.asarray, self.params)

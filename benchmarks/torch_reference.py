@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from flaxpals import config_lib
 from flaxpals.model import hf_checkpoint
 
 _NO_DECAY = re.compile(r"(^|\.)bias$|LayerNorm")  # the HF names of what flaxpals does not decay
@@ -178,7 +179,7 @@ class TorchSteps:
              {"params": no_decay, "weight_decay": 0.0}],
             lr=train_cfg.learning_rate, betas=(train_cfg.adam_b1, train_cfg.adam_b2),
             eps=train_cfg.adam_eps, **impl[optimizer_impl])
-        if train_cfg.schedule == "warmup_linear":
+        if config_lib.lr_schedule(train_cfg) == "warmup_linear":
             factor = warmup_linear(train_cfg.learning_rate, train_cfg.warmup_fraction, num_steps)
         else:
             factor = lambda step: 1.0

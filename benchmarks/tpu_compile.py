@@ -89,9 +89,8 @@ def compile_run(topology_name: str, config_arg: str, method: str) -> dict:
     config.model.dtype = config_lib.compute_dtype(config.model, "tpu")
     model, shapes, _, tasks = build.abstract_model(config)
     names = tuple(t.name for t in tasks)
-    combiner_name = config_lib.combiner(config.train)
     combiner = combiners.from_config(config.train, task_params.shared_param_mask(shapes, names),
-                                     len(names), config.seed, combiner_name)
+                                     len(names), config.seed)
     tx = optim.make_optimizer(config.train, shapes, 1000, combiner)
     state = jax.eval_shape(lambda p: TrainState(
         jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key_data(jax.random.key(0))),
@@ -103,8 +102,8 @@ def compile_run(topology_name: str, config_arg: str, method: str) -> dict:
     for key, size in (("train.batch_size", config.train.batch_size),
                       ("eval.batch_size", config.eval.batch_size)):
         parallel.check_divisible(size, len(devices), 1, key)
-    programs = Programs(Steps(model, tx, combiner_name, config.train.loss_weighting), mesh,
-                        sharding, fixed_shapes=config.data.shapes == "fixed")
+    programs = Programs(Steps(model, tx, combiner is not None), mesh, sharding,
+                        fixed_shapes=config_lib.shape_policy(config.data, "tpu") != "buckets")
     (length,) = config_lib.padded_lengths(config.data, "tpu")
     data = parallel.batch_sharding(mesh)
     out = {"topology": topology_name, "chips": len(devices),
@@ -129,7 +128,7 @@ def compile_run(topology_name: str, config_arg: str, method: str) -> dict:
     first = {}
     for t in model.tasks:
         first.setdefault(programs.structure(t.name), t)
-    if config_lib.schedule(config.train) == "additive":
+    if config_lib.task_schedule(config.train) == "additive":
         batches = {t.name: batch_spec(t, config.model.pair_encoding, config.train.batch_size,
                                       length, data, labels=True) for t in model.tasks}
         compile_one("additive_step", "every task", lambda: programs.lower_additive(state,

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flaxpals import workdir_format
-from flaxpals.mtl.combiners import COMBINERS
-from flaxpals.mtl.loss_weighting import LOSS_WEIGHTINGS
+from flaxpals.config_lib import COMBINERS, LOSS_WEIGHTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

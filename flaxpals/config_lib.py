@@ -7,7 +7,18 @@ experiment needs; each takes an argument string, e.g.
 
 (comma-separated `key=value` pairs and bare flags: `tiny` for the random-init
 test scale, `bert_base` for bert-base-uncased on an accelerator). `validate`
-rejects unknown keys and bad values, naming the key, before any compute.
+rejects unknown keys and bad values, naming the key, before any compute; the
+declared tasks and the model's options are checked where they are built
+(`data.tasks.tasks_of_config`, `model.build.model_options`, both raising
+ConfigError naming the key), which the trainer's preflight does before it
+writes anything.
+
+This module imports no other flaxpals module: it owns the allowed value of each
+choice (COMBINERS, LOSS_WEIGHTINGS, ...), which the implementing modules import,
+and one function per choice derived from the config (`task_schedule`,
+`combiner`, `loss_weighting`, `lr_schedule`, `trainable`, `shape_policy`,
+`compute_dtype`) that the rest of the library calls instead of reading the raw
+fields. `fields` is the one walk over a config's fields.
 "The report" in comments is the CS224N project report whose experiments
 flaxpals reimplements: its recipe, where it differs from the defaults.
 """
@@ -15,19 +26,40 @@ flaxpals reimplements: its recipe, where it differs from the defaults.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
-from flaxpals.data.tasks import tasks_of_config
-from flaxpals.mtl import sampler
-from flaxpals.mtl.combiners import COMBINERS, MGDA_MAX_TASKS
-from flaxpals.mtl.loss_weighting import LOSS_WEIGHTINGS
-from flaxpals.train import optim, preemption, smart
-
-# The sampler's methods, plus pcgrad: the additive schedule with PCGrad combining the
-# task gradients.
-METHODS = sampler.METHODS + ("pcgrad",)
+# The allowed values of the config's choices, defined here once; the modules that
+# implement them import these names (and check at import that their tables match).
+# train.method of the task sampler (flaxpals/mtl/sampler.py): the deterministic
+# schedules, then the sampled ones.
+SAMPLING_METHODS = ("sequential", "round_robin", "additive",
+                    "proportional", "sqrt", "uniform", "temperature", "annealed")
+# train.method: the sampler's methods, plus pcgrad: the additive schedule with PCGrad
+# combining the task gradients.
+METHODS = SAMPLING_METHODS + ("pcgrad",)
+# train.combiner (flaxpals/mtl/combiners.py); sum: the plain sum of the task gradients.
+COMBINERS = ("sum", "pcgrad", "gradvac", "cagrad", "mgda", "imtl_g", "aligned_mtl",
+             "nash_mtl")
+# mgda's exact solver solves 2^k - 1 supports of k + 1 unknowns each: k tasks at most.
+MGDA_MAX_TASKS = 12
+# train.loss_weighting (flaxpals/mtl/loss_weighting.py); none: the plain sum.
+LOSS_WEIGHTINGS = ("none", "uncertainty", "dwa", "famo")
+# train.trainable, train.schedule and train.decay_mask (flaxpals/train/optim.py).
+TRAINABLE = ("finetune", "adapters_only", "head_only")
+LR_SCHEDULES = ("constant", "warmup_linear")
+DECAY_MASKS = ("no_bias_norm", "all")
+# train.smart_norm and train.smart_projection (flaxpals/train/smart.py): the paper's
+# Algorithm 1 (ball) | the authors' code (token).
+SMART_NORMS = ("inf", "l2")
+SMART_PROJECTIONS = ("ball", "token")
+# model.encoder names of random-weight encoders (flaxpals/model/build.py).
+RANDOM_ENCODERS = ("tiny", "bert-base-random")
+# model.pair_encoding: bi (sentences encoded apart) | cross ([CLS] a [SEP] b [SEP]).
+PAIR_ENCODINGS = ("bi", "cross")
 # data.shapes: how batches are padded (`shape_policy`).
 SHAPE_POLICIES = ("auto", "buckets", "fixed", "packed")
 # model.dtype: the compute dtype; auto is the platform's (`compute_dtype`).
@@ -49,7 +81,7 @@ def base() -> ml_collections.ConfigDict:
     c.extra_tasks = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    # A directory, 'minilm' (embedded), a hub id, or random weights (build.RANDOM_ENCODERS):
+    # A directory, 'minilm' (embedded), a hub id, or random weights (RANDOM_ENCODERS):
     # 'tiny' (tests) or 'bert-base-random' (bert-base-uncased's shape, for benchmarks).
     c.model.encoder = "minilm"
     # Compute dtype: auto (bfloat16 on GPU and TPU, float32 on CPU) | float32 | bfloat16;
@@ -93,7 +125,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.method = "annealed"  # One of config_lib.METHODS (pcgrad = additive + PCGrad).
-    # Task gradients of method=additive, one of combiners.COMBINERS: sum | pcgrad |
+    # Task gradients of method=additive, one of COMBINERS: sum | pcgrad |
     # gradvac | cagrad | mgda | imtl_g | aligned_mtl | nash_mtl (flaxpals/mtl/combiners.py).
     c.train.combiner = "sum"
     c.train.pcgrad_reduction = "sum"  # PCGrad: sum (the paper) | mean.
@@ -230,14 +262,51 @@ def set_method(c: ml_collections.ConfigDict, method: str) -> None:
     c.train.method = method
 
 
-def schedule(train_cfg) -> str:
-    """The sampler's method: pcgrad trains on the additive schedule."""
+def task_schedule(train_cfg) -> str:
+    """The sampler's method (one of SAMPLING_METHODS): pcgrad trains on the additive
+    schedule."""
     return "additive" if train_cfg.method == "pcgrad" else train_cfg.method
 
 
 def combiner(train_cfg) -> str:
-    """How the additive schedule combines the task gradients."""
+    """The combiner of the task gradients (one of COMBINERS): method=pcgrad is the
+    additive schedule with PCGrad; sum for the other methods, whose steps each take one
+    task."""
     return "pcgrad" if train_cfg.method == "pcgrad" else train_cfg.combiner
+
+
+def loss_weighting(train_cfg) -> str:
+    """The weighting of the task losses (one of LOSS_WEIGHTINGS); none: their plain sum."""
+    return train_cfg.loss_weighting
+
+
+def trainable(train_cfg) -> str:
+    """What trains (one of TRAINABLE): finetune, adapters_only or head_only."""
+    return train_cfg.trainable
+
+
+def lr_schedule(train_cfg) -> str:
+    """The learning-rate schedule (one of LR_SCHEDULES)."""
+    return train_cfg.schedule
+
+
+_BUDGET_FORMAT = re.compile(r"(\d+):([0-5]\d)(?::([0-5]\d))?")
+
+
+def parse_budget(text: str) -> float | None:
+    """train.time_budget: 'HH:MM' or 'H:MM:SS' -> seconds; '' -> None. Raises ValueError
+    (one line)."""
+    text = text.strip()
+    if not text:
+        return None
+    match = _BUDGET_FORMAT.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not HH:MM (or H:MM:SS), e.g. '23:30'; '' for none")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if total <= 0:
+        raise ValueError(f"{text!r} leaves no time; '' for no budget")
+    return float(total)
 
 
 def shape_policy(data_cfg, platform: str | None = None) -> str:
@@ -299,17 +368,8 @@ def _check(key: str, ok: bool, message: str) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Rejects unknown keys and bad values, naming the key."""
-    reference = base()
-
-    def walk(node, ref, prefix):
-        for key in node.keys():
-            name = f"{prefix}{key}"
-            if key not in ref:
-                raise ConfigError(unknown_key_message(name, ref))
-            if isinstance(ref[key], ml_collections.ConfigDict) and name != "extra_tasks":
-                walk(node[key], ref[key], name + ".")
-
-    walk(c, reference, "")
+    for name in fields(c):
+        check_key(name)
     t = c.train
     _check("train.method", t.method in METHODS, f"{t.method!r} is not one of {METHODS}")
     _check("train.combiner", t.combiner in COMBINERS, f"{t.combiner!r} is not one of {COMBINERS}")
@@ -346,15 +406,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("train.steps_per_epoch", isinstance(t.steps_per_epoch, int)
            and (t.steps_per_epoch == -1 or t.steps_per_epoch >= 1),
            f"must be an integer >= 1, or -1 for the method's default, got {t.steps_per_epoch!r}")
-    for key, kinds in (("trainable", optim.TRAINABLE), ("schedule", optim.SCHEDULES),
-                       ("decay_mask", optim.DECAY_MASKS)):
+    for key, kinds in (("trainable", TRAINABLE), ("schedule", LR_SCHEDULES),
+                       ("decay_mask", DECAY_MASKS)):
         _check(f"train.{key}", t[key] in kinds, f"{t[key]!r} is not {'|'.join(kinds)}")
     _check("train.grad_clip", t.grad_clip >= 0, f"must be >= 0 (0: off), got {t.grad_clip}")
     for key in ("adam_b1", "adam_b2"):
         _check(f"train.{key}", 0 <= t[key] < 1, f"must be in [0, 1), got {t[key]}")
     _check("train.adam_eps", t.adam_eps > 0, f"must be positive, got {t.adam_eps}")
     try:
-        preemption.parse_budget(str(t.time_budget))
+        parse_budget(str(t.time_budget))
     except ValueError as e:
         raise ConfigError(f"config.train.time_budget: {e}") from None
     _check("tasks", len(c.tasks) > 0 and len(set(c.tasks)) == len(c.tasks),
@@ -388,10 +448,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"must be an integer >= 1, got {t.smart_steps!r}")
     for key in ("smart_eps", "smart_step_size", "smart_noise"):
         _check(f"train.{key}", t[key] > 0, f"must be positive, got {t[key]}")
-    _check("train.smart_norm", t.smart_norm in smart.NORMS,
-           f"{t.smart_norm!r} is not {'|'.join(smart.NORMS)}")
-    _check("train.smart_projection", t.smart_projection in smart.PROJECTIONS,
-           f"{t.smart_projection!r} is not {'|'.join(smart.PROJECTIONS)}")
+    _check("train.smart_norm", t.smart_norm in SMART_NORMS,
+           f"{t.smart_norm!r} is not {'|'.join(SMART_NORMS)}")
+    _check("train.smart_projection", t.smart_projection in SMART_PROJECTIONS,
+           f"{t.smart_projection!r} is not {'|'.join(SMART_PROJECTIONS)}")
     v = c.data.validation_fraction
     _check("data.validation_fraction", 0 <= v < 1, f"must be in [0, 1) (0: off), got {v}")
     _check("eval.use_ema", not c.eval.use_ema or t.ema_decay > 0,
@@ -420,16 +480,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check("checkpoint.every_steps", c.checkpoint.every_steps > 0, "must be positive")
     _check("checkpoint.keep", c.checkpoint.keep > 0, "must be positive")
     _check("log_every_steps", c.log_every_steps > 0, "must be positive")
-    try:
-        tasks_of_config(c)  # builds each declared task, naming its key
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    from flaxpals.model.build import model_options  # the model's own checks, at the boundary
-
-    try:
-        model_options(c.model, platform="cpu")  # checks only: touches no device
-    except ValueError as e:
-        raise ConfigError(f"config.model: {e}") from None
 
 
 def unknown_key_message(name: str, section: ml_collections.ConfigDict) -> str:
@@ -439,8 +489,23 @@ def unknown_key_message(name: str, section: ml_collections.ConfigDict) -> str:
     return f"config.{name}: unknown key; {where} has: {', '.join(sorted(section.keys()))}"
 
 
-def check_override(name: str) -> None:
-    """Raises ConfigError for a --config.<name> override that names no field of base()."""
+def fields(node, prefix: str = "") -> dict[str, Any]:
+    """Every field of a config (a ConfigDict, or its `to_dict()`) by dotted name, its
+    sections descended into; a task declared in extra_tasks is one field,
+    `extra_tasks.<name>` (declarations are free-form)."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = prefix + key
+        if isinstance(value, ml_collections.ConfigDict | dict) and prefix != "extra_tasks.":
+            out.update(fields(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_key(name: str) -> None:
+    """Raises ConfigError for a dotted key (a --config.<name> override, a field of a given
+    or saved config) that names no field of base()."""
     node, parts = base(), name.split(".")
     for i, key in enumerate(parts):
         if i == 1 and parts[0] == "extra_tasks":
@@ -457,32 +522,17 @@ def from_dict(values) -> ml_collections.ConfigDict:
     else their default.
     """
     c = base()
-    values = _renamed(values)
-    flat_missing = []
-
-    def fill(node, vals, prefix):
-        for key, value in vals.items():
-            name = prefix + key
-            if key not in node:
-                raise ConfigError(unknown_key_message(name, node))
-            if name == "extra_tasks":
-                node[key] = ml_collections.ConfigDict(value)
-            elif isinstance(node[key], ml_collections.ConfigDict):
-                fill(node[key], value, name + ".")
-            else:
-                try:
-                    node[key] = tuple(value) if isinstance(node[key], tuple) else value
-                except TypeError as e:
-                    raise ConfigError(f"config.{name}: {e}") from None
-        for key in node.keys():
-            if key not in vals and not isinstance(node[key], ml_collections.ConfigDict):
-                flat_missing.append(prefix + key)
-
-    fill(c, values, "")
-    for name in flat_missing:
-        if name in LEGACY_DEFAULTS:
-            section, _, key = name.rpartition(".")
-            (c[section] if section else c)[key] = LEGACY_DEFAULTS[name]
+    given = fields(_renamed(values))
+    for name, value in {**LEGACY_DEFAULTS, **given}.items():
+        check_key(name)
+        section, _, key = name.rpartition(".")
+        node = c
+        for part in filter(None, section.split(".")):
+            node = node[part]
+        try:
+            node[key] = tuple(value) if isinstance(node.get(key), tuple) else value
+        except TypeError as e:
+            raise ConfigError(f"config.{name}: {e}") from None
     validate(c)
     return c
 

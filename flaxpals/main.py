@@ -63,7 +63,7 @@ def check_overrides(argv: list[str]) -> None:
     for arg in argv:
         if arg.startswith(("--config.", "-config.", "--noconfig.")):
             name = arg.split("=", 1)[0].split(".", 1)[1]
-            config_lib.check_override(name)
+            config_lib.check_key(name)
 
 
 # --config.<key>=value overrides given without --config: (key, text), applied to the

@@ -67,12 +67,14 @@ class ConfigMismatchError(ValueError):
     """A given config that defines another model than the saved run."""
 
 
-def _host0() -> bool:
+def is_host0() -> bool:
+    """Whether this is process 0, the one that writes the workdir's files (every process
+    reads them)."""
     return jax.process_index() == 0
 
 
 def write_json(path: epath.PathLike, obj: Any) -> None:
-    if _host0():
+    if is_host0():
         epath.Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
@@ -112,7 +114,7 @@ def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
 
 
 def _append(workdir: epath.PathLike, name: str, record: dict) -> None:
-    if _host0():
+    if is_host0():
         with (epath.Path(workdir) / name).open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -158,7 +160,7 @@ def repair_records(workdir: epath.PathLike) -> None:
     """Moves a cut-short last line of metrics.jsonl or timings.jsonl to
     `<file>.unreadable` (appended, kept for inspection) and ends the file with a newline,
     so that the next record starts on a line of its own. Process 0 only."""
-    if not _host0():
+    if not is_host0():
         return
     for name in ("metrics.jsonl", "timings.jsonl"):
         path = epath.Path(workdir) / name
@@ -238,7 +240,7 @@ def write_outputs(workdir: epath.PathLike, step: int, metric: str,
                   config: ml_collections.ConfigDict, rows: dict) -> None:
     """<workdir>/best-outputs.npz from `rows` (as `SavedOutputs.rows`), replaced whole:
     written to a temporary file first, so a kill leaves the old file or the new one."""
-    if not _host0():
+    if not is_host0():
         return
     arrays = {"meta": np.array(json.dumps({"step": int(step), "metric": metric,
                                            "config": config.to_dict()}, default=str))}
@@ -381,13 +383,5 @@ def config_for_restore(workdir: epath.PathLike,
 
 
 def _flat(config) -> dict[str, Any]:
-    out = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, ml_collections.ConfigDict | dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[prefix + k] = tuple(v) if isinstance(v, list | tuple) else v
-    walk(config, "")
-    return out
+    return {k: tuple(v) if isinstance(v, list | tuple) else v
+            for k, v in config_lib.fields(config).items()}

@@ -32,14 +32,14 @@ from tests.conftest import ROOT, epochs, tiny
                                           ("1:02:03", 3723.0), (" 2:00 ", 7200.0),
                                           ("", None)])
 def test_budget_parses_hours_minutes_and_seconds(text, seconds):
-    assert preemption.parse_budget(text) == seconds
+    assert config_lib.parse_budget(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["90", "1:5", "1:60", "0:00:60", "1h", "-1:00", "1:00:00:00",
                                   "0:00", "0:00:00", "one:00"])
 def test_budget_rejects_other_formats(text):
     with pytest.raises(ValueError, match=r"'.*' (is not HH:MM|leaves no time)"):
-        preemption.parse_budget(text)
+        config_lib.parse_budget(text)
 
 
 def test_config_names_the_budget_key():

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flaxpals.mtl.sampler import METHODS, TaskSampler
+from flaxpals.config_lib import SAMPLING_METHODS as METHODS
+from flaxpals.mtl.sampler import TaskSampler
 
 # Train batches per epoch of SST, Quora (stand-in), STS at batch size 32.
 SIZES = {"sst": 267, "quora": 506, "sts": 188}

@@ -260,7 +260,7 @@ def test_the_two_process_run_has_steps_of_two_lengths():
     plans = {t: batching.TrainPlan(data[t]["train"].lengths(), config.data.buckets, 4,
                                    seed=config.seed + i, process_count=2)
              for i, t in enumerate(config.tasks)}
-    sampler = TaskSampler(config_lib.schedule(config.train),
+    sampler = TaskSampler(config_lib.task_schedule(config.train),
                           {t: p.batches_per_epoch for t, p in plans.items()}, num_epochs=1,
                           steps_per_epoch=config.train.steps_per_epoch, seed=config.seed)
     lengths = set()

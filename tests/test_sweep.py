@@ -565,8 +565,7 @@ def test_rows_started_without_an_epoch_and_unfinished_separate_models_say_so(tmp
 
 
 def test_every_combiner_and_loss_weighting_has_a_best_recipe_row():
-    from flaxpals.mtl.combiners import COMBINERS
-    from flaxpals.mtl.loss_weighting import LOSS_WEIGHTINGS
+    from flaxpals.config_lib import COMBINERS, LOSS_WEIGHTINGS
 
     rows = {r.slug: r for r in sweep_common.ROWS}
     cpu = sweep_common.BUDGETS["cpu"]

@@ -42,13 +42,14 @@ def _setup(combiner: str = "sum"):
     params = jax.jit(lambda k: model.init(k, dummies, method=MultiTaskModel.init_all))(
         jax.random.key(0))["params"]
     cfg = config_lib.base().train
-    cfg.learning_rate, cfg.warmup_fraction = 1e-3, 0.0
+    cfg.learning_rate, cfg.warmup_fraction, cfg.method, cfg.combiner = 1e-3, 0.0, "additive", \
+        combiner
     comb = combiners.from_config(cfg, task_params.shared_param_mask(params, NAMES),
-                                 len(TASKS), 0, combiner)
+                                 len(TASKS), 0)
     tx = optim.make_optimizer(cfg, params, 100, comb)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
                        jax.random.key_data(jax.random.key(1)))
-    return Steps(model, tx, combiner), state
+    return Steps(model, tx, comb is not None), state
 
 
 def _max_diff(a, b) -> tuple[float, str]:

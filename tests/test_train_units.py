@@ -50,7 +50,8 @@ def test_configs_load_and_validate(name):
 def test_config_arguments():
     c = load_config("pal", "method=pcgrad,tiny")
     assert (c.train.method, c.model.adapter) == ("pcgrad", "pal")
-    assert (config_lib.schedule(c.train), config_lib.combiner(c.train)) == ("additive", "pcgrad")
+    assert (config_lib.task_schedule(c.train), config_lib.combiner(c.train)) == \
+        ("additive", "pcgrad")
     assert c.model.encoder == "tiny"
     c = load_config("classifier", "task=cfimdb,option=pretrain")
     assert c.tasks == ("cfimdb",) and c.train.trainable == "head_only"
@@ -289,7 +290,7 @@ def test_pcgrad_step_in_parts_matches_one_program():
     names = tuple(t.name for t in TASKS)
     tx = optax.chain(pcgrad.pcgrad(task_params.shared_param_mask(state.params, names), seed=3,
                                    num_tasks=len(names)), optax.sgd(0.5))
-    steps = Steps(steps.model, tx, "pcgrad")
+    steps = Steps(steps.model, tx, stacked=True)
     mesh = parallel.make_mesh()
     state = state.replace(opt_state=tx.init(state.params))
     sharding = parallel.state_shardings(state, mesh)

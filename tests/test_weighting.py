@@ -254,7 +254,7 @@ def test_the_trainers_optimiser_forwards_losses(mode):
 def test_from_config_builds_each_weighting():
     _, _, mask, _, _ = make_problem(0, 3, "random")
     cfg = config_lib.base().train
-    for name in wt.LOSS_WEIGHTINGS[1:]:
+    for name in config_lib.LOSS_WEIGHTINGS[1:]:
         cfg.loss_weighting = name
         state = wt.from_config(cfg, mask, 3).init(None)
         assert type(state.inner).__name__.lower().startswith(name[:3]), state

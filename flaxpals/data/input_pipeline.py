@@ -67,9 +67,9 @@ from typing import Any
 
 import numpy as np
 
+from flaxpals import config_lib
 from flaxpals.data import batching, cs224n, paths, reader
 from flaxpals.data.tasks import Task
-from flaxpals.model.heads import PAIR_ENCODINGS
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +312,9 @@ def load_split(task: Task, split: str, tokenizer, *, data_dir=None, cache_dir=No
     pair_encoding: "bi" or "cross" (ignored for single-sentence tasks).
     tfds_data_dir: where TFDS tasks are prepared (default <cache>/tfds).
     """
-    if pair_encoding not in PAIR_ENCODINGS:
-        raise ValueError(f"pair_encoding must be one of {PAIR_ENCODINGS}, got {pair_encoding!r}")
+    if pair_encoding not in config_lib.PAIR_ENCODINGS:
+        raise ValueError(f"pair_encoding must be one of {config_lib.PAIR_ENCODINGS}, got "
+                         f"{pair_encoding!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     task.split_source(split)  # raises for an unknown split

@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from flaxpals import config_lib
 from flaxpals.data.metrics import METRICS as _METRIC_FNS
 
 KINDS = ("classification", "pair_classification", "pair_regression")
@@ -297,7 +298,9 @@ def tasks_of_config(config) -> list[Task]:
     """The tasks of a run config, in `config.tasks` order: builtin names, or names
     declared in `config.extra_tasks` (a declaration also overrides a builtin's fields).
 
-    A bad declaration raises ValueError naming `config.extra_tasks.<name>`.
+    A bad declaration or an unknown name raises config_lib.ConfigError naming
+    `config.extra_tasks.<name>` or `config.tasks`: the config's check of its tasks is
+    this (config_lib.validate does not build them).
     """
     out = []
     for name in config.tasks:
@@ -306,11 +309,11 @@ def tasks_of_config(config) -> list[Task]:
             try:
                 out.append(task_from_config({"name": name, **declared}))
             except (TypeError, ValueError) as e:
-                raise ValueError(f"config.extra_tasks.{name}: {e}") from None
+                raise config_lib.ConfigError(f"config.extra_tasks.{name}: {e}") from None
         else:
             try:
                 out.append(get_task(name))
             except ValueError as e:
-                raise ValueError(f"config.tasks: {e}") from None
+                raise config_lib.ConfigError(f"config.tasks: {e}") from None
     return out
 

@@ -25,10 +25,11 @@ from flaxpals.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Encoders with random weights, by config.model.encoder name, and MiniLM's vocabulary
-# (bert-base-uncased's): "tiny" for tests; "bert-base-random", bert-base-uncased's shape,
-# for benchmarks on machines that cannot download its weights.
+# Encoders with random weights, by config.model.encoder name (config_lib.RANDOM_ENCODERS),
+# and MiniLM's vocabulary (bert-base-uncased's): "tiny" for tests; "bert-base-random",
+# bert-base-uncased's shape, for benchmarks on machines that cannot download its weights.
 RANDOM_ENCODERS = {"tiny": bert.tiny_config, "bert-base-random": bert.BertConfig}
+assert tuple(RANDOM_ENCODERS) == config_lib.RANDOM_ENCODERS
 
 
 def encoder_config(model_cfg) -> tuple[bert.BertConfig, Any]:
@@ -60,17 +61,21 @@ def load_encoder(model_cfg) -> tuple[bert.BertConfig, dict | None, Tokenizer]:
 
 def model_options(model_cfg, platform: str | None = None) -> ModelOptions:
     """The model's options from config.model; model.dtype auto resolved for `platform`
-    (default: JAX's backend; `config_lib.compute_dtype`)."""
-    adapter = AdapterConfig(
-        kind=model_cfg.adapter,
-        size=None if model_cfg.adapter_size < 0 else model_cfg.adapter_size,
-        num_heads=model_cfg.adapter_heads, zero_init_decoder=model_cfg.zero_init_decoder,
-        placement=model_cfg.placement)
-    return ModelOptions(
-        adapter=adapter, pooling=model_cfg.pooling,
-        pair_encoding=model_cfg.pair_encoding, similarity=model_cfg.similarity,
-        head_dropout=model_cfg.head_dropout,
-        dtype=config_lib.compute_dtype(model_cfg, platform))
+    (default: JAX's backend; `config_lib.compute_dtype`). The config's check of its model
+    fields is this: a bad value raises config_lib.ConfigError naming config.model."""
+    try:
+        adapter = AdapterConfig(
+            kind=model_cfg.adapter,
+            size=None if model_cfg.adapter_size < 0 else model_cfg.adapter_size,
+            num_heads=model_cfg.adapter_heads, zero_init_decoder=model_cfg.zero_init_decoder,
+            placement=model_cfg.placement)
+        return ModelOptions(
+            adapter=adapter, pooling=model_cfg.pooling,
+            pair_encoding=model_cfg.pair_encoding, similarity=model_cfg.similarity,
+            head_dropout=model_cfg.head_dropout,
+            dtype=config_lib.compute_dtype(model_cfg, platform))
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.model: {e}") from None
 
 
 def _model_and_init(config, bert_config) -> tuple[MultiTaskModel, Any, list[tasks_lib.Task]]:

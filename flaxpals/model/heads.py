@@ -33,7 +33,6 @@ from flaxpals.model.dropout import Dropout
 
 Array = jax.Array
 
-PAIR_ENCODINGS = ("bi", "cross")
 SIMILARITY_HEADS = ("dot", "cosine")
 
 

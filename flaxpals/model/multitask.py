@@ -34,10 +34,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxpals import config_lib
 from flaxpals.model import heads as heads_lib
 from flaxpals.model.adapters import AdapterConfig, TaskAdapters
 from flaxpals.model.bert import BertConfig, BertModel
-from flaxpals.model.heads import PAIR_ENCODINGS, SIMILARITY_HEADS, BiEncoderHead, ClassifierHead
+from flaxpals.model.heads import SIMILARITY_HEADS, BiEncoderHead, ClassifierHead
 
 Array = jax.Array
 POOLINGS = ("cls", "mean")
@@ -57,7 +58,7 @@ class ModelOptions:
 
     def __post_init__(self):
         checks = {"pooling": (self.pooling, POOLINGS),
-                  "pair_encoding": (self.pair_encoding, PAIR_ENCODINGS),
+                  "pair_encoding": (self.pair_encoding, config_lib.PAIR_ENCODINGS),
                   "similarity": (self.similarity, SIMILARITY_HEADS),
                   "dtype": (self.dtype, tuple(DTYPES))}
         for key, (value, allowed) in checks.items():

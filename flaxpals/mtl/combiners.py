@@ -5,8 +5,12 @@ Same interface as `pcgrad.pcgrad` (core.py has the conventions): leaves
 d = sum_i c_i g_i with coefficients c computed from the k x k Gram matrix
 G[i, j] = <g_i, g_j> of the shared gradients (k = T); task-specific leaves get
 their own task's gradient untouched (the papers apply their rules to shared
-parameters only, or say nothing about heads). `combiner(name, ...)` builds one
-by its `config.train.combiner` name; `from_config` builds what train.py needs.
+parameters only, or say nothing about heads). `build(name, ...)` builds one by
+its name (config_lib.COMBINERS but sum); `from_config` builds what the trainer
+needs from the `train` config: the combiner `config_lib.combiner` names, or the
+loss weighting `config_lib.loss_weighting` names, or None for the plain sum.
+The options' ranges (cagrad's c, mgda's task count) are config_lib.validate's
+to check.
 
 gradvac      GradVac, Wang et al. 2021, "Gradient Vaccine", Algorithm 1. For each
              task i, the other tasks j in a fresh random order: phi = cos(g_i', g_j);
@@ -27,7 +31,8 @@ cagrad       CAGrad, Liu et al. 2021, "Conflict-Averse Gradient Descent": the pr
 mgda         MGDA, Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective
              Optimization": d = the min-norm point of the convex hull of the g_i,
              w* = argmin_{w in simplex} w^T G w, solved exactly (every support's KKT
-             system at once, for up to `MGDA_MAX_TASKS` tasks) instead of Frank-Wolfe.
+             system at once, for up to config_lib.MGDA_MAX_TASKS tasks) instead of
+             Frank-Wolfe.
              On parameter gradients, not the paper's MGDA-UB feature-gradient bound.
 imtl_g       IMTL-G, Liu et al. 2021, "Towards Impartial Multi-task Learning", closed
              form: d = sum_i a_i g_i with sum_i a_i = 1 and d . u_1 = d . u_i for all i
@@ -66,14 +71,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flaxpals import config_lib
 from flaxpals.mtl import core, loss_weighting, pcgrad
 from flaxpals.mtl.core import Array, Mask
 
-COMBINERS = pcgrad.COMBINERS + ("gradvac", "cagrad", "mgda", "imtl_g", "aligned_mtl",
-                                "nash_mtl")
 CAGRAD_STEPS = 200
 CAGRAD_LADDER = (10, 3.0)  # step sizes eta * 3^j, j = -5..4, around the last accepted eta
-MGDA_MAX_TASKS = 12  # 2^k - 1 supports of k + 1 unknowns each
 NASH_STEPS = 30
 NASH_RIDGE = 1e-6
 
@@ -210,8 +213,6 @@ def mgda_coefs(gram: Array) -> Array:
     the singletons always solve.
     """
     k = gram.shape[0]
-    if k > MGDA_MAX_TASKS:
-        raise ValueError(f"mgda: the exact solver handles up to {MGDA_MAX_TASKS} tasks, got {k}")
     dtype = gram.dtype
     scale = jnp.trace(gram) / k
     g = gram / jnp.where(scale > 0, scale, 1)  # conditioning only
@@ -322,15 +323,12 @@ def gradvac(shared: Mask, num_tasks: int, *, beta: float = 0.01, seed: int | Arr
 
 def cagrad(shared: Mask, num_tasks: int, *, c: float = 0.4
            ) -> optax.GradientTransformationExtraArgs:
-    if not 0 <= c < 1:
-        raise ValueError(f"cagrad: c must be in [0, 1) (the paper's convergence range), got {c}")
+    """CAGrad with radius c in [0, 1), the paper's convergence range."""
     return _stateless("cagrad", shared, num_tasks, lambda gram: cagrad_coefs(gram, c))
 
 
 def mgda(shared: Mask, num_tasks: int) -> optax.GradientTransformationExtraArgs:
-    if num_tasks > MGDA_MAX_TASKS:
-        raise ValueError(f"mgda: the exact solver handles up to {MGDA_MAX_TASKS} tasks, "
-                         f"got {num_tasks}")
+    """MGDA over up to config_lib.MGDA_MAX_TASKS tasks."""
     return _stateless("mgda", shared, num_tasks, mgda_coefs)
 
 
@@ -346,34 +344,38 @@ def nash_mtl(shared: Mask, num_tasks: int) -> optax.GradientTransformationExtraA
     return _stateless("nash_mtl", shared, num_tasks, nash_mtl_coefs)
 
 
-def combiner(name: str, shared: Mask, num_tasks: int, *, seed: int | Array = 0,
-             reduction: str = "sum", cagrad_c: float = 0.4, gradvac_beta: float = 0.01
-             ) -> optax.GradientTransformation:
-    """The combiner named `name` (one of COMBINERS) over `num_tasks` tasks."""
-    if name in pcgrad.COMBINERS:
-        return pcgrad.combiner(name, shared, seed=seed, reduction=reduction,
-                               num_tasks=num_tasks)
+# The builders by config_lib.COMBINERS name; sum has none: the trainer sums the gradients
+# itself.
+_BUILDERS = {"mgda": mgda, "imtl_g": imtl_g, "aligned_mtl": aligned_mtl, "nash_mtl": nash_mtl}
+assert {"sum", "pcgrad", "gradvac", "cagrad", *_BUILDERS} == set(config_lib.COMBINERS)
+
+
+def build(name: str, shared: Mask, num_tasks: int, *, seed: int | Array = 0,
+          reduction: str = "sum", cagrad_c: float = 0.4, gradvac_beta: float = 0.01
+          ) -> optax.GradientTransformation:
+    """The combiner named `name` (one of config_lib.COMBINERS but sum) over `num_tasks`
+    tasks; `num_tasks` also sizes the statistics its state keeps (core.step_stats)."""
+    if name == "pcgrad":
+        return pcgrad.pcgrad(shared, seed=seed, reduction=reduction, num_tasks=num_tasks)
     if name == "gradvac":
         return gradvac(shared, num_tasks, beta=gradvac_beta, seed=seed)
     if name == "cagrad":
         return cagrad(shared, num_tasks, c=cagrad_c)
-    builders = {"mgda": mgda, "imtl_g": imtl_g, "aligned_mtl": aligned_mtl,
-                "nash_mtl": nash_mtl}
-    if name not in builders:
-        raise ValueError(f"combiner {name!r} is not one of {COMBINERS}")
-    return builders[name](shared, num_tasks)
+    if name not in _BUILDERS:
+        raise ValueError(f"combiner {name!r} is not one of {config_lib.COMBINERS[1:]}")
+    return _BUILDERS[name](shared, num_tasks)
 
 
-def from_config(train_cfg, shared: Mask, num_tasks: int, seed: int, name: str
+def from_config(train_cfg, shared: Mask, num_tasks: int, seed: int
                 ) -> optax.GradientTransformation | None:
-    """The combiner `name` (`config_lib.combiner(config.train)`) or the loss weighting
-    `config.train` asks for; None for the plain sum (the additive step then sums the
-    gradients itself)."""
-    if train_cfg.loss_weighting != "none":
+    """What the `train` config combines the task gradients with: its loss weighting
+    (`config_lib.loss_weighting`), else its combiner (`config_lib.combiner`); None for
+    the plain sum (the additive step then sums the gradients itself). The trainer's
+    steps take the gradients stacked exactly when this is not None."""
+    if config_lib.loss_weighting(train_cfg) != "none":
         return loss_weighting.from_config(train_cfg, shared, num_tasks)
+    name = config_lib.combiner(train_cfg)
     if name == "sum":
         return None
-    return combiner(name, shared, num_tasks, seed=seed,
-                    reduction=train_cfg.pcgrad_reduction, cagrad_c=train_cfg.cagrad_c,
-                    gradvac_beta=train_cfg.gradvac_beta)
-
+    return build(name, shared, num_tasks, seed=seed, reduction=train_cfg.pcgrad_reduction,
+                 cagrad_c=train_cfg.cagrad_c, gradvac_beta=train_cfg.gradvac_beta)

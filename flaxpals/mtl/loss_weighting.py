@@ -56,10 +56,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flaxpals import config_lib
 from flaxpals.mtl import core
 from flaxpals.mtl.core import Array, Mask
 
-LOSS_WEIGHTINGS = ("none", "uncertainty", "dwa", "famo")
 FAMO_EPS = 1e-8
 
 
@@ -187,14 +187,21 @@ def famo(shared: Mask, num_tasks: int, *, lr: float = 0.025, decay: float = 1e-3
     return _weighting("famo", shared, num_tasks, init, coefs_fn)
 
 
+# The weightings by config_lib.LOSS_WEIGHTINGS name, from the `train` config; none has
+# none: the trainer sums the losses.
+_FROM_CONFIG = {
+    "uncertainty": lambda t, shared, k: uncertainty(shared, k, lr=t.uncertainty_lr),
+    "dwa": lambda t, shared, k: dwa(shared, k, temperature=t.dwa_temperature,
+                                    window=t.dwa_window),
+    "famo": lambda t, shared, k: famo(shared, k, lr=t.famo_lr, decay=t.famo_decay),
+}
+assert ("none", *_FROM_CONFIG) == config_lib.LOSS_WEIGHTINGS
+
+
 def from_config(train_cfg, shared: Mask, num_tasks: int) -> optax.GradientTransformation:
-    """The weighting named by `train_cfg.loss_weighting` (not "none")."""
-    name = train_cfg.loss_weighting
-    if name == "uncertainty":
-        return uncertainty(shared, num_tasks, lr=train_cfg.uncertainty_lr)
-    if name == "dwa":
-        return dwa(shared, num_tasks, temperature=train_cfg.dwa_temperature,
-                   window=train_cfg.dwa_window)
-    if name == "famo":
-        return famo(shared, num_tasks, lr=train_cfg.famo_lr, decay=train_cfg.famo_decay)
-    raise ValueError(f"loss weighting {name!r} is not one of {LOSS_WEIGHTINGS[1:]}")
+    """The weighting `config_lib.loss_weighting(train_cfg)` names (not "none")."""
+    name = config_lib.loss_weighting(train_cfg)
+    if name not in _FROM_CONFIG:
+        raise ValueError(f"loss weighting {name!r} is not one of "
+                         f"{config_lib.LOSS_WEIGHTINGS[1:]}")
+    return _FROM_CONFIG[name](train_cfg, shared, num_tasks)

@@ -46,7 +46,6 @@ from flaxpals.mtl import core
 from flaxpals.mtl.core import Array, Mask, PyTree, gram_matrix
 
 REDUCTIONS = ("sum", "mean")
-COMBINERS = ("sum", "pcgrad")
 
 
 class PCGradState(NamedTuple):
@@ -198,34 +197,3 @@ def pcgrad(shared: Mask, *, seed: int | Array = 0, reduction: str = "sum",
         return out, state.after(inner, coefs, gram)
 
     return optax.GradientTransformation(init_fn, update_fn)
-
-
-def sum_combiner(shared: Mask | None = None, *,
-                 reduction: str = "sum") -> optax.GradientTransformation:
-    """The additive combiner with pcgrad's interface: [T, *shape] leaves -> their sum.
-
-    With reduction "mean", shared leaves are divided by T (task-specific leaves,
-    per `shared`, stay summed, as in `pcgrad`); `shared=None` means all shared.
-    """
-    _check_reduction(reduction)
-
-    def update_fn(updates, state, params=None):
-        mask = core.resolve_mask(shared, params, updates)
-        return sum_combine(updates, mask, reduction), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
-
-
-def combiner(name: str, shared_mask: Mask | None = None, seed: int | Array = 0,
-             reduction: str = "sum", eps: float = 1e-12, num_tasks: int | None = None
-             ) -> optax.GradientTransformation:
-    """The combiner named by `config.train.combiner`: "sum" or "pcgrad" (`num_tasks`:
-    see `pcgrad`)."""
-    if name == "sum":
-        return sum_combiner(shared_mask, reduction=reduction)
-    if name == "pcgrad":
-        if shared_mask is None:
-            raise ValueError("combiner 'pcgrad' needs a shared mask")
-        return pcgrad(shared_mask, seed=seed, reduction=reduction, eps=eps,
-                      num_tasks=num_tasks)
-    raise ValueError(f"combiner {name!r} is not one of {COMBINERS}")

@@ -41,9 +41,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from flaxpals import config_lib
+
+# config_lib.SAMPLING_METHODS: these, then the sampled ones.
 DETERMINISTIC = ("sequential", "round_robin", "additive")
-SAMPLED = ("proportional", "sqrt", "uniform", "temperature", "annealed")
-METHODS = DETERMINISTIC + SAMPLED
+SAMPLED = config_lib.SAMPLING_METHODS[len(DETERMINISTIC):]
+assert config_lib.SAMPLING_METHODS[:len(DETERMINISTIC)] == DETERMINISTIC
 _FIXED_ALPHA = {"proportional": 1.0, "sqrt": 0.5, "uniform": 0.0}
 
 
@@ -74,8 +77,9 @@ class TaskSampler:
 
     def __init__(self, method: str, task_sizes: Mapping[str, int], *, num_epochs: int,
                  steps_per_epoch: int | None = None, temperature: float = 2.0, seed: int = 0):
-        if method not in METHODS:
-            raise ValueError(f"unknown sampling method {method!r}; known: {list(METHODS)}")
+        if method not in config_lib.SAMPLING_METHODS:
+            raise ValueError(f"unknown sampling method {method!r}; known: "
+                             f"{list(config_lib.SAMPLING_METHODS)}")
         if not task_sizes:
             raise ValueError("task_sizes is empty")
         for name, n in task_sizes.items():

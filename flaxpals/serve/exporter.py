@@ -44,7 +44,6 @@ from flaxpals.mtl import task_params
 from flaxpals.serve import restore
 from flaxpals.train import compilation, parallel
 from flaxpals.train.checkpointing import CheckpointMismatchError, tree_differences
-from flaxpals.train.programs import Programs
 
 FORMAT = 1
 
@@ -244,11 +243,9 @@ def restore_exported(directory) -> restore.Restored:
     diffs = tree_differences(params, shapes)
     if diffs:
         raise CheckpointMismatchError(f"{directory} does not fit its model: " + "; ".join(diffs))
-    mesh = parallel.make_mesh()
-    sharding = parallel.state_shardings(shapes, mesh, config.parallel.fsdp)
-    params = parallel.put(params, sharding)
-    predict = Programs.inference(model, mesh, sharding, config.symbolic_length).predict
-    return restore.Restored(config, model, params, tokenizer, tasks, meta["step"], mesh,
-                               predict)
+    return restore.for_inference(
+        config, model, shapes, tokenizer, tasks, parallel.make_mesh(),
+        lambda target: (meta["step"],
+                        parallel.put(params, jax.tree.map(lambda t: t.sharding, target))))
 
 

@@ -13,6 +13,7 @@ Predictor, ensembles, the exporter) starts here.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,15 +49,26 @@ def restore(workdir, config=None, step: int | None = None) -> Restored:
     mesh = parallel.make_mesh()
     parallel.process_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
     model, shapes, tokenizer, tasks = build.abstract_model(config)
+
+    def load(target):
+        ckpts = Checkpoints(workdir, config.checkpoint.keep, workdir_format.fingerprint(config))
+        try:
+            return ckpts.restore_params(target, "best" if step is None else "latest", step)
+        finally:
+            ckpts.close()
+
+    return for_inference(config, model, shapes, tokenizer, tasks, mesh, load)
+
+
+def for_inference(config, model, shapes, tokenizer, tasks, mesh,
+                  load: Callable[[Any], tuple[int, Any]]) -> Restored:
+    """The tail every restore shares (a workdir's checkpoint, an exported directory): the
+    params laid out on `mesh` (FSDP-split per config.parallel.fsdp) as `load(target)`
+    gives them, (step, params), target being `shapes` with their shardings; then the
+    model's predict program."""
     sharding = parallel.state_shardings(shapes, mesh, config.parallel.fsdp)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, sharding)
-    ckpts = Checkpoints(workdir, config.checkpoint.keep, workdir_format.fingerprint(config))
-    try:
-        step, params = ckpts.restore_params(target, "best" if step is None else "latest", step)
-    finally:
-        ckpts.close()
+    step, params = load(target)
     predict = Programs.inference(model, mesh, sharding, config.symbolic_length).predict
     return Restored(config, model, params, tokenizer, tasks, step, mesh, predict)
-
-

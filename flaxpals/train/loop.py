@@ -61,10 +61,6 @@ class TrainingError(RuntimeError):
 # ---------------------------------------------------------------- training
 
 
-def _host0() -> bool:
-    return jax.process_index() == 0
-
-
 class LossSums:
     """Running sums of an epoch's train losses and combiner statistics (core.step_stats):
     {"loss/<task>": [sum, count], "coef/<task>": ...}.
@@ -100,7 +96,7 @@ def _save_config(workdir: epath.Path, config) -> None:
             workdir_format.check_same_model(saved, config, str(workdir / "config.json"),
                                         workdir_format.TRAIN_FIX)
         parallel.barrier("flaxpals-config-read")
-        if saved.to_dict() != config.to_dict() and _host0():
+        if saved.to_dict() != config.to_dict() and workdir_format.is_host0():
             n = len(list(workdir.glob("config.*.json"))) + 1
             (workdir / "config.json").rename(workdir / f"config.{n}.json")
             log.info("the config differs from the saved run's: the earlier one is now "
@@ -134,7 +130,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _save_config(workdir, config)
-    writer = SummaryWriter(workdir / "tensorboard", enabled=_host0())
+    writer = SummaryWriter(workdir / "tensorboard", enabled=workdir_format.is_host0())
 
     model, params, tokenizer, tasks = build.build_model(config)
     names = tuple(t.name for t in tasks)
@@ -159,16 +155,15 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                 f"({processes} process(es))")
         sizes[t.name] = n
     sampler = sampler_lib.TaskSampler(
-        config_lib.schedule(config.train), sizes, num_epochs=config.train.num_epochs,
+        config_lib.task_schedule(config.train), sizes, num_epochs=config.train.num_epochs,
         steps_per_epoch=None if config.train.steps_per_epoch < 0 else config.train.steps_per_epoch,
         temperature=config.train.temperature, seed=config.seed)
 
     from flaxpals.mtl import combiners
 
     # None for the plain sum: the additive step sums the gradients itself.
-    combiner_name = config_lib.combiner(config.train)
     combiner = combiners.from_config(config.train, task_params.shared_param_mask(params, names),
-                                     len(names), config.seed, combiner_name)
+                                     len(names), config.seed)
     tx = optim.make_optimizer(config.train, params, sampler.total_steps, combiner)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state=tx.init(params),
@@ -176,8 +171,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
     state_sharding = parallel.state_shardings(state, mesh, config.parallel.fsdp)
     state = parallel.put(state, state_sharding)
     log.info("%s", parallel.describe(state, state_sharding, mesh))
-    steps = Steps(model, tx, combiner_name, config.train.loss_weighting,
-                  smart_lib.from_config(config.train))
+    steps = Steps(model, tx, combiner is not None, smart_lib.from_config(config.train))
     programs = Programs(steps, mesh, state_sharding, fixed_shapes=policy != "buckets",
                         symbolic_length=config.symbolic_length)
 
@@ -266,7 +260,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                                kept[optim.scored_tag(config.eval.best_metric)])
 
     bar = tqdm(total=sampler.total_steps, initial=sampler.step, desc="train", unit="step",
-               disable=not _host0(), dynamic_ncols=True)
+               disable=not workdir_format.is_host0(), dynamic_ncols=True)
     # A run killed between an epoch's last checkpoint and its metrics line
     # resumes exactly at that epoch's end: evaluate it now so no epoch goes
     # missing (its loss sums came with the checkpoint).
@@ -317,7 +311,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
         means = Window.means(fetched)
         bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in means.items()
                          if k.startswith("loss/")}, refresh=False)
-        if _host0():
+        if workdir_format.is_host0():
             rate = {"steps_per_second": len(fetched) / seconds} if seconds > 0 else {}
             writer.write_scalars(step, {**means, **rate})
 
@@ -341,7 +335,7 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                         [(t, n) for t in names for split, _ in record_splits(config)
                          for n in eval_sets.lengths(t, split, split_limit(config, split))],
                         config.eval.batch_size,
-                        additive=config_lib.schedule(config.train) == "additive")
+                        additive=config_lib.task_schedule(config.train) == "additive")
             epoch_end = sampler.done or sampler.epoch != epoch
             # Waits for the device only here: the first step, every log_every_steps, and
             # the checkpoints (whose state must have finite losses).

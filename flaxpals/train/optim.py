@@ -45,9 +45,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-TRAINABLE = ("finetune", "adapters_only", "head_only")
-SCHEDULES = ("constant", "warmup_linear")
-DECAY_MASKS = ("no_bias_norm", "all")
+from flaxpals import config_lib
+
+# The top-level param groups each train.trainable value freezes.
+_FROZEN = {"finetune": (), "adapters_only": ("encoder",), "head_only": ("encoder", "adapters")}
+assert tuple(_FROZEN) == config_lib.TRAINABLE
 
 # Params whose name says they are a bias or a LayerNorm, as in the Hugging Face recipe.
 _NO_DECAY = re.compile(r"(^|/)(bias|scale)$|LayerNorm")
@@ -61,32 +63,33 @@ def path_str(path) -> str:
 
 def decay_mask(params, kind: str = "no_bias_norm"):
     """True where weight decay applies: every param but biases and LayerNorms (or all)."""
-    if kind not in DECAY_MASKS:
-        raise ValueError(f"train.decay_mask={kind!r} is not one of {DECAY_MASKS}")
+    if kind not in config_lib.DECAY_MASKS:
+        raise ValueError(f"train.decay_mask={kind!r} is not one of {config_lib.DECAY_MASKS}")
     return jax.tree_util.tree_map_with_path(
         lambda p, _: kind == "all" or not _NO_DECAY.search(path_str(p)), params)
 
 
-def trainable_labels(params, mode: str):
-    """'train' or 'freeze' per param leaf for a training mode."""
-    if mode not in TRAINABLE:
-        raise ValueError(f"train.trainable={mode!r} is not one of {TRAINABLE}")
-    frozen = {"finetune": (), "adapters_only": ("encoder",),
-              "head_only": ("encoder", "adapters")}[mode]
+def trainable_labels(params, cfg):
+    """'train' or 'freeze' per param leaf for the `train` config's trainable set
+    (`config_lib.trainable`)."""
+    frozen = _FROZEN[config_lib.trainable(cfg)]
     return jax.tree_util.tree_map_with_path(
         lambda p, _: "freeze" if getattr(p[0], "key", None) in frozen else "train", params)
 
 
 def schedule(cfg, num_steps: int) -> optax.Schedule:
-    if cfg.schedule == "constant":
+    """The learning rate per step of the `train` config's schedule
+    (`config_lib.lr_schedule`)."""
+    kind = config_lib.lr_schedule(cfg)
+    if kind == "constant":
         return optax.constant_schedule(cfg.learning_rate)
-    if cfg.schedule == "warmup_linear":
+    if kind == "warmup_linear":
         warmup = int(round(cfg.warmup_fraction * num_steps))
         return optax.join_schedules([
             optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
             optax.linear_schedule(cfg.learning_rate, 0.0, max(num_steps - warmup, 1)),
         ], [warmup])
-    raise ValueError(f"train.schedule={cfg.schedule!r} is not one of {SCHEDULES}")
+    raise ValueError(f"train.schedule={kind!r} is not one of {config_lib.LR_SCHEDULES}")
 
 
 def encoder_layers(params) -> int:
@@ -202,12 +205,10 @@ def make_optimizer(cfg, params, num_steps: int,
     parts.append(optax.adamw(schedule(cfg, num_steps), b1=cfg.adam_b1, b2=cfg.adam_b2,
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                              mask=decay_mask(params, cfg.decay_mask)))
-    if cfg.layer_decay != 1.0:
-        if not 0.0 < cfg.layer_decay < 1.0:
-            raise ValueError(f"train.layer_decay={cfg.layer_decay} is not in (0, 1]")
+    if cfg.layer_decay != 1.0:  # its range is config_lib.validate's to check
         parts.append(scale_by_layer_decay(cfg.layer_decay, encoder_layers(params)))
     tx = optax.chain(*parts)
-    labels = trainable_labels(params, cfg.trainable)
+    labels = trainable_labels(params, cfg)
     if not all(label == "train" for label in jax.tree_util.tree_leaves(labels)):
         tx = optax.multi_transform({"train": tx, "freeze": _zero_like_params()}, labels)
     if cfg.ema_decay > 0:

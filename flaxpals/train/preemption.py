@@ -72,12 +72,13 @@ action again (the process ends), where before the loop it was swallowed.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import stat
 import threading
 import time
 from collections.abc import Callable
+
+from flaxpals import config_lib
 
 # Stop codes: all processes stop for the highest one any of them has.
 BUDGET, SIGINT, SIGTERM = 1, 2, 3
@@ -85,23 +86,6 @@ BUDGET, SIGINT, SIGTERM = 1, 2, 3
 SIGNALS = {signal.SIGTERM: SIGTERM, signal.SIGINT: SIGINT, signal.SIGHUP: SIGTERM}
 EXIT_CODES = {BUDGET: 75, SIGINT: 128 + signal.SIGINT, SIGTERM: 128 + signal.SIGTERM}
 NAMES = {BUDGET: "the time budget", SIGINT: "SIGINT", SIGTERM: "SIGTERM"}
-
-_BUDGET_FORMAT = re.compile(r"(\d+):([0-5]\d)(?::([0-5]\d))?")
-
-
-def parse_budget(text: str) -> float | None:
-    """'HH:MM' or 'H:MM:SS' -> seconds; '' -> None. Raises ValueError (one line)."""
-    text = text.strip()
-    if not text:
-        return None
-    match = _BUDGET_FORMAT.fullmatch(text)
-    if not match:
-        raise ValueError(f"{text!r} is not HH:MM (or H:MM:SS), e.g. '23:30'; '' for none")
-    hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    total = 3600 * hours + 60 * minutes + seconds
-    if total <= 0:
-        raise ValueError(f"{text!r} leaves no time; '' for no budget")
-    return float(total)
 
 
 def format_seconds(seconds: float) -> str:
@@ -148,7 +132,7 @@ class Stopper:
     """Signal handlers, the time budget, and the step all processes stop at."""
 
     def __init__(self, time_budget: str = "", clock: Callable[[], float] = time.monotonic):
-        self.budget = parse_budget(time_budget)
+        self.budget = config_lib.parse_budget(time_budget)
         self.clock = clock
         self.start = clock()
         self.received: int | None = None  # the highest stop code of the signals received here

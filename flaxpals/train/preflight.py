@@ -7,6 +7,8 @@ it: a config.json written by a run that never trained would make the corrected
 command look like a different model. So before the trainer creates or locks its
 workdir this reads, without loading weights or tokenizing:
 
+- the model's options and the declared tasks (`build.model_options`,
+  `tasks.tasks_of_config`: config_lib.validate checks neither);
 - the encoder's config.json and vocab.txt (`model.encoder`: a directory, `minilm`,
   `tiny` or a hub id, fetched once as the trainer would);
 - the train and dev file of every task read from files (CS224N or declared CSV/TSV),
@@ -37,6 +39,7 @@ def check(config) -> None:
         section, field = key.split(".")
         parallel.check_divisible(config[section][field], jax.device_count(),
                                  jax.process_count(), key)
+    build.model_options(config.model, platform="cpu")  # checks only: touches no device
     try:
         _, directory = build.encoder_config(config.model)
     except hf_checkpoint.CheckpointError as e:

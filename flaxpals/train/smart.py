@@ -59,10 +59,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from flaxpals import config_lib
 from flaxpals.model import heads
 
-NORMS = ("inf", "l2")
-PROJECTIONS = ("ball", "token")  # the paper's Algorithm 1 | the authors' code
 # The noise's key: the loss's dropout key folded with this constant.
 _NOISE_STREAM = 0x534D5254
 
@@ -81,11 +80,12 @@ class SmartOptions:
     bregman_weight: float = 0.0
 
     def __post_init__(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"train.smart_norm={self.norm!r} is not one of {NORMS}")
-        if self.projection not in PROJECTIONS:
+        if self.norm not in config_lib.SMART_NORMS:
+            raise ValueError(f"train.smart_norm={self.norm!r} is not one of "
+                             f"{config_lib.SMART_NORMS}")
+        if self.projection not in config_lib.SMART_PROJECTIONS:
             raise ValueError(f"train.smart_projection={self.projection!r} is not one of "
-                             f"{PROJECTIONS}")
+                             f"{config_lib.SMART_PROJECTIONS}")
         if self.steps < 1:
             raise ValueError(f"train.smart_steps={self.steps} must be >= 1")
 

@@ -88,14 +88,10 @@ def device_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
 class Steps:
     model: MultiTaskModel
     tx: optax.GradientTransformation
-    combiner: str = "sum"  # config_lib.combiner(config.train) (combiners.COMBINERS)
-    loss_weighting: str = "none"  # config.train.loss_weighting (weighting.LOSS_WEIGHTINGS)
+    # Whether `tx` takes per-task gradients (and losses) rather than their sum: it holds
+    # a combiner or loss weighting (`combiners.from_config` gave one, not None).
+    stacked: bool = False
     smart: smart_lib.SmartOptions | None = None  # SMART regularisation; None: off
-
-    @property
-    def stacked(self) -> bool:
-        """Whether `tx` takes per-task gradients (and losses) rather than their sum."""
-        return self.combiner != "sum" or self.loss_weighting != "none"
 
     @property
     def task_names(self) -> tuple[str, ...]:
