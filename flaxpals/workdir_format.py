@@ -108,6 +108,7 @@ def read_config(workdir: epath.PathLike) -> ml_collections.ConfigDict:
         raise config_lib.ConfigError(f"{path}: not valid JSON ({e})") from None
     try:
         config = config_lib.from_dict(values)
+        tasks_of_config(config)  # a bad task declaration names this file, not a later step
     except config_lib.ConfigError as e:
         raise config_lib.ConfigError(f"{path}: {e}") from None
     return config

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -428,6 +429,17 @@ def test_every_published_run_config_reads_back(row):
     config = workdir_format.read_config(ROOT / "docs" / "results" / row)
     assert [t.name for t in tasks_of_config(config)]
     assert workdir_format.fingerprint(config)
+
+
+def test_a_saved_config_with_a_bad_task_names_its_file(tmp_path):
+    values = tiny("pal").to_dict()
+    values["tasks"] = ["sst", "mine"]
+    values["extra_tasks"] = {"mine": {"kind": "classification"}}  # no source
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(config_lib.ConfigError,
+                       match=rf"^{re.escape(str(tmp_path / 'config.json'))}: "
+                             r"config.extra_tasks.mine: .*declares a source"):
+        workdir_format.read_config(tmp_path)
 
 
 @TRAINED
