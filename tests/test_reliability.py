@@ -424,8 +424,8 @@ def test_preflight_checks_the_checksum_before_anything_is_written(tmp_path):
 
     data = tmp_path / "data"
     shutil.copytree(paths.data_dir(), data)
-    (data / "sts-loop.csv").chmod(0o644)
-    (data / "sts-loop.csv").write_bytes((data / "sts-loop.csv").read_bytes()[:-10])
+    (data / "sts-train.csv").chmod(0o644)
+    (data / "sts-train.csv").write_bytes((data / "sts-train.csv").read_bytes()[:-10])
     with pytest.raises(ChecksumError, match=r"sts-train\.csv: sha256 .* differs"):
         preflight.check(tiny("pal", **{"data.data_dir": str(data)}))
 

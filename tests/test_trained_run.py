@@ -364,7 +364,7 @@ def get_config(arg=None):
     c.tasks = ("sst", "dupes")
     c.extra_tasks.dupes = dict(
         kind="pair_classification", num_labels=2,
-        files=dict(train="{data}/dupes-loop.csv", dev="{data}/dupes-dev.csv",
+        files=dict(train="{data}/dupes-train.csv", dev="{data}/dupes-dev.csv",
                    test="{data}/dupes-test.csv"),
         fields=dict(id="qid", text="first", text_pair="second", label="same"))
     return config_lib.apply_arg(c, "tiny")
@@ -374,7 +374,7 @@ def get_config(arg=None):
 @pytest.mark.slow  # three subprocess runs: `make test-slow` and CI
 def test_a_task_declared_in_a_config_file_trains_evals_and_predicts(tmp_path):
     # Quora pairs under other column names, comma-delimited, labels as in the file (1.0).
-    rows = read_tsv("quora-loop.csv")
+    rows = read_tsv("quora-train.csv")
     for split, part in (("train", rows[:80]), ("dev", rows[80:112]), ("test", rows[112:120])):
         with open(tmp_path / f"dupes-{split}.csv", "w", newline="") as f:
             w = csv.writer(f)
