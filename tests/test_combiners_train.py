@@ -126,8 +126,8 @@ def test_trains_end_to_end(tmp_path, monkeypatch, model, name, loss_weighting):
     traced = []
     real = combiners.from_config
 
-    def spy(train_cfg, shared, num_tasks, seed, name):
-        tx = real(train_cfg, shared, num_tasks, seed, name)
+    def spy(train_cfg, shared, num_tasks, seed):
+        tx = real(train_cfg, shared, num_tasks, seed)
 
         def update(updates, state, params=None, **extra):
             traced.append((train_cfg.combiner, train_cfg.loss_weighting,

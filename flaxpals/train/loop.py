@@ -359,9 +359,11 @@ def _train(config, workdir: str | os.PathLike, stop: Stopper) -> dict[str, float
                     finish_epoch(epoch, step, loss_sums)
                 loss_sums = LossSums()
     finally:  # a compile still running when the process exits aborts it
+        # Closed here, however the loop ends: a bar closed at exit would print after
+        # the error line.
+        bar.close()
         programs.close()
         writer.close()  # however the loop ends: a stop or an error keeps the events too
-    bar.close()
     ckpts.wait()
     ckpts.close()
     write_timings()
