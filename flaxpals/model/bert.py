@@ -1,6 +1,6 @@
 """A functional Flax (linen) BERT encoder that loads Hugging Face checkpoints.
 
-The module tree mirrors Hugging Face's `BertModel`, so `weights.py` can map a
+The module tree mirrors Hugging Face's `BertModel`, so `hf_checkpoint.py` can map a
 checkpoint onto it name by name:
 
     embeddings/{word_embeddings,position_embeddings,token_type_embeddings,LayerNorm}
@@ -245,7 +245,7 @@ class BertModel(nn.Module):
 
     `branches`, when given, maps a layer index to that layer's task-specific
     branch (or None). The branches are bound modules of the caller (see
-    `models.py`), so adapter parameters stay out of this tree, whose names map
+    `multitask.py`), so adapter parameters stay out of this tree, whose names map
     one to one onto a Hugging Face checkpoint.
     """
 

@@ -1,4 +1,5 @@
-"""The core shared by the multi-task gradient combiners (pcgrad.py, combiners.py, weighting.py).
+"""The core shared by the multi-task gradient combiners (pcgrad.py, combiners.py,
+loss_weighting.py).
 
 Every combiner is an optax transformation over per-task gradients stacked on a
 leading task axis (every leaf [T, *param_shape]) that returns one

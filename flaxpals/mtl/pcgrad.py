@@ -30,7 +30,7 @@ How it is computed (a T x T coefficient matrix over the Gram matrix of the
 task gradients) and how it departs from popular implementations, and why:
 docs/design/pcgrad.md. The Gram matrix, the shared mask and the combination by
 coefficients are core.py's, shared with the other combiners (combiners.py,
-weighting.py).
+loss_weighting.py).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ process sees the same codes and stops at the same step, for the same reason (the
 highest code), with the same exit code. On one process no collective is made, and
 the trainer checks after every step. Several processes are checked only where
 the trainer waits for the devices anyway (every `log_every_steps` and at
-checkpoints, train.py): an all-gather after every step (10.7 ms between two CPU
+checkpoints, train/loop.py): an all-gather after every step (10.7 ms between two CPU
 processes over gloo on this project's 2-core machines) would make every step wait
 for the one before, and a stop comes at most `log_every_steps` - 1 steps later.
 The budget's margin is the slowest interval between two checks, so it holds.
