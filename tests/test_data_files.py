@@ -204,6 +204,18 @@ def test_download_from_a_url_verifies_the_file(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("tmp*"))  # no partial file left behind
 
 
+def test_offline_without_a_data_dir_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.delenv(paths.ENV_VAR, raising=False)
+    monkeypatch.setattr(paths, "_candidates", lambda: [])
+    monkeypatch.setenv(paths.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setenv(cs224n.URL_ENV_VAR, (tmp_path / "nowhere").as_uri() + "/")
+    with pytest.raises(FileNotFoundError) as e:
+        cs224n.locate(tasks.get_task("sst"), "dev")
+    assert str(e.value).startswith("no CS224N data directory found: set FLAXPALS_DATA_DIR or "
+                                   "--config.data.data_dir; looked for")
+    assert "; and could not download" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_locate_without_a_data_dir_downloads_into_the_cache(tmp_path, monkeypatch):
     real = paths.data_dir()
     monkeypatch.setenv(paths.ENV_VAR, str(tmp_path / "absent"))

@@ -155,9 +155,12 @@ def locate(task: tasks.Task, split: str, data_dir: str | os.PathLike | None = No
         return path
     try:
         directory = paths.data_dir(data_dir)
-    except FileNotFoundError:
+    except FileNotFoundError as missing:
         if data_dir is None and task.source == "cs224n":
-            return download(where)
+            try:
+                return download(where)
+            except FileNotFoundError as e:  # offline: say where the files were looked for
+                raise FileNotFoundError(f"{missing}; and {e}") from None
         raise
     path = directory / where
     if not path.exists():

@@ -43,7 +43,7 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
         if (path / "ids-sst-dev.csv").exists():
             return path
     raise FileNotFoundError(
-        f"no CS224N data directory found: set {ENV_VAR} or pass data_dir; looked for "
+        f"no CS224N data directory found: set {ENV_VAR} or --config.data.data_dir; looked for "
         f"{_RELATIVE} above {Path.cwd()} and above the flaxpals package")
 
 
