@@ -126,7 +126,8 @@ class SavedAt2:
 
 def test_the_same_signal_again_exits_at_once_another_does_not(handlers, capfd):
     exits = []
-    with preemption.Stopper() as stop:
+    now = iter(range(0, 1000, 5)).__next__  # seconds apart: each signal is a new request
+    with preemption.Stopper(clock=now) as stop:
         stop._exit = exits.append  # instead of os._exit
         stop.install()
         signal.raise_signal(signal.SIGINT)  # Ctrl-C: stop cleanly
@@ -141,6 +142,24 @@ def test_the_same_signal_again_exits_at_once_another_does_not(handlers, capfd):
     assert len(err) == 4
     assert err[2] == ("SIGINT again: exiting at once; the newest complete checkpoint stays "
                       "(an unfinished save is ignored on resume)")
+
+
+def test_one_stop_delivered_twice_at_once_is_one_stop(handlers, capfd):
+    # `make run` stopped by `timeout` or a closed terminal: the trainer gets the signal
+    # from its process group and again from make, a moment later.
+    exits, now = [], [0.0]
+    with preemption.Stopper(clock=lambda: now[0]) as stop:
+        stop._exit = exits.append
+        stop.install()
+        signal.raise_signal(signal.SIGTERM)
+        now[0] += 0.01
+        signal.raise_signal(signal.SIGTERM)
+        assert exits == [] and stop.check(3) and stop.code == preemption.SIGTERM
+        now[0] += preemption.SAME_STOP_SECONDS
+        signal.raise_signal(signal.SIGTERM)  # a second request after all: at once
+        assert exits == [143]
+    err = [line for line in capfd.readouterr().err.splitlines() if line]
+    assert [line.split(":")[0] for line in err] == ["SIGTERM received", "SIGTERM again"]
 
 
 def test_handlers_are_restored_when_the_loop_raises(handlers):

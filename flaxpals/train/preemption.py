@@ -84,6 +84,10 @@ from flaxpals import config_lib
 BUDGET, SIGINT, SIGTERM = 1, 2, 3
 # SIGHUP stops as SIGTERM does (module docstring).
 SIGNALS = {signal.SIGTERM: SIGTERM, signal.SIGINT: SIGINT, signal.SIGHUP: SIGTERM}
+# One stop can arrive twice at once: `make` passes a SIGTERM or SIGHUP it gets on to its
+# child, which had it already from the process group (`timeout`, a closed ssh session).
+# The same signal again within this many seconds is that one stop, not a second request.
+SAME_STOP_SECONDS = 1.0
 EXIT_CODES = {BUDGET: 75, SIGINT: 128 + signal.SIGINT, SIGTERM: 128 + signal.SIGTERM}
 NAMES = {BUDGET: "the time budget", SIGINT: "SIGINT", SIGTERM: "SIGTERM"}
 
@@ -136,7 +140,7 @@ class Stopper:
         self.clock = clock
         self.start = clock()
         self.received: int | None = None  # the highest stop code of the signals received here
-        self._seen: set[int] = set()  # signals received here
+        self._seen: dict[int, float] = {}  # signal received here -> when, first
         self._names: dict[int, str] = {}  # stop code -> the first signal here that set it
         self._processes = 1
         self.code = 0  # the agreed stop code, once `check` returned True
@@ -187,12 +191,15 @@ class Stopper:
         if sig == signal.SIGHUP:
             _leave_terminal()
         # os.write: print() could re-enter a write the main thread was making (tqdm).
+        now = self.clock()
         if signum in self._seen:
+            if now - self._seen[signum] < SAME_STOP_SECONDS:
+                return
             _say(f"\n{name} again: exiting at once; the newest complete checkpoint stays "
                  "(an unfinished save is ignored on resume)\n")
             self._exit(EXIT_CODES[code])
             return
-        self._seen.add(signum)
+        self._seen[signum] = now
         self._names.setdefault(code, name)
         self.received = max(self.received or 0, code)
         _say(f"\n{name} received: finishing the step in flight, then saving a checkpoint of "
