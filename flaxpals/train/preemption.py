@@ -10,7 +10,7 @@
                 raise stop.stopped(step, ckpts)   # waits for the save; main.py exits
 
 A signal handler only records the signal (and says so in one line on stderr); the
-loop finishes the steps in flight (train.AHEAD), saves a checkpoint of the last
+loop finishes the steps in flight (loop.AHEAD), saves a checkpoint of the last
 (params, optimiser, sampler and the epoch's running loss sums), flushes metrics and
 TensorBoard, and
 raises `Stopped`; `python -m flaxpals.main` prints its one line and exits with
