@@ -452,7 +452,9 @@ def state(value):
 ckpts = Checkpoints(sys.argv[1], 2)
 ckpts.save(1, state(1.0), {"step": 1}, force=True)
 ckpts.wait()
-stop = preemption.Stopper()
+# A clock whose every reading is seconds after the last: the second signal is a second
+# request, not the same stop delivered twice.
+stop = preemption.Stopper(clock=iter(range(0, 10**6, 5)).__next__)
 stop.install()
 ckpts.save(2, state(2.0), {"step": 2}, force=True)  # returns while orbax writes
 signal.raise_signal(signal.SIGTERM)
