@@ -41,12 +41,14 @@ SAMPLING_METHODS = ("sequential", "round_robin", "additive",
 # train.method: the sampler's methods, plus pcgrad: the additive schedule with PCGrad
 # combining the task gradients.
 METHODS = SAMPLING_METHODS + ("pcgrad",)
-# train.combiner (flaxpals/mtl/combiners.py); sum: the plain sum of the task gradients.
+# train.combiner (flaxpals/mtl/combiners.py). First, sum: the plain sum of the task
+# gradients, which needs no transformation (COMBINERS[1:] are the ones built).
 COMBINERS = ("sum", "pcgrad", "gradvac", "cagrad", "mgda", "imtl_g", "aligned_mtl",
              "nash_mtl")
 # mgda's exact solver solves 2^k - 1 supports of k + 1 unknowns each: k tasks at most.
 MGDA_MAX_TASKS = 12
-# train.loss_weighting (flaxpals/mtl/loss_weighting.py); none: the plain sum.
+# train.loss_weighting (flaxpals/mtl/loss_weighting.py). First, none: the plain sum
+# (LOSS_WEIGHTINGS[1:] are the ones built).
 LOSS_WEIGHTINGS = ("none", "uncertainty", "dwa", "famo")
 # train.trainable, train.schedule and train.decay_mask (flaxpals/train/optim.py).
 TRAINABLE = ("finetune", "adapters_only", "head_only")
